@@ -1,0 +1,87 @@
+"""People: a custom user who signs in by email and holds one role."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
+from django.contrib.auth.models import PermissionsMixin
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class Role(models.TextChoices):
+    MEMBER = "member", _("Member")  # chats, manages their own keys
+    ADMIN = "admin", _("Admin")  # manages everything
+    FINANCE = "finance", _("Finance")  # reads usage and cost reports
+
+
+class UserManager(BaseUserManager["User"]):
+    use_in_migrations = True
+
+    def create_user(self, email: str, password: str | None = None, **extra: Any) -> User:
+        if not email:
+            raise ValueError("An email address is required")
+        user = self.model(email=User.normalize_address(email), **extra)
+        if password:
+            user.set_password(password)
+        else:
+            user.set_unusable_password()
+        user.full_clean(exclude=["password"])
+        user.save(using=self._db)
+        return user
+
+    def create_superuser(self, email: str, password: str | None = None, **extra: Any) -> User:
+        extra.setdefault("role", Role.ADMIN)
+        extra["is_superuser"] = True
+        return self.create_user(email, password, **extra)
+
+    def get_by_natural_key(self, username: str | None) -> User:
+        return self.get(email=User.normalize_address(username or ""))
+
+
+class User(AbstractBaseUser, PermissionsMixin):
+    email = models.EmailField(_("email address"), unique=True)
+    name = models.CharField(_("name"), max_length=150, blank=True)
+    role = models.CharField(_("role"), max_length=16, choices=Role.choices, default=Role.MEMBER)
+    is_active = models.BooleanField(
+        _("active"),
+        default=True,
+        help_text=_("Disabled users cannot sign in; their sessions and keys stop working."),
+    )
+    date_joined = models.DateTimeField(_("date joined"), default=timezone.now)
+
+    objects: ClassVar[UserManager] = UserManager()
+
+    EMAIL_FIELD = "email"
+    USERNAME_FIELD = "email"
+    REQUIRED_FIELDS: ClassVar[list[str]] = []
+
+    class Meta:
+        verbose_name = _("user")
+        verbose_name_plural = _("users")
+        ordering = ["email"]
+
+    def __str__(self) -> str:
+        return self.email
+
+    @staticmethod
+    def normalize_address(email: str) -> str:
+        """Emails are compared case-insensitively: store them lower-cased."""
+        return email.strip().lower()
+
+    def clean(self) -> None:
+        super().clean()
+        self.email = self.normalize_address(self.email)
+
+    @property
+    def is_staff(self) -> bool:
+        """Django's admin site is for superusers only."""
+        return self.is_superuser
+
+    def has_role(self, *roles: str) -> bool:
+        """True for an active user holding one of ``roles``; admins hold them all."""
+        if not self.is_active:
+            return False
+        return self.role == Role.ADMIN or self.role in roles

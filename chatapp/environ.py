@@ -1,0 +1,167 @@
+"""Strict parsers for the environment variables that drive ``settings.py``.
+
+Every parser names the variable and the expected form when a value is junk, so a
+typo like ``DEBUG=yes please`` stops the process with one clear line instead of
+silently turning into ``False``.  Secrets may also be given as ``NAME_FILE``: the
+path of a file holding the value (Docker/Kubernetes secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import zoneinfo
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Env:
+    """Reads variables from a mapping (``os.environ`` by default)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = os.environ if environ is None else environ
+
+    def raw(self, name: str) -> str | None:
+        """The value of ``name``, or of the file named by ``name_FILE``; None when unset.
+
+        An empty value counts as unset, so ``FOO=`` in a compose file means "default".
+        """
+        value = self.environ.get(name)
+        file_name = self.environ.get(f"{name}_FILE")
+        if value not in (None, "") and file_name:
+            raise ImproperlyConfigured(f"{name}: set either {name} or {name}_FILE, not both")
+        if file_name:
+            try:
+                return Path(file_name).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ImproperlyConfigured(
+                    f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})"
+                ) from exc
+        if value is None or value == "":
+            return None
+        return value
+
+    def string(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a boolean: expected one of true/false, 1/0, yes/no, on/off"
+        )
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+        if minimum is not None and number < minimum:
+            raise ImproperlyConfigured(f"{name}={number} is too small: expected at least {minimum}")
+        return number
+
+    def decimal(self, name: str, default: Decimal) -> Decimal:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return Decimal(value.strip())
+        except InvalidOperation:
+            raise ImproperlyConfigured(f"{name}={value!r} is not a decimal number") from None
+
+    def csv(self, name: str, default: list[str]) -> list[str]:
+        value = self.raw(name)
+        if value is None:
+            return list(default)
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    def choice(self, name: str, default: str, choices: list[str]) -> str:
+        value = self.string(name, default)
+        if value not in choices:
+            raise ImproperlyConfigured(
+                f"{name}={value!r} is not supported: expected one of {', '.join(choices)}"
+            )
+        return value
+
+    def time_zone(self, name: str, default: str) -> str:
+        value = self.string(name, default)
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ImproperlyConfigured(
+                f"{name}={value!r} is not a time zone: expected an IANA name such as UTC or Asia/Shanghai"
+            ) from None
+        return value
+
+    def origins(self, name: str) -> list[str]:
+        origins = self.csv(name, [])
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ImproperlyConfigured(
+                    f"{name}: {origin!r} is not an origin: expected scheme://host[:port], e.g. https://chat.example.com"
+                )
+        return origins
+
+    def database(self, name: str) -> dict[str, Any] | None:
+        """``postgres://user:pass@host:port/db`` (or ``sqlite:///path``) as a DATABASES entry."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        import dj_database_url
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgres", "postgresql", "pgsql", "sqlite"):
+            raise ImproperlyConfigured(
+                f"{name} has an unsupported scheme {parts.scheme!r}: expected "
+                "postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME or sqlite:///PATH"
+            )
+        if parts.scheme != "sqlite" and not parts.path.strip("/"):
+            raise ImproperlyConfigured(
+                f"{name} names no database: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
+            )
+        try:
+            config: dict[str, Any] = dict(dj_database_url.parse(value))
+        except ValueError as exc:
+            raise ImproperlyConfigured(
+                f"{name} is malformed ({exc}): expected postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
+            ) from None
+        return config
+
+    def redis_url(self, name: str) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a junk port
+            database = parts.path.strip("/")
+        except ValueError:
+            database = "junk"
+        valid = parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+        valid = valid or (parts.scheme == "unix" and bool(parts.path))
+        if parts.scheme != "unix" and database and not database.isdigit():
+            valid = False
+        if not valid:
+            raise ImproperlyConfigured(
+                f"{name}={value!r} is malformed: expected redis://[:PASSWORD@]HOST[:PORT][/DB], "
+                "rediss://... or unix:///path/to/socket"
+            )
+        return value

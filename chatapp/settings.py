@@ -1,0 +1,230 @@
+"""Switchboard's one settings module, driven by environment variables.
+
+With no configuration at all the project runs on one machine: SQLite in the data
+directory, an in-memory channel layer, a local-memory cache and Celery tasks run
+eagerly.  ``DATABASE_URL`` switches to PostgreSQL, ``REDIS_URL`` to Redis for the
+channel layer, the cache, the rate limiter and the Celery broker.  Every variable is
+listed in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy as _
+
+from chatapp.environ import Env
+
+env = Env()
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# --- Data directory: the SQLite database, generated secrets, uploaded media. ---
+DATA_DIR = Path(env.string("SWITCHBOARD_DATA_DIR", str(BASE_DIR / "data"))).resolve()
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    raise ImproperlyConfigured(
+        f"SWITCHBOARD_DATA_DIR: cannot create {str(DATA_DIR)!r} ({exc.strerror})"
+    ) from exc
+
+
+def _persisted_secret(name: str, generate: str) -> str:
+    """A secret generated on first start and kept in the data directory.
+
+    Written with O_EXCL so that two processes starting at once agree on one value.
+    """
+    path = DATA_DIR / name
+    try:
+        with path.open("x", encoding="utf-8") as handle:
+            handle.write(generate)
+        path.chmod(0o600)
+    except FileExistsError:
+        pass
+    return path.read_text(encoding="utf-8").strip()
+
+
+SECRET_KEY = env.raw("SECRET_KEY") or _persisted_secret("secret_key", secrets.token_urlsafe(50))
+
+DEBUG = env.flag("DEBUG", False)
+ALLOWED_HOSTS = env.csv("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.origins("CSRF_TRUSTED_ORIGINS")
+
+# Fernet key that encrypts upstream provider credentials at rest.  It lives in the
+# environment (or the data directory), never in the database it protects.
+SWITCHBOARD_ENCRYPTION_KEY = env.raw("SWITCHBOARD_ENCRYPTION_KEY") or _persisted_secret(
+    "encryption_key", base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_htmx",
+    "template_partials",
+    "accounts",
+    "keys",
+    "chatapp",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "chatapp.urls"
+ASGI_APPLICATION = "chatapp.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.template.context_processors.i18n",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: SQLite in the data directory, or PostgreSQL from DATABASE_URL. ---
+_database = env.database("DATABASE_URL")
+if _database is None:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "switchboard.sqlite3",
+            # WAL lets the chat's writers and the dashboards' readers overlap; the
+            # timeout rides out the short write locks of concurrent requests.
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+else:
+    if _database["ENGINE"] == "django.db.backends.postgresql":
+        # Under ASGI every request runs its ORM work in a worker thread; a psycopg
+        # connection pool reuses connections across them (persistent connections
+        # via CONN_MAX_AGE would pin one per thread).
+        _database["CONN_MAX_AGE"] = 0
+        _database["CONN_HEALTH_CHECKS"] = False
+        _database.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env.integer("DATABASE_POOL_MIN", 1, minimum=0),
+            "max_size": env.integer("DATABASE_POOL_MAX", 10, minimum=1),
+            "timeout": 10,
+        }
+    DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: channel layer, cache, rate limiter, Celery broker. ---
+REDIS_URL = env.redis_url("REDIS_URL")
+CHANNEL_LAYERS: dict[str, dict[str, Any]]
+if REDIS_URL is None:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "switchboard",
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": "switchboard:channels:"},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "switchboard",
+        }
+    }
+
+# --- Celery: eager in the embedded mode, Redis as broker when configured. ---
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_TASK_ALWAYS_EAGER = env.flag("CELERY_TASK_ALWAYS_EAGER", REDIS_URL is None)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TIMEZONE = "UTC"
+
+# --- Authentication. ---
+AUTH_USER_MODEL = "accounts.User"
+LOGIN_URL = "accounts:login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "accounts:login"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# Failed sign-ins allowed per email and per client address before a pause.
+LOGIN_FAILURE_LIMIT = env.integer("SWITCHBOARD_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_FAILURE_WINDOW = env.integer("SWITCHBOARD_LOGIN_FAILURE_WINDOW", 900, minimum=1)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_SECURE = env.flag("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+# --- Internationalization: English and Simplified Chinese. ---
+LANGUAGES = [("en", _("English")), ("zh-hans", _("Simplified Chinese"))]
+LANGUAGE_CODE = env.choice("LANGUAGE_CODE", "en", [code for code, _name in LANGUAGES])
+LOCALE_PATHS = [BASE_DIR / "chatapp" / "locale"]
+TIME_ZONE = env.time_zone("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+# --- Static files and media. ---
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)
+# WhiteNoise serves straight from the finders: no collectstatic step to forget.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+MEDIA_URL = "media/"
+MEDIA_ROOT = DATA_DIR / "media"
+
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {
+        "handlers": ["console"],
+        "level": env.choice("LOG_LEVEL", "INFO", ["DEBUG", "INFO", "WARNING", "ERROR"]),
+    },
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

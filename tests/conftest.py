@@ -1,0 +1,58 @@
+"""The shared cast and fixtures.
+
+- alice: a member; chats and manages her own keys.
+- bob: another member; must never see alice's things.
+- carol: an admin; manages everything.
+- frank: finance; reads usage and cost reports, manages nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from django.core.cache import cache
+
+from accounts.models import Role, User
+from tests.services import USING_REDIS
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _fast_hasher(settings) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_cache() -> Iterator[None]:
+    cache.clear()
+    yield
+    if USING_REDIS:
+        cache.clear()
+
+
+def make_user(email: str, role: str = Role.MEMBER, **extra: object) -> User:
+    return User.objects.create_user(
+        email, PASSWORD, role=role, is_superuser=(role == Role.ADMIN), **extra
+    )
+
+
+@pytest.fixture
+def alice(db) -> User:
+    return make_user("alice@example.com")
+
+
+@pytest.fixture
+def bob(db) -> User:
+    return make_user("bob@example.com")
+
+
+@pytest.fixture
+def carol(db) -> User:
+    return make_user("carol@example.com", Role.ADMIN)
+
+
+@pytest.fixture
+def frank(db) -> User:
+    return make_user("frank@example.com", Role.FINANCE)
