@@ -213,6 +213,13 @@ WHITENOISE_AUTOREFRESH = DEBUG
 MEDIA_URL = "media/"
 MEDIA_ROOT = DATA_DIR / "media"
 
+# --- The relay. ---
+# Largest request body the /v1 API accepts (images travel inline as base64).
+SWITCHBOARD_MAX_BODY_BYTES = env.integer(
+    "SWITCHBOARD_MAX_BODY_BYTES", 50 * 1024 * 1024, minimum=1024
+)
+DATA_UPLOAD_MAX_MEMORY_SIZE = SWITCHBOARD_MAX_BODY_BYTES
+
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"

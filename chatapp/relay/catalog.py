@@ -1,0 +1,118 @@
+"""The model catalog as the relay sees it, cached per process with shared invalidation.
+
+Each process keeps the whole enabled catalog (models, routes, decrypted provider
+credentials) in memory, tagged with a version number that lives in the shared
+cache.  Every lookup reads that one small value; any change to a provider, model or
+route bumps it (signals in ``chatapp.apps``), and every process reloads on its next
+request.  Decrypted credentials never leave the process: only the version is shared.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from channels.db import database_sync_to_async
+from django.core.cache import cache
+
+from chatapp.relay.upstreams import Target
+
+VERSION_KEY = "catalog:version"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChoice:
+    target: Target
+    priority: int
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    id: int
+    name: str
+    display_name: str
+    description: str
+    context_window: int
+    max_output_tokens: int
+    chat: bool
+    vision: bool
+    tools: bool
+    embeddings: bool
+    created: int
+    routes: tuple[RouteChoice, ...] = field(default_factory=tuple)
+
+
+_loaded_version: str | None = None
+_models: dict[str, ModelInfo] = {}
+
+
+def _load() -> dict[str, ModelInfo]:
+    from chatapp.models import CatalogModel, Route
+
+    routes: dict[int, list[RouteChoice]] = {}
+    for route in Route.objects.filter(enabled=True, provider__enabled=True).select_related(
+        "provider", "model"
+    ):
+        provider = route.provider
+        routes.setdefault(route.model_id, []).append(
+            RouteChoice(
+                Target(
+                    route_id=route.pk,
+                    provider=provider.name,
+                    provider_type=provider.type,
+                    base_url=provider.base_url.rstrip("/"),
+                    api_key=provider.api_key,
+                    upstream_model=route.upstream_model,
+                    timeout=provider.timeout,
+                    extra_headers=dict(provider.extra_headers or {}),
+                    max_output_tokens=route.model.max_output_tokens,
+                ),
+                route.priority,
+                route.weight,
+            )
+        )
+    return {
+        model.name: ModelInfo(
+            id=model.pk,
+            name=model.name,
+            display_name=model.label,
+            description=model.description,
+            context_window=model.context_window,
+            max_output_tokens=model.max_output_tokens,
+            chat=model.supports_chat,
+            vision=model.supports_vision,
+            tools=model.supports_tools,
+            embeddings=model.supports_embeddings,
+            created=int(model.created_at.timestamp()),
+            routes=tuple(routes.get(model.pk, ())),
+        )
+        for model in CatalogModel.objects.filter(enabled=True)
+    }
+
+
+async def _current() -> dict[str, ModelInfo]:
+    global _loaded_version, _models
+    version = await cache.aget(VERSION_KEY)
+    if version is None:
+        # First use, or the shared cache was flushed: agree on a new version.
+        await cache.aadd(VERSION_KEY, uuid.uuid4().hex, None)
+        version = await cache.aget(VERSION_KEY)
+    if version != _loaded_version:
+        # Two requests may both reload after a change; that is harmless and cheaper
+        # than a lock shared across event loops.
+        _models = await database_sync_to_async(_load)()
+        _loaded_version = version
+    return _models
+
+
+async def aget_model(name: str) -> ModelInfo | None:
+    return (await _current()).get(name)
+
+
+async def alist_models() -> list[ModelInfo]:
+    return sorted((await _current()).values(), key=lambda model: model.name)
+
+
+def invalidate() -> None:
+    cache.set(VERSION_KEY, uuid.uuid4().hex, None)

@@ -1,0 +1,1 @@
+"""Client dialects: parse a client's request into canonical types, render events back."""

@@ -1,0 +1,68 @@
+"""Route choice and the per-route circuit breaker.
+
+Routes of the best (lowest) priority are tried first, in a weighted random order;
+then the next priority.  A route that fails ``FAILURE_THRESHOLD`` times in a row
+(or is told to back off by a 429's Retry-After) is *open*: it goes to the back of
+the order until its cool-down ends, when one request probes it again.
+
+Breaker state is per process on purpose: it reflects what this process sees of
+each upstream, needs no I/O on the hot path, and heals by itself.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from chatapp.relay.catalog import RouteChoice
+from chatapp.relay.upstreams import Target
+
+FAILURE_THRESHOLD = 3
+COOLDOWN_SECONDS = 30.0
+
+
+@dataclass(slots=True)
+class _State:
+    failures: int = 0
+    open_until: float = 0.0
+
+
+_states: dict[int, _State] = {}
+_rng = random.Random()
+
+
+def is_open(route_id: int, now: float | None = None) -> bool:
+    state = _states.get(route_id)
+    return state is not None and state.open_until > (now if now is not None else time.monotonic())
+
+
+def order(routes: tuple[RouteChoice, ...], rng: random.Random | None = None) -> list[Target]:
+    """The order to try routes in: priority groups, weighted shuffle, open circuits last."""
+    rng = rng or _rng
+    now = time.monotonic()
+    # Efraimidis–Spirakis: sorting by u**(1/w) is a weighted shuffle without replacement.
+    keyed = sorted(
+        routes, key=lambda choice: (choice.priority, -(rng.random() ** (1.0 / choice.weight)))
+    )
+    closed = [choice.target for choice in keyed if not is_open(choice.target.route_id, now)]
+    opened = [choice.target for choice in keyed if is_open(choice.target.route_id, now)]
+    return closed + opened
+
+
+def record_success(route_id: int) -> None:
+    _states.pop(route_id, None)
+
+
+def record_failure(route_id: int, retry_after: float | None = None) -> None:
+    state = _states.setdefault(route_id, _State())
+    state.failures += 1
+    now = time.monotonic()
+    if retry_after:
+        state.open_until = max(state.open_until, now + retry_after)
+    if state.failures >= FAILURE_THRESHOLD:
+        state.open_until = max(state.open_until, now + COOLDOWN_SECONDS)
+
+
+def reset() -> None:
+    _states.clear()

@@ -1,0 +1,283 @@
+"""The native Anthropic Messages API as an upstream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chatapp.relay.canonical import (
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    Event,
+    Finish,
+    FinishReason,
+    ImagePart,
+    Part,
+    Start,
+    TextDelta,
+    TextPart,
+    ToolCallDelta,
+    ToolCallPart,
+    ToolCallStart,
+    ToolResultPart,
+    Usage,
+    UsageEvent,
+)
+from chatapp.relay.errors import RelayError, UpstreamError
+from chatapp.relay.upstreams import HttpCall, Target
+
+API_VERSION = "2023-06-01"
+FINISH: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop_sequence",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+    "model_context_window_exceeded": "length",
+}
+
+
+def headers(target: Target) -> dict[str, str]:
+    out = {
+        "content-type": "application/json",
+        "accept": "application/json",
+        "anthropic-version": API_VERSION,
+    }
+    if target.api_key:
+        out["x-api-key"] = target.api_key
+    out.update(target.extra_headers)
+    return out
+
+
+def build_chat(target: Target, request: ChatRequest) -> HttpCall:
+    if request.dialect == "anthropic" and request.raw is not None:
+        body = dict(request.raw)
+        body["model"] = target.upstream_model
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+    else:
+        body = _body_from_canonical(target, request)
+    if request.stream:
+        body["stream"] = True
+    else:
+        body.pop("stream", None)
+    return HttpCall(f"{target.base_url}/v1/messages", headers(target), body)
+
+
+def build_count_tokens(target: Target, request: ChatRequest) -> HttpCall:
+    body = _body_from_canonical(target, request)
+    body.pop("max_tokens", None)
+    for name in ("temperature", "top_p", "top_k", "stop_sequences", "metadata", "stream"):
+        body.pop(name, None)
+    return HttpCall(f"{target.base_url}/v1/messages/count_tokens", headers(target), body)
+
+
+def _image(part: ImagePart) -> dict[str, Any]:
+    if part.url is not None:
+        return {"type": "image", "source": {"type": "url", "url": part.url}}
+    return {
+        "type": "image",
+        "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
+    }
+
+
+def _blocks(parts: list[Part]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            if part.text:
+                out.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            out.append(_image(part))
+        elif isinstance(part, ToolCallPart):
+            try:
+                arguments = json.loads(part.arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = {}
+            out.append(
+                {
+                    "type": "tool_use",
+                    "id": part.id,
+                    "name": part.name,
+                    "input": arguments if isinstance(arguments, dict) else {},
+                }
+            )
+        elif isinstance(part, ToolResultPart):
+            content: list[dict[str, Any]] = [
+                {"type": "text", "text": item.text} if isinstance(item, TextPart) else _image(item)
+                for item in part.content
+            ]
+            block: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": part.tool_call_id,
+                "content": content,
+            }
+            if part.is_error:
+                block["is_error"] = True
+            out.append(block)
+    return out
+
+
+def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]:
+    if request.n > 1:
+        raise RelayError(
+            400,
+            f"n: this model's upstream returns one choice per request, got n={request.n}",
+            param="n",
+        )
+    messages: list[dict[str, Any]] = []
+    for message in request.messages:
+        role = (
+            "assistant" if message.role == "assistant" else "user"
+        )  # tool results ride in user turns
+        blocks = _blocks(message.parts)
+        if not blocks:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(blocks)  # Anthropic wants strictly alternating roles
+        else:
+            messages.append({"role": role, "content": blocks})
+    body: dict[str, Any] = {
+        "model": target.upstream_model,
+        "messages": messages,
+        "max_tokens": request.max_tokens or target.max_output_tokens,
+    }
+    if request.system:
+        body["system"] = "\n\n".join(part.text for part in request.system)
+    if request.temperature is not None:
+        body["temperature"] = min(
+            request.temperature, 1.0
+        )  # OpenAI's range is 0-2, Anthropic's 0-1
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.top_k is not None:
+        body["top_k"] = request.top_k
+    if request.stop:
+        body["stop_sequences"] = request.stop
+    if request.user:
+        body["metadata"] = {"user_id": request.user}
+    if request.tools:
+        body["tools"] = [
+            {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
+            for tool in request.tools
+        ]
+    choice = request.tool_choice
+    if choice is not None and request.tools:
+        mapped: dict[str, Any] = {
+            "type": {"auto": "auto", "none": "none", "required": "any", "tool": "tool"}[choice.mode]
+        }
+        if choice.mode == "tool":
+            mapped["name"] = choice.name
+        if choice.disable_parallel and choice.mode != "none":
+            mapped["disable_parallel_tool_use"] = True
+        body["tool_choice"] = mapped
+    return body
+
+
+# --- Responses ---
+
+
+def usage_from(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    cached = int(raw.get("cache_read_input_tokens") or 0)
+    created = int(raw.get("cache_creation_input_tokens") or 0)
+    return Usage(
+        input_tokens=int(raw.get("input_tokens") or 0) + cached + created,
+        output_tokens=int(raw.get("output_tokens") or 0),
+        cached_tokens=cached,
+    )
+
+
+def parse_completion(body: dict[str, Any]) -> Completion:
+    try:
+        choice = CompletionChoice()
+        for block in body["content"]:
+            if block.get("type") == "text":
+                choice.text += block["text"]
+            elif block.get("type") == "tool_use":
+                choice.tool_calls.append(
+                    ToolCallPart(
+                        block["id"],
+                        block["name"],
+                        json.dumps(block.get("input") or {}, ensure_ascii=False),
+                    )
+                )
+        choice.finish = FINISH.get(body.get("stop_reason") or "end_turn", "stop")
+        choice.stop_sequence = body.get("stop_sequence")
+        return Completion(
+            id=str(body.get("id", "")),
+            model=str(body.get("model", "")),
+            choices=[choice],
+            usage=usage_from(body.get("usage")),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UpstreamError(f"malformed message from upstream ({exc!r})", retryable=False) from None
+
+
+class StreamParser:
+    """Anthropic SSE events → canonical events."""
+
+    def __init__(self) -> None:
+        self.tool_index: dict[int, int] = {}  # content block index → tool-call position
+        self.usage = Usage()
+        self.finish: Finish | None = None
+
+    def feed(self, name: str, data: dict[str, Any]) -> list[Event]:
+        kind = data.get("type", name)
+        if kind == "message_start":
+            message = data.get("message") or {}
+            usage = usage_from(message.get("usage")) or Usage()
+            self.usage = usage
+            return [
+                Start(
+                    id=str(message.get("id", "")),
+                    model=str(message.get("model", "")),
+                    input_tokens=usage.input_tokens,
+                )
+            ]
+        if kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                position = len(self.tool_index)
+                self.tool_index[int(data.get("index", 0))] = position
+                return [ToolCallStart(position, block.get("id", ""), block.get("name", ""))]
+            if block.get("type") == "text" and block.get("text"):
+                return [TextDelta(block["text"])]
+            return []
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [TextDelta(delta.get("text", ""))]
+            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                position = self.tool_index.get(int(data.get("index", 0)), 0)
+                return [ToolCallDelta(position, delta["partial_json"])]
+            return []
+        if kind == "message_delta":
+            delta = data.get("delta") or {}
+            reported = data.get("usage") or {}
+            if "output_tokens" in reported:
+                self.usage.output_tokens = int(reported["output_tokens"] or 0)
+            if reported.get("input_tokens") is not None:
+                refreshed = usage_from(reported)
+                if refreshed is not None:
+                    self.usage.input_tokens, self.usage.cached_tokens = (
+                        refreshed.input_tokens,
+                        refreshed.cached_tokens,
+                    )
+            if delta.get("stop_reason"):
+                self.finish = Finish(
+                    FINISH.get(delta["stop_reason"], "stop"), delta.get("stop_sequence")
+                )
+            return []
+        if kind == "message_stop":
+            return [self.finish or Finish("stop"), UsageEvent(self.usage)]
+        if kind == "error":
+            error = data.get("error") or {}
+            raise UpstreamError(
+                f"upstream error mid-stream: {error.get('type', 'error')}: {error.get('message', '')}",
+                retryable=False,
+            )
+        return []

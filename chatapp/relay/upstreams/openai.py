@@ -1,0 +1,259 @@
+"""OpenAI-compatible upstreams (OpenAI, DeepSeek, Qwen, Moonshot, GLM, vLLM, Ollama, llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chatapp.relay.canonical import (
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    Event,
+    Finish,
+    FinishReason,
+    ImagePart,
+    Message,
+    Start,
+    TextDelta,
+    TextPart,
+    ToolCallDelta,
+    ToolCallPart,
+    ToolCallStart,
+    ToolResultPart,
+    Usage,
+    UsageEvent,
+)
+from chatapp.relay.errors import UpstreamError
+from chatapp.relay.upstreams import HttpCall, Target
+
+FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+def headers(target: Target) -> dict[str, str]:
+    out = {"content-type": "application/json", "accept": "application/json"}
+    if target.api_key:
+        out["authorization"] = f"Bearer {target.api_key}"
+    out.update(target.extra_headers)
+    return out
+
+
+def build_chat(target: Target, request: ChatRequest) -> HttpCall:
+    if request.dialect == "openai" and request.raw is not None:
+        # Same dialect: forward the client's body so unknown fields pass through.
+        body = dict(request.raw)
+        body["model"] = target.upstream_model
+        if request.max_tokens is not None and "max_completion_tokens" not in body:
+            body["max_tokens"] = request.max_tokens
+    else:
+        body = _body_from_canonical(target, request)
+    if request.stream:
+        body["stream"] = True
+        # Always ask for usage: billing needs the upstream's own counts.
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    else:
+        body.pop("stream_options", None)
+    return HttpCall(f"{target.base_url}/chat/completions", headers(target), body)
+
+
+def build_embeddings(target: Target, body: dict[str, Any]) -> HttpCall:
+    return HttpCall(
+        f"{target.base_url}/embeddings", headers(target), {**body, "model": target.upstream_model}
+    )
+
+
+def _content(parts: list[Any]) -> str | list[dict[str, Any]]:
+    if all(isinstance(part, TextPart) for part in parts):
+        return "".join(part.text for part in parts)
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            out.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            image: dict[str, Any] = {"url": part.data_url}
+            if part.detail:
+                image["detail"] = part.detail
+            out.append({"type": "image_url", "image_url": image})
+    return out
+
+
+def _messages(request: ChatRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if request.system:
+        out.append({"role": "system", "content": "\n\n".join(part.text for part in request.system)})
+    for message in request.messages:
+        out.extend(_message(message))
+    return out
+
+
+def _message(message: Message) -> list[dict[str, Any]]:
+    if message.role == "tool":
+        results = [part for part in message.parts if isinstance(part, ToolResultPart)]
+        out: list[dict[str, Any]] = []
+        for result in results:
+            out.append(
+                {"role": "tool", "tool_call_id": result.tool_call_id, "content": result.text}
+            )
+            images = [part for part in result.content if isinstance(part, ImagePart)]
+            if images:  # OpenAI tool messages carry text only: images follow as a user turn
+                out.append({"role": "user", "content": _content(images)})
+        return out
+    if message.role == "assistant":
+        text = "".join(part.text for part in message.parts if isinstance(part, TextPart))
+        calls = [part for part in message.parts if isinstance(part, ToolCallPart)]
+        body: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if calls:
+            body["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in calls
+            ]
+        return [body]
+    body = {"role": "user", "content": _content(message.parts)}
+    if message.name:
+        body["name"] = message.name
+    return [body]
+
+
+def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": target.upstream_model, "messages": _messages(request)}
+    optional = {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "seed": request.seed,
+        "user": request.user,
+        "response_format": request.response_format,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if request.stop:
+        body["stop"] = request.stop
+    if request.n > 1:
+        body["n"] = request.n
+    if request.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": tool.parameters,
+                },
+            }
+            for tool in request.tools
+        ]
+    choice = request.tool_choice
+    if choice is not None:
+        if choice.mode == "tool":
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            body["tool_choice"] = choice.mode
+        if choice.disable_parallel and request.tools:
+            body["parallel_tool_calls"] = False
+    return body
+
+
+# --- Responses ---
+
+
+def usage_from(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    details = raw.get("prompt_tokens_details") or {}
+    return Usage(
+        input_tokens=int(raw.get("prompt_tokens") or 0),
+        output_tokens=int(raw.get("completion_tokens") or 0),
+        cached_tokens=int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0),
+    )
+
+
+def parse_completion(body: dict[str, Any]) -> Completion:
+    try:
+        choices = []
+        for raw in sorted(body["choices"], key=lambda item: item.get("index", 0)):
+            message = raw.get("message") or {}
+            calls = [
+                ToolCallPart(
+                    call.get("id", ""),
+                    call["function"]["name"],
+                    call["function"].get("arguments") or "",
+                )
+                for call in message.get("tool_calls") or []
+            ]
+            choices.append(
+                CompletionChoice(
+                    text=message.get("content") or "",
+                    tool_calls=calls,
+                    finish=FINISH.get(raw.get("finish_reason") or "stop", "stop"),
+                )
+            )
+        return Completion(
+            id=str(body.get("id", "")),
+            model=str(body.get("model", "")),
+            choices=choices,
+            usage=usage_from(body.get("usage")),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UpstreamError(
+            f"malformed chat completion from upstream ({exc!r})", retryable=False
+        ) from None
+
+
+class StreamParser:
+    """``chat.completion.chunk`` objects → canonical events."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        if not self.started:
+            self.started = True
+            events.append(Start(id=str(chunk.get("id", "")), model=str(chunk.get("model", ""))))
+        for choice in chunk.get("choices") or ():
+            index = int(choice.get("index") or 0)
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                events.append(TextDelta(delta["content"], index))
+            for call in delta.get("tool_calls") or ():
+                position = int(call.get("index") or 0)
+                function = call.get("function") or {}
+                if call.get("id"):
+                    events.append(
+                        ToolCallStart(position, call["id"], function.get("name") or "", index)
+                    )
+                if function.get("arguments"):
+                    events.append(ToolCallDelta(position, function["arguments"], index))
+            if choice.get("finish_reason"):
+                events.append(Finish(FINISH.get(choice["finish_reason"], "stop"), choice=index))
+        usage = usage_from(chunk.get("usage"))
+        if usage is not None:
+            events.append(UsageEvent(usage))
+        return events
+
+
+def error_message(text: str) -> str:
+    """The upstream's own reason from its error body, whatever dialect it used."""
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return text[:300]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    if isinstance(error, str):
+        return error
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    return text[:300]

@@ -1,0 +1,126 @@
+"""API key → principal, cached with explicit invalidation.
+
+Every request looks its key up here.  The cache entry (shared cache: Redis when
+configured) holds only the key's id and state, never the secret; any change to the
+key or its owner deletes the entry at once (``invalidate_*`` below, wired to model
+signals in ``keys.apps``), so a revoked key fails on its very next request in every
+process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from channels.db import database_sync_to_async
+from django.core.cache import cache
+from django.utils import timezone
+
+from chatapp.relay.errors import RelayError
+from keys.models import ApiKey, hash_key
+
+CACHE_SECONDS = 300
+MISSING = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: int
+    key_name: str
+    prefix: str
+    user_id: int
+    user_email: str
+    state: str  # active | revoked | disabled | owner_disabled
+    expires_at: datetime | None
+    allowed_models: frozenset[str]  # empty: every enabled model
+    is_web_key: bool
+
+    def may_use(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+def cache_key(digest: str) -> str:
+    return f"apikey:{digest}"
+
+
+def _load(digest: str) -> Principal | None:
+    key = ApiKey.objects.select_related("user").filter(key_hash=digest).first()
+    if key is None:
+        return None
+    if key.revoked_at is not None:
+        state = "revoked"
+    elif not key.enabled:
+        state = "disabled"
+    elif not key.user.is_active:
+        state = "owner_disabled"
+    else:
+        state = "active"
+    return Principal(
+        key_id=key.pk,
+        key_name=key.name,
+        prefix=key.prefix,
+        user_id=key.user_id,
+        user_email=key.user.email,
+        state=state,
+        expires_at=key.expires_at,
+        allowed_models=frozenset(key.allowed_models or ()),
+        is_web_key=key.is_web_key,
+    )
+
+
+def raw_key_from_headers(authorization: str | None, x_api_key: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key.strip()
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return None
+
+
+async def aauthenticate(raw_key: str | None) -> Principal:
+    """The principal behind ``raw_key``, or a 401/403 ``RelayError`` saying why not."""
+    if not raw_key:
+        raise RelayError(
+            401,
+            "Missing API key: send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.",
+            code="missing_api_key",
+        )
+    digest = hash_key(raw_key)
+    cached = await cache.aget(cache_key(digest))
+    if cached is None:
+        principal = await database_sync_to_async(_load)(digest)
+        await cache.aset(cache_key(digest), principal or MISSING, CACHE_SECONDS)
+    else:
+        principal = None if cached == MISSING else cached
+    if principal is None:
+        shown = raw_key[:7] + "…" if len(raw_key) > 10 else "…"
+        raise RelayError(401, f"Invalid API key ({shown}): no such key.", code="invalid_api_key")
+    return check_principal(principal)
+
+
+def check_principal(principal: Principal) -> Principal:
+    if principal.state == "revoked":
+        raise RelayError(403, f"API key {principal.prefix}… has been revoked.", code="key_revoked")
+    if principal.state == "disabled":
+        raise RelayError(403, f"API key {principal.prefix}… is disabled.", code="key_disabled")
+    if principal.state == "owner_disabled":
+        raise RelayError(
+            403, f"The owner of API key {principal.prefix}… is disabled.", code="user_disabled"
+        )
+    if principal.expires_at is not None and principal.expires_at <= timezone.now():
+        raise RelayError(
+            403,
+            f"API key {principal.prefix}… expired at {principal.expires_at.isoformat()}.",
+            code="key_expired",
+        )
+    return principal
+
+
+def invalidate_key(digest: str) -> None:
+    cache.delete(cache_key(digest))
+
+
+def invalidate_user_keys(user_id: int) -> None:
+    digests = ApiKey.objects.filter(user_id=user_id).values_list("key_hash", flat=True)
+    cache.delete_many([cache_key(digest) for digest in digests])
