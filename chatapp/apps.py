@@ -22,7 +22,10 @@ class ChatappConfig(AppConfig):
             catalog.invalidate()
 
         for model in (Provider, CatalogModel, Route):
-            post_save.connect(changed, sender=model, dispatch_uid=f"catalog.save.{model.__name__}")
+            # weak=False: the receiver is a closure that nothing else keeps alive.
+            post_save.connect(
+                changed, sender=model, weak=False, dispatch_uid=f"catalog.save.{model.__name__}"
+            )
             post_delete.connect(
-                changed, sender=model, dispatch_uid=f"catalog.delete.{model.__name__}"
+                changed, sender=model, weak=False, dispatch_uid=f"catalog.delete.{model.__name__}"
             )

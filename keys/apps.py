@@ -24,6 +24,8 @@ class KeysConfig(AppConfig):
         def user_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
             auth.invalidate_user_keys(instance.pk)
 
-        post_save.connect(key_changed, sender=ApiKey, dispatch_uid="keys.key_changed")
-        post_delete.connect(key_changed, sender=ApiKey, dispatch_uid="keys.key_deleted")
-        post_save.connect(user_changed, sender=get_user_model(), dispatch_uid="keys.user_changed")
+        post_save.connect(key_changed, sender=ApiKey, weak=False, dispatch_uid="keys.key_changed")
+        post_delete.connect(key_changed, sender=ApiKey, weak=False, dispatch_uid="keys.key_deleted")
+        post_save.connect(
+            user_changed, sender=get_user_model(), weak=False, dispatch_uid="keys.user_changed"
+        )

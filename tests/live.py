@@ -38,7 +38,15 @@ class ThreadedServer:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        asyncio.run(self.server.serve())
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from chatapp.relay import http
+
+        try:
+            await self.server.serve()
+        finally:
+            await http.aclose()
 
     @property
     def url(self) -> str:

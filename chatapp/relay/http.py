@@ -32,3 +32,22 @@ def client() -> httpx.AsyncClient:
         existing = httpx.AsyncClient(transport=transport, limits=LIMITS, follow_redirects=False)
         _clients[loop] = existing
     return existing
+
+
+async def aclose() -> None:
+    """Close this event loop's client (server shutdown, tests)."""
+    existing = _clients.pop(asyncio.get_running_loop(), None)
+    if existing is not None:
+        await existing.aclose()
+
+
+def is_timeout(exc: httpx.HTTPError) -> bool:
+    """Whether ``exc`` is a real timeout.
+
+    httpx-aiohttp maps every aiohttp connection error, a refused connection included,
+    to ``httpx.ConnectTimeout``; the underlying cause tells them apart.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+        return False
+    return isinstance(exc, httpx.TimeoutException)

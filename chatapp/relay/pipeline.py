@@ -29,6 +29,7 @@ from chatapp.relay.canonical import (
     ChatRequest,
     Completion,
     Event,
+    Finish,
     Start,
     TextDelta,
     ToolCallDelta,
@@ -281,14 +282,14 @@ async def _send(call: Call, http_call: HttpCall, target: Target, *, stream: bool
     )
     try:
         response = await client.send(request, stream=True)
-    except httpx.TimeoutException as exc:
-        raise UpstreamError(
-            f"{target.provider}: no answer within {target.timeout:g}s ({type(exc).__name__})",
-            status=504,
-        ) from None
     except httpx.HTTPError as exc:
+        if relay_http.is_timeout(exc):
+            raise UpstreamError(
+                f"{target.provider}: no answer within {target.timeout:g}s", status=504
+            ) from None
+        cause = exc.__cause__ or exc
         raise UpstreamError(
-            f"{target.provider}: cannot reach the upstream ({type(exc).__name__}: {exc})"
+            f"{target.provider}: cannot reach the upstream ({type(cause).__name__}: {cause})"
         ) from None
     if response.status_code >= 400:
         try:
@@ -423,24 +424,27 @@ class UpstreamItem:
     events: list[Event]
 
 
+CONTENT_EVENTS = (TextDelta, ToolCallStart, ToolCallDelta, Finish, UsageEvent)
+
+
 class UpstreamStream:
-    """An open upstream stream whose first element has already been read."""
+    """An open upstream stream whose opening elements have already been read."""
 
     def __init__(
         self,
         target: Target,
         response: httpx.Response,
         items: AsyncIterator[UpstreamItem],
-        first: UpstreamItem | None,
+        opening: list[UpstreamItem],
     ) -> None:
         self.target = target
         self.response = response
         self.items = items
-        self.first = first
+        self.opening = opening  # already observed by the call
 
     async def __aiter__(self) -> AsyncIterator[UpstreamItem]:
-        if self.first is not None:
-            yield self.first
+        for item in self.opening:
+            yield item
         async for item in self.items:
             yield item
 
@@ -499,14 +503,21 @@ async def open_chat(call: Call, model: ModelInfo, request: ChatRequest) -> Upstr
     async def attempt(target: Target) -> UpstreamStream:
         response = await _send(call, _build(target, request), target, stream=True)
         items = _items(target, response)
+        # Read up to the first element that carries content (a role-only opening
+        # chunk or message_start does not count): until then nothing has reached
+        # the client, so a stream that dies here can still fail over.
+        opening: list[UpstreamItem] = []
         try:
-            first = await anext(items, None)
+            async for item in items:
+                opening.append(item)
+                if any(isinstance(event, CONTENT_EVENTS) for event in item.events):
+                    break
         except BaseException:
             await response.aclose()
             raise
-        if first is not None:
-            call.observe(first.events)
-        return UpstreamStream(target, response, items, first)
+        for item in opening:
+            call.observe(item.events)
+        return UpstreamStream(target, response, items, opening)
 
     return await _attempts(call, model, attempt)
 

@@ -194,8 +194,11 @@ def _stream_response(
 
     async def body() -> AsyncIterator[bytes]:
         try:
+            opening = len(upstream.opening)
             async for item in upstream:
-                if item is not upstream.first:
+                if opening:
+                    opening -= 1  # observed while the stream was opened
+                else:
                     call.observe(item.events)
                 if same_dialect:
                     if dialect == "anthropic":

@@ -1,0 +1,275 @@
+"""Workflows on the model catalog: providers, models and the routes between them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import httpx
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+
+from chatapp.models import CatalogModel, Provider, ProviderType, Route
+from chatapp.relay import http as relay_http
+from chatapp.relay.canonical import ChatRequest, Completion, Message, TextPart
+from chatapp.relay.errors import UpstreamError
+from chatapp.relay.upstreams import Target
+from chatapp.relay.upstreams import anthropic as anthropic_upstream
+from chatapp.relay.upstreams import openai as openai_upstream
+
+#: A provider test waits at most this long, whatever the provider's own timeout.
+TEST_TIMEOUT = 30.0
+TEST_PROMPT = "Say OK"
+TEST_MAX_TOKENS = 5
+
+
+class CatalogError(Exception):
+    """A catalog change or check that cannot be carried out; the message says why."""
+
+
+def _describe(exc: ValidationError) -> str:
+    """A ``ValidationError`` as one line that names the offending fields."""
+    if not hasattr(exc, "error_dict"):
+        return " ".join(exc.messages)
+    parts = []
+    for field, messages in exc.message_dict.items():
+        text = " ".join(messages)
+        parts.append(text if field == "__all__" else f"{field}: {text}")
+    return "; ".join(parts)
+
+
+def _full_clean(instance: Provider | CatalogModel | Route) -> None:
+    try:
+        instance.full_clean()
+    except ValidationError as exc:
+        raise CatalogError(_describe(exc)) from None
+
+
+# --- Providers ---
+
+
+def check_provider(*, name: str) -> Provider:
+    """The provider called ``name``."""
+    try:
+        return Provider.objects.get(name=name)
+    except Provider.DoesNotExist:
+        raise CatalogError(f"no provider named {name!r}") from None
+
+
+def do_add_provider(
+    *,
+    name: str,
+    type: str,
+    base_url: str,
+    api_key: str = "",
+    timeout: float = 600.0,
+    extra_headers: dict[str, str] | None = None,
+    enabled: bool = True,
+) -> Provider:
+    if type not in ProviderType.values:
+        raise CatalogError(f"type {type!r} is not one of {', '.join(ProviderType.values)}")
+    if Provider.objects.filter(name=name).exists():
+        raise CatalogError(f"a provider named {name!r} already exists")
+    provider = Provider(
+        name=name,
+        type=type,
+        base_url=base_url,
+        timeout=timeout,
+        extra_headers=extra_headers or {},
+        enabled=enabled,
+    )
+    provider.api_key = api_key.strip()
+    _full_clean(provider)
+    try:
+        provider.save()
+    except IntegrityError:
+        # Lost a race with a concurrent add of the same name; the unique column caught it.
+        raise CatalogError(f"a provider named {name!r} already exists") from None
+    return provider
+
+
+def do_set_provider_enabled(*, name: str, enabled: bool) -> Provider:
+    provider = check_provider(name=name)
+    if provider.enabled != enabled:
+        provider.enabled = enabled
+        # save() rather than a queryset update: the post_save signal refreshes the
+        # relay's cached catalog.
+        provider.save(update_fields=["enabled", "updated_at"])
+    return provider
+
+
+# --- Models and routes ---
+
+
+def check_model(*, name: str) -> CatalogModel:
+    """The catalog model clients call ``name``."""
+    try:
+        return CatalogModel.objects.get(name=name)
+    except CatalogModel.DoesNotExist:
+        raise CatalogError(f"no model named {name!r}") from None
+
+
+def check_model_names(*, names: Iterable[str]) -> list[str]:
+    """``names`` cleaned and de-duplicated; an error naming any that are not in the catalog."""
+    wanted = sorted({name.strip() for name in names if name.strip()})
+    known = set(CatalogModel.objects.filter(name__in=wanted).values_list("name", flat=True))
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise CatalogError(f"unknown model{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    return wanted
+
+
+def do_add_model(
+    *,
+    name: str,
+    provider: Provider,
+    upstream_model: str,
+    display_name: str | None = None,
+    description: str | None = None,
+    context_window: int | None = None,
+    max_output_tokens: int | None = None,
+    chat: bool | None = None,
+    vision: bool | None = None,
+    tools: bool | None = None,
+    embeddings: bool | None = None,
+    priority: int = 0,
+    weight: int = 1,
+) -> tuple[CatalogModel, Route, bool]:
+    """Route ``name`` to ``provider``/``upstream_model``, creating the model on first use.
+
+    Returns the model, the new route, and whether the model was created.  Fields left
+    as ``None`` keep their current (or default) values; given ones update the model.
+    """
+    upstream_model = upstream_model.strip()
+    changes = {
+        "display_name": display_name,
+        "description": description,
+        "context_window": context_window,
+        "max_output_tokens": max_output_tokens,
+        "supports_chat": chat,
+        "supports_vision": vision,
+        "supports_tools": tools,
+        "supports_embeddings": embeddings,
+    }
+    # One transaction: a model is never left without the route it was added for.
+    try:
+        with transaction.atomic():
+            model = CatalogModel.objects.filter(name=name).first()
+            created = model is None
+            if model is None:
+                model = CatalogModel(name=name)
+            elif Route.objects.filter(
+                model=model, provider=provider, upstream_model=upstream_model
+            ).exists():
+                raise CatalogError(
+                    f"model {name!r} already routes to {provider.name}/{upstream_model}"
+                )
+            for field, value in changes.items():
+                if value is not None:
+                    setattr(model, field, value)
+            _full_clean(model)
+            model.save()
+            route = Route(
+                model=model,
+                provider=provider,
+                upstream_model=upstream_model,
+                priority=priority,
+                weight=weight,
+            )
+            _full_clean(route)
+            route.save()
+    except IntegrityError:
+        # A concurrent add of the same model or route won; the unique constraints caught it.
+        raise CatalogError(
+            f"model {name!r} or its route to {provider.name}/{upstream_model} was added "
+            "at the same time by someone else; try again"
+        ) from None
+    return model, route, created
+
+
+def do_set_model_enabled(*, name: str, enabled: bool) -> CatalogModel:
+    model = check_model(name=name)
+    if model.enabled != enabled:
+        model.enabled = enabled
+        # save() so the post_save signal refreshes the relay's cached catalog.
+        model.save(update_fields=["enabled", "updated_at"])
+    return model
+
+
+# --- Checking a provider end to end ---
+
+
+async def atest_provider(
+    *, provider: Provider, upstream_model: str | None = None
+) -> tuple[float, str]:
+    """Send a tiny real chat request to ``provider``; returns (latency in seconds, reply text).
+
+    The upstream model is ``upstream_model`` or that of the provider's first enabled
+    route.  Any failure raises ``CatalogError`` with the status and the upstream's reason.
+    """
+    if not upstream_model:
+        route = (
+            await Route.objects.filter(provider=provider, enabled=True)
+            .order_by("priority", "-weight", "id")
+            .afirst()
+        )
+        if route is None:
+            raise CatalogError(
+                f"provider {provider.name} has no enabled route to take a model from; "
+                "name an upstream model to test with"
+            )
+        upstream_model = route.upstream_model
+    timeout = min(provider.timeout, TEST_TIMEOUT)
+    target = Target(
+        route_id=0,
+        provider=provider.name,
+        provider_type=provider.type,
+        base_url=provider.base_url.rstrip("/"),
+        api_key=provider.api_key,
+        upstream_model=upstream_model,
+        timeout=timeout,
+        extra_headers=dict(provider.extra_headers or {}),
+        max_output_tokens=TEST_MAX_TOKENS,
+    )
+    request = ChatRequest(
+        model=upstream_model,
+        messages=[Message("user", [TextPart(TEST_PROMPT)])],
+        max_tokens=TEST_MAX_TOKENS,
+    )
+    adapter = anthropic_upstream if provider.type == ProviderType.ANTHROPIC else openai_upstream
+    call = adapter.build_chat(target, request)
+    started = time.perf_counter()
+    try:
+        response = await relay_http.client().post(
+            call.url, headers=call.headers, json=call.body, timeout=timeout
+        )
+    except httpx.HTTPError as exc:
+        if relay_http.is_timeout(exc):
+            raise CatalogError(
+                f"{provider.name}: no answer from {call.url} within {timeout:g}s"
+            ) from None
+        raise CatalogError(
+            f"{provider.name}: cannot reach {call.url} ({type(exc.__cause__ or exc).__name__}: {exc})"
+        ) from None
+    latency = time.perf_counter() - started
+    if response.status_code >= 400:
+        # error_message reads both OpenAI and Anthropic error bodies.
+        reason = openai_upstream.error_message(response.text).strip() or response.reason_phrase
+        raise CatalogError(
+            f"{provider.name} answered {response.status_code} for {upstream_model}: "
+            + " ".join(reason.split())
+        )
+    try:
+        body = response.json()
+    except ValueError:
+        raise CatalogError(
+            f"{provider.name} answered {response.status_code} with a body that is not JSON"
+        ) from None
+    if not isinstance(body, dict):
+        raise CatalogError(f"{provider.name} answered with an unexpected body")
+    try:
+        completion: Completion = adapter.parse_completion(body)
+    except UpstreamError as exc:
+        raise CatalogError(f"{provider.name}: {exc.message}") from None
+    reply = completion.choices[0].text if completion.choices else ""
+    return latency, reply

@@ -1,0 +1,173 @@
+"""API keys and the usage ledger in Django's admin.
+
+A key's secret exists only at creation: the add form issues it through
+``do_create_key`` and shows it once, in a message; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from chatapp.actions import CatalogError, check_model_names
+from keys.actions import do_create_key, do_revoke_key
+from keys.models import ApiKey, UsageRecord
+
+
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["user", "name", "enabled", "expires_at", "allowed_models"]
+
+    def clean_allowed_models(self) -> list[str]:
+        value = self.cleaned_data.get("allowed_models") or []
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise ValidationError(_('Enter a list of model names, e.g. ["gpt-4o", "claude"].'))
+        try:
+            return check_model_names(names=value)
+        except CatalogError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class ApiKeyAddForm(ApiKeyForm):
+    """The same rules ``do_create_key`` enforces, as form errors instead of a crash."""
+
+    class Meta(ApiKeyForm.Meta):
+        fields = ["user", "name", "expires_at", "allowed_models"]
+
+    def clean_user(self) -> Any:
+        user = self.cleaned_data["user"]
+        if not user.is_active:
+            raise ValidationError(_("This user is disabled."))
+        return user
+
+    def clean_expires_at(self) -> Any:
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            raise ValidationError(_("This time is in the past."))
+        return expires_at
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    add_form = ApiKeyAddForm
+    list_display = ["prefix", "name", "user", "state", "created_at", "last_used_at"]
+    list_filter = ["enabled", "is_web_key", ("revoked_at", admin.EmptyFieldListFilter)]
+    list_select_related = ["user"]
+    search_fields = ["prefix", "name", "user__email"]
+    date_hierarchy = "created_at"
+    actions = ["revoke_selected"]
+    readonly_fields = [
+        "user",
+        "prefix",
+        "key_hash",
+        "state",
+        "is_web_key",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
+    fieldsets = (
+        (None, {"fields": ("user", "name", "prefix", "state", "enabled", "is_web_key")}),
+        (_("Limits"), {"fields": ("expires_at", "allowed_models")}),
+        (_("History"), {"fields": ("created_at", "last_used_at", "revoked_at", "key_hash")}),
+    )
+    add_fieldsets = ((None, {"fields": ("user", "name", "expires_at", "allowed_models")}),)
+
+    def get_form(
+        self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs: Any
+    ) -> type[forms.ModelForm[ApiKey]]:
+        if obj is None:
+            kwargs["form"] = self.add_form
+        return super().get_form(request, obj, change, **kwargs)
+
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        return self.add_fieldsets if obj is None else self.fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        return () if obj is None else self.readonly_fields
+
+    @admin.display(description=_("state"))
+    def state(self, key: ApiKey) -> str:
+        return key.state
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        key, raw = do_create_key(
+            user=obj.user,
+            name=obj.name,
+            models=list(obj.allowed_models or []),
+            expires_at=obj.expires_at,
+        )
+        # The admin carries on with ``obj`` (log entry, redirect): make it the issued row.
+        for field in ApiKey._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(key, field.attname))
+        obj._state.adding = False
+        obj._state.db = key._state.db
+        self.message_user(
+            request,
+            _(
+                "New API key for %(user)s: %(key)s — copy it now: it is shown only this once "
+                "and cannot be recovered."
+            )
+            % {"user": key.user.email, "key": raw},
+            messages.WARNING,
+        )
+
+    @admin.action(description=_("Revoke selected keys"))
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        revoked = 0
+        for key in queryset:
+            if key.revoked_at is None:
+                do_revoke_key(key=key)
+                revoked += 1
+        self.message_user(
+            request,
+            ngettext("%(count)d key revoked.", "%(count)d keys revoked.", revoked)
+            % {"count": revoked},
+            messages.SUCCESS,
+        )
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The ledger is written by the relay only; here it can be read, never edited."""
+
+    list_display = [
+        "created_at",
+        "user",
+        "key",
+        "model",
+        "provider",
+        "upstream_model",
+        "status",
+        "http_status",
+        "input_tokens",
+        "output_tokens",
+        "latency_ms",
+    ]
+    list_filter = ["status", "dialect", "model", "endpoint", "stream"]
+    list_select_related = ["user", "key"]
+    search_fields = ["request_id", "model", "user__email", "key__prefix"]
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False
