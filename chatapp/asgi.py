@@ -1,11 +1,13 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels.
+"""ASGI entry point: ``/v1`` through the lean API app, other HTTP through Django, WebSockets through Channels.
 
-Run with ``daphne chatapp.asgi:application`` (or uvicorn for the HTTP API).
+Run with ``daphne chatapp.asgi:application`` (or uvicorn for the HTTP API; see the
+README's benchmarks for which to use where).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
 
@@ -13,20 +15,30 @@ from chatapp.startup import load_settings_or_exit  # noqa: E402
 
 load_settings_or_exit()
 
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
 # Django must be set up before anything imports models (the routing below does).
-django_asgi_app = get_asgi_application()
+django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from chatapp.relay.asgi import api_app  # noqa: E402
 from chatapp.routing import websocket_urlpatterns  # noqa: E402
+
+
+async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["path"].startswith("/v1/"):
+        await api_app(scope, receive, send)
+    else:
+        await django_asgi_app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

@@ -1,6 +1,6 @@
 """API key → principal, cached with explicit invalidation.
 
-Every request looks its key up here.  The cache entry (shared cache: Redis when
+Every request looks its key up here.  The entry (``chatapp.hotstore``: Redis when
 configured) holds only the key's id and state, never the secret; any change to the
 key or its owner deletes the entry at once (``invalidate_*`` below, wired to model
 signals in ``keys.apps``), so a revoked key fails on its very next request in every
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from channels.db import database_sync_to_async
-from django.core.cache import cache
+from django.db import transaction
 from django.utils import timezone
 
+from chatapp import hotstore
 from chatapp.relay.errors import RelayError
 from keys.models import ApiKey, hash_key
 
@@ -87,10 +88,11 @@ async def aauthenticate(raw_key: str | None) -> Principal:
             code="missing_api_key",
         )
     digest = hash_key(raw_key)
-    cached = await cache.aget(cache_key(digest))
+    cached = await hotstore.aget(cache_key(digest))
     if cached is None:
         principal = await database_sync_to_async(_load)(digest)
-        await cache.aset(cache_key(digest), principal or MISSING, CACHE_SECONDS)
+        # NX: if the key changed while we read it, the change's fresher write wins.
+        await hotstore.aadd(cache_key(digest), principal or MISSING, CACHE_SECONDS)
     else:
         principal = None if cached == MISSING else cached
     if principal is None:
@@ -118,9 +120,20 @@ def check_principal(principal: Principal) -> Principal:
 
 
 def invalidate_key(digest: str) -> None:
-    cache.delete(cache_key(digest))
+    """Forget a key's cached state now, and write its committed state once the change commits.
+
+    The delete makes the very next request reload; the write after commit closes
+    the race where a request read the row just before the change committed and
+    would otherwise cache the stale state (its write is ``add``-only, see above).
+    """
+    hotstore.delete(cache_key(digest))
+    transaction.on_commit(lambda: _refresh(digest))
+
+
+def _refresh(digest: str) -> None:
+    hotstore.set(cache_key(digest), _load(digest) or MISSING, CACHE_SECONDS)
 
 
 def invalidate_user_keys(user_id: int) -> None:
-    digests = ApiKey.objects.filter(user_id=user_id).values_list("key_hash", flat=True)
-    cache.delete_many([cache_key(digest) for digest in digests])
+    for digest in ApiKey.objects.filter(user_id=user_id).values_list("key_hash", flat=True):
+        invalidate_key(digest)

@@ -14,6 +14,7 @@ import pytest
 from django.core.cache import cache
 
 from accounts.models import Role, User
+from chatapp import hotstore
 from tests.services import USING_REDIS
 
 PASSWORD = "correct horse battery staple"
@@ -27,9 +28,11 @@ def _fast_hasher(settings) -> None:
 @pytest.fixture(autouse=True)
 def _clean_cache() -> Iterator[None]:
     cache.clear()
+    hotstore.clear()
     yield
     if USING_REDIS:
         cache.clear()
+        hotstore.clear()
 
 
 def make_user(email: str, role: str = Role.MEMBER, **extra: object) -> User:

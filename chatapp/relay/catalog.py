@@ -2,7 +2,7 @@
 
 Each process keeps the whole enabled catalog (models, routes, decrypted provider
 credentials) in memory, tagged with a version number that lives in the shared
-cache.  Every lookup reads that one small value; any change to a provider, model or
+hot store (Redis when configured).  Every lookup reads that one small value; any change to a provider, model or
 route bumps it (signals in ``chatapp.apps``), and every process reloads on its next
 request.  Decrypted credentials never leave the process: only the version is shared.
 """
@@ -13,8 +13,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from channels.db import database_sync_to_async
-from django.core.cache import cache
+from django.db import transaction
 
+from chatapp import hotstore
 from chatapp.relay.upstreams import Target
 
 VERSION_KEY = "catalog:version"
@@ -93,11 +94,12 @@ def _load() -> dict[str, ModelInfo]:
 
 async def _current() -> dict[str, ModelInfo]:
     global _loaded_version, _models
-    version = await cache.aget(VERSION_KEY)
+    version = await hotstore.aget(VERSION_KEY)
     if version is None:
-        # First use, or the shared cache was flushed: agree on a new version.
-        await cache.aadd(VERSION_KEY, uuid.uuid4().hex, None)
-        version = await cache.aget(VERSION_KEY)
+        # First use, or Redis was flushed: start a new version (any value differs
+        # from what a process loaded before, so all of them reload).
+        version = uuid.uuid4().hex
+        await hotstore.aset(VERSION_KEY, version)
     if version != _loaded_version:
         # Two requests may both reload after a change; that is harmless and cheaper
         # than a lock shared across event loops.
@@ -115,4 +117,10 @@ async def alist_models() -> list[ModelInfo]:
 
 
 def invalidate() -> None:
-    cache.set(VERSION_KEY, uuid.uuid4().hex, None)
+    """Bump the version now and again once the change commits.
+
+    A process that read the first bump before the commit may have loaded the old
+    rows under it; the second bump makes it load again.
+    """
+    hotstore.set(VERSION_KEY, uuid.uuid4().hex)
+    transaction.on_commit(lambda: hotstore.set(VERSION_KEY, uuid.uuid4().hex))

@@ -38,7 +38,7 @@ View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error_response(error: RelayError, dialect: str, request_id: str) -> JsonResponse:
+def error_response(error: RelayError, dialect: str, request_id: str) -> JsonResponse:
     body = (
         anthropic_dialect.error_body(error)
         if dialect == "anthropic"
@@ -80,7 +80,7 @@ def api_view(dialect: str, *, methods: tuple[str, ...] = ("POST",)) -> Callable[
                 )
                 response = await view(request, principal, request_id, *args, **kwargs)
             except RelayError as error:
-                return _error_response(error, effective, request_id)
+                return error_response(error, effective, request_id)
             response["x-request-id"] = request_id
             if effective == "anthropic":
                 response["request-id"] = request_id
@@ -97,7 +97,7 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
     if declared and declared.isdigit() and int(declared) > limit:
         raise RelayError(
             413,
-            f"The request body is {int(declared)} bytes; the limit is {limit} bytes.",
+            f"The request body is {int(declared)} bytes, over the limit of {limit} bytes.",
             type="request_too_large",
         )
     try:
@@ -239,9 +239,13 @@ def _stream_response(
                 await asyncio.shield(upstream.aclose())
             call.settle()
 
+    source = body()
     response = StreamingHttpResponse(
-        body(), content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
+        source, content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
     )
+    # The lean API app closes this generator when the client goes away, so the
+    # stream settles at once (chatapp.relay.asgi).
+    response.source = source  # type: ignore[attr-defined]
     return response
 
 
@@ -393,7 +397,7 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponseBase:
         type="invalid_request_error",
         code="unknown_url",
     )
-    return _error_response(
+    return error_response(
         error,
         "anthropic" if "anthropic-version" in request.headers else "openai",
         pipeline.new_request_id(),

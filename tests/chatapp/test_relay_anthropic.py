@@ -48,7 +48,7 @@ def test_a_message_is_relayed_with_the_x_api_key_header(gateway: Gateway) -> Non
     assert sent.json["system"] == [{"type": "text", "text": "Be brief."}]
     assert sent.json["top_k"] == 5
 
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert (record.endpoint, record.dialect, record.input_tokens, record.output_tokens) == (
         "messages",
         "anthropic",
@@ -83,7 +83,7 @@ def test_the_stream_is_the_real_event_sequence(gateway: Gateway) -> None:
     assert names[-1] == "message_stop"
     assert message.content[0].text == "one two three"  # type: ignore[union-attr]
     assert message.usage.output_tokens == 3
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert (record.stream, record.input_tokens, record.output_tokens) == (True, 7, 3)
 
 

@@ -177,7 +177,7 @@ def test_a_body_over_the_limit_is_413(gateway: Gateway, settings) -> None:  # ty
         json={"model": "gpt-fake", "messages": [{"role": "user", "content": "x" * 5000}]},
     )
     assert response.status_code == 413
-    assert "limit is 2048 bytes" in response.json()["error"]["message"]
+    assert "over the limit of 2048 bytes" in response.json()["error"]["message"]
 
 
 def test_capabilities_are_checked_before_anything_is_sent(gateway: Gateway) -> None:

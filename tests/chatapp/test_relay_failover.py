@@ -42,7 +42,7 @@ def test_a_failing_route_fails_over_to_the_next_priority(
     second_upstream.fake.script(Reply(text="from the backup"))  # type: ignore[attr-defined]
     completion = gateway.openai().chat.completions.create(model="gpt-fake", messages=USER)  # type: ignore[arg-type]
     assert completion.choices[0].message.content == "from the backup"
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert (record.provider, record.upstream_model, record.attempts, record.status) == (
         "backup",
         "gpt-backup",

@@ -40,7 +40,7 @@ def test_a_chat_completion_is_relayed_and_recorded(gateway: Gateway) -> None:
     assert sent.json["seed"] == 7
     assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert record.request_id == response.headers["x-request-id"]
     assert (record.model, record.provider, record.upstream_model) == (
         "gpt-fake",
@@ -88,7 +88,7 @@ def test_a_stream_arrives_in_chunks_with_usage_when_asked(gateway: Gateway) -> N
     sent = gateway.fake.requests[-1].json
     assert sent is not None
     assert sent["stream_options"] == {"include_usage": True}
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert (record.stream, record.input_tokens, record.output_tokens, record.status) == (
         True,
         9,
@@ -106,7 +106,7 @@ def test_a_stream_without_include_usage_carries_no_usage_but_is_still_billed(
     )
     assert all(chunk.usage is None for chunk in chunks)
     assert all(chunk.choices for chunk in chunks)
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert (record.input_tokens, record.output_tokens, record.estimated) == (5, 2, False)
 
 

@@ -68,7 +68,7 @@ def test_an_openai_client_talks_to_an_anthropic_upstream(gateway: Gateway) -> No
         "type": "image",
         "source": {"type": "base64", "media_type": "image/png", "data": PIXEL},
     }
-    [record] = gateway.records()
+    [record] = gateway.wait_records(1)
     assert (record.provider, record.input_tokens, record.cached_tokens) == ("fake-anthropic", 24, 4)
 
 
