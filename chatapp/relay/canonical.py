@@ -54,7 +54,20 @@ class ToolResultPart:
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
 
-Part = TextPart | ImagePart | ToolCallPart | ToolResultPart
+@dataclass(slots=True)
+class OpaquePart:
+    """A content part we do not model (a PDF document, audio, a server tool's result).
+
+    It travels untouched when the upstream speaks the client's dialect; translating
+    it to another dialect is refused with a 400 naming it.
+    """
+
+    dialect: str
+    type: str
+    where: str
+
+
+Part = TextPart | ImagePart | ToolCallPart | ToolResultPart | OpaquePart
 
 
 @dataclass(slots=True)
@@ -73,6 +86,9 @@ class Tool:
     name: str
     description: str
     parameters: dict[str, Any]
+    # A provider-specific tool (Anthropic server tools, OpenAI custom tools): passed
+    # through to an upstream of the same dialect, refused elsewhere.
+    opaque_type: str | None = None
 
 
 @dataclass(slots=True)

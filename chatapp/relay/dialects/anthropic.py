@@ -13,6 +13,7 @@ from chatapp.relay.canonical import (
     FinishReason,
     ImagePart,
     Message,
+    OpaquePart,
     Part,
     Start,
     TextDelta,
@@ -203,7 +204,11 @@ def _block(block: Any, where: str, role: str) -> Part | None:
             is_error=bool(block.get("is_error", False)),
         )
     if kind in ("thinking", "redacted_thinking"):
-        return None  # earlier turns' reasoning is not replayed to other providers
+        # Kept for an Anthropic upstream (the raw body goes through); other
+        # providers cannot replay Claude's signed reasoning, so it is left out.
+        return None
+    if isinstance(kind, str) and kind:
+        return OpaquePart("anthropic", kind, where)
     raise bad(
         f"{where}.type",
         f"unsupported content block type {kind!r}: expected text, image, tool_use or tool_result",
@@ -220,6 +225,13 @@ def _tools(raw: Any) -> list[Tool]:
         where = f"tools[{index}]"
         if not isinstance(item, dict):
             raise bad(where, "expected an object")
+        kind = item.get("type")
+        if isinstance(kind, str) and kind != "custom" and "input_schema" not in item:
+            # A server tool (web_search_20250305, code_execution_..., bash_...).
+            tools.append(
+                Tool(field(item, "name", where, str, required=True), "", {}, opaque_type=kind)
+            )
+            continue
         tools.append(
             Tool(
                 name=field(item, "name", where, str, required=True),

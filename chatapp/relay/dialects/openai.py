@@ -13,6 +13,7 @@ from chatapp.relay.canonical import (
     Finish,
     ImagePart,
     Message,
+    OpaquePart,
     Part,
     Start,
     TextDelta,
@@ -83,7 +84,7 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     max_tokens = integer(body, "max_completion_tokens", "", 1)
     if max_tokens is None:
         max_tokens = integer(body, "max_tokens", "", 1)
-    n = integer(body, "n", "", 1, 8) or 1
+    n = integer(body, "n", "", 1, 128) or 1
     stream = bool(field(body, "stream", "", bool, default=False))
     stream_options = field(body, "stream_options", "", dict, default={})
     response_format = field(body, "response_format", "", dict)
@@ -125,6 +126,8 @@ def _text_parts(content: Any, where: str) -> list[TextPart]:
     if isinstance(content, list):
         parts = []
         for index, item in enumerate(content):
+            if isinstance(item, dict) and item.get("type") == "refusal":
+                continue  # an earlier turn's refusal carries no content to replay
             if (
                 not isinstance(item, dict)
                 or item.get("type") != "text"
@@ -159,10 +162,12 @@ def _user_parts(content: Any, where: str) -> list[Part]:
             if detail not in (None, "auto", "low", "high"):
                 raise bad(f"{here}.image_url.detail", "expected auto, low or high")
             parts.append(image_from_url(image["url"], f"{here}.image_url.url", detail))
+        elif isinstance(kind, str) and kind in ("file", "input_audio"):
+            parts.append(OpaquePart("openai", kind, here))
         else:
             raise bad(
                 f"{here}.type",
-                f"unsupported content part type {kind!r}: expected text or image_url",
+                f"unsupported content part type {kind!r}: expected text, image_url, file or input_audio",
             )
     return parts
 
@@ -199,6 +204,15 @@ def _tools(raw: Any) -> list[Tool]:
     tools = []
     for index, item in enumerate(raw):
         where = f"tools[{index}]"
+        if (
+            isinstance(item, dict)
+            and item.get("type") == "custom"
+            and isinstance(item.get("custom"), dict)
+        ):
+            custom = item["custom"]
+            name = field(custom, "name", f"{where}.custom", str, required=True)
+            tools.append(Tool(name, custom.get("description") or "", {}, opaque_type="custom"))
+            continue
         if (
             not isinstance(item, dict)
             or item.get("type") != "function"

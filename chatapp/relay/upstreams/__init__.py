@@ -8,7 +8,10 @@ pipeline does the I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chatapp.relay.canonical import ChatRequest
 
 
 @dataclass(slots=True)
@@ -31,3 +34,30 @@ class HttpCall:
     url: str
     headers: dict[str, str]
     body: dict[str, Any]
+
+
+def check_translatable(request: ChatRequest, provider_type: str) -> None:
+    """Refuse, naming it, what cannot cross from the client's dialect to this upstream's."""
+    from chatapp.relay.canonical import OpaquePart
+    from chatapp.relay.errors import RelayError
+
+    label = "an Anthropic" if provider_type == "anthropic" else "an OpenAI-compatible"
+    for message in request.messages:
+        for part in message.parts:
+            if isinstance(part, OpaquePart):
+                raise RelayError(
+                    400,
+                    f"{part.where}: '{part.type}' content from a {part.dialect} client cannot be "
+                    f"sent to {label} upstream; this model is served by one.",
+                    param=part.where,
+                    code="unsupported_content",
+                )
+    for index, tool in enumerate(request.tools):
+        if tool.opaque_type is not None:
+            raise RelayError(
+                400,
+                f"tools[{index}]: the '{tool.opaque_type}' tool '{tool.name}' cannot be sent to "
+                f"{label} upstream; this model is served by one.",
+                param=f"tools[{index}]",
+                code="unsupported_tool",
+            )

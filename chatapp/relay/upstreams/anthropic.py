@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from chatapp.relay.canonical import (
@@ -25,9 +26,10 @@ from chatapp.relay.canonical import (
     UsageEvent,
 )
 from chatapp.relay.errors import RelayError, UpstreamError
-from chatapp.relay.upstreams import HttpCall, Target
+from chatapp.relay.upstreams import HttpCall, Target, check_translatable
 
 API_VERSION = "2023-06-01"
+_INVALID_ID = re.compile(r"[^a-zA-Z0-9_-]")
 FINISH: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop_sequence",
@@ -83,6 +85,11 @@ def _image(part: ImagePart) -> dict[str, Any]:
     }
 
 
+def tool_id(value: str) -> str:
+    """Anthropic tool ids match ^[a-zA-Z0-9_-]+$; other providers' (e.g. "fn:0") are mapped."""
+    return _INVALID_ID.sub("_", value) or "toolu_empty"
+
+
 def _blocks(parts: list[Part]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for part in parts:
@@ -99,7 +106,7 @@ def _blocks(parts: list[Part]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "type": "tool_use",
-                    "id": part.id,
+                    "id": tool_id(part.id),
                     "name": part.name,
                     "input": arguments if isinstance(arguments, dict) else {},
                 }
@@ -108,10 +115,11 @@ def _blocks(parts: list[Part]) -> list[dict[str, Any]]:
             content: list[dict[str, Any]] = [
                 {"type": "text", "text": item.text} if isinstance(item, TextPart) else _image(item)
                 for item in part.content
+                if not (isinstance(item, TextPart) and not item.text)  # no empty text blocks
             ]
             block: dict[str, Any] = {
                 "type": "tool_result",
-                "tool_use_id": part.tool_call_id,
+                "tool_use_id": tool_id(part.tool_call_id),
                 "content": content,
             }
             if part.is_error:
@@ -121,6 +129,7 @@ def _blocks(parts: list[Part]) -> list[dict[str, Any]]:
 
 
 def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]:
+    check_translatable(request, "anthropic")
     if request.n > 1:
         raise RelayError(
             400,

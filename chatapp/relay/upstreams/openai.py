@@ -25,7 +25,7 @@ from chatapp.relay.canonical import (
     UsageEvent,
 )
 from chatapp.relay.errors import UpstreamError
-from chatapp.relay.upstreams import HttpCall, Target
+from chatapp.relay.upstreams import HttpCall, Target, check_translatable
 
 FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -69,8 +69,8 @@ def build_embeddings(target: Target, body: dict[str, Any]) -> HttpCall:
 
 
 def _content(parts: list[Any]) -> str | list[dict[str, Any]]:
-    if all(isinstance(part, TextPart) for part in parts):
-        return "".join(part.text for part in parts)
+    if len(parts) == 1 and isinstance(parts[0], TextPart):
+        return parts[0].text
     out: list[dict[str, Any]] = []
     for part in parts:
         if isinstance(part, TextPart):
@@ -125,6 +125,7 @@ def _message(message: Message) -> list[dict[str, Any]]:
 
 
 def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]:
+    check_translatable(request, "openai")
     body: dict[str, Any] = {"model": target.upstream_model, "messages": _messages(request)}
     optional = {
         "max_tokens": request.max_tokens,
@@ -191,12 +192,11 @@ def parse_completion(body: dict[str, Any]) -> Completion:
                 )
                 for call in message.get("tool_calls") or []
             ]
+            finish = FINISH.get(raw.get("finish_reason") or "stop", "stop")
+            if calls and finish == "stop":
+                finish = "tool_calls"  # OpenAI says "stop" when tool_choice named the function
             choices.append(
-                CompletionChoice(
-                    text=message.get("content") or "",
-                    tool_calls=calls,
-                    finish=FINISH.get(raw.get("finish_reason") or "stop", "stop"),
-                )
+                CompletionChoice(text=message.get("content") or "", tool_calls=calls, finish=finish)
             )
         return Completion(
             id=str(body.get("id", "")),
@@ -215,6 +215,7 @@ class StreamParser:
 
     def __init__(self) -> None:
         self.started = False
+        self.with_tools: set[int] = set()  # choices that produced tool calls
 
     def feed(self, chunk: dict[str, Any]) -> list[Event]:
         events: list[Event] = []
@@ -230,13 +231,17 @@ class StreamParser:
                 position = int(call.get("index") or 0)
                 function = call.get("function") or {}
                 if call.get("id"):
+                    self.with_tools.add(index)
                     events.append(
                         ToolCallStart(position, call["id"], function.get("name") or "", index)
                     )
                 if function.get("arguments"):
                     events.append(ToolCallDelta(position, function["arguments"], index))
             if choice.get("finish_reason"):
-                events.append(Finish(FINISH.get(choice["finish_reason"], "stop"), choice=index))
+                finish = FINISH.get(choice["finish_reason"], "stop")
+                if finish == "stop" and index in self.with_tools:
+                    finish = "tool_calls"  # OpenAI says "stop" when tool_choice named the function
+                events.append(Finish(finish, choice=index))
         usage = usage_from(chunk.get("usage"))
         if usage is not None:
             events.append(UsageEvent(usage))
