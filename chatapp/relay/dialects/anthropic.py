@@ -53,6 +53,9 @@ ERROR_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    502: "upstream_error",
+    503: "overloaded_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 
@@ -446,16 +449,8 @@ class StreamRenderer:
 
 
 def error_body(error: RelayError) -> dict[str, Any]:
-    kind = ERROR_TYPES.get(error.status, "api_error")
-    if error.status == 400 or error.type in (
-        "invalid_request_error",
-        "authentication_error",
-        "permission_error",
-        "not_found_error",
-        "rate_limit_error",
-        "overloaded_error",
-    ):
-        kind = error.type if error.type in ERROR_TYPES.values() else kind
+    known = set(ERROR_TYPES.values()) | {"api_error"}
+    kind = error.type if error.type in known else ERROR_TYPES.get(error.status, "api_error")
     return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 

@@ -178,6 +178,13 @@ def _assistant_parts(raw: dict[str, Any], where: str) -> list[Part]:
         if raw.get("content") is not None
         else []
     )
+    legacy = field(raw, "function_call", where, dict)
+    if legacy is not None:
+        # The deprecated single-function form; its result comes back as a "function"
+        # role message whose name stands in for the call id.
+        name = field(legacy, "name", f"{where}.function_call", str, required=True)
+        arguments = field(legacy, "arguments", f"{where}.function_call", str, default="{}")
+        parts.append(ToolCallPart(id=name, name=name, arguments=arguments))
     tool_calls = field(raw, "tool_calls", where, list, default=[])
     for index, call in enumerate(tool_calls):
         here = f"{where}.tool_calls[{index}]"
