@@ -215,6 +215,23 @@ SWITCHBOARD_MAX_BODY_BYTES = env.integer(
     "SWITCHBOARD_MAX_BODY_BYTES", 50 * 1024 * 1024, minimum=1024
 )
 DATA_UPLOAD_MAX_MEMORY_SIZE = SWITCHBOARD_MAX_BODY_BYTES
+# The one currency prices and money budgets are in (ISO 4217 code).
+SWITCHBOARD_CURRENCY = env.string("SWITCHBOARD_CURRENCY", "USD").upper()
+if not (len(SWITCHBOARD_CURRENCY) == 3 and SWITCHBOARD_CURRENCY.isalpha()):
+    raise ImproperlyConfigured(
+        f"SWITCHBOARD_CURRENCY={SWITCHBOARD_CURRENCY!r} is not a currency code: expected three letters such as USD or CNY"
+    )
+# Limits given to every new key (0 = none); each key can be changed afterwards.
+SWITCHBOARD_KEY_DEFAULTS = {
+    "rpm": env.integer("SWITCHBOARD_DEFAULT_RPM", 60, minimum=0),
+    "rpd": env.integer("SWITCHBOARD_DEFAULT_RPD", 0, minimum=0),
+    "tpm": env.integer("SWITCHBOARD_DEFAULT_TPM", 0, minimum=0),
+    "tpd": env.integer("SWITCHBOARD_DEFAULT_TPD", 0, minimum=0),
+    "concurrency": env.integer("SWITCHBOARD_DEFAULT_CONCURRENCY", 0, minimum=0),
+    "max_output_tokens": env.integer("SWITCHBOARD_DEFAULT_MAX_OUTPUT", 0, minimum=0),
+}
+# A reservation of a request that never settled (its worker died) is released after this.
+SWITCHBOARD_RESERVATION_TTL = env.integer("SWITCHBOARD_RESERVATION_TTL", 900, minimum=10)
 
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True

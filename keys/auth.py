@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from chatapp import hotstore
 from chatapp.relay.errors import RelayError
+from keys.limiter import Limits
 from keys.models import ApiKey, hash_key
 
 CACHE_SECONDS = 300
@@ -35,6 +36,11 @@ class Principal:
     expires_at: datetime | None
     allowed_models: frozenset[str]  # empty: every enabled model
     is_web_key: bool
+    limits: Limits = Limits()
+
+    @property
+    def label(self) -> str:
+        return f"API key {self.prefix}…"
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -66,6 +72,18 @@ def _load(digest: str) -> Principal | None:
         expires_at=key.expires_at,
         allowed_models=frozenset(key.allowed_models or ()),
         is_web_key=key.is_web_key,
+        limits=Limits(
+            rpm=key.rpm,
+            rpd=key.rpd,
+            tpm=key.tpm,
+            tpd=key.tpd,
+            concurrency=key.concurrency,
+            token_budget=key.token_budget,
+            money_budget=key.money_budget,
+            period=key.budget_period,
+            max_output_tokens=key.max_output_tokens,
+            clamp_max_tokens=key.clamp_max_tokens,
+        ),
     )
 
 

@@ -45,6 +45,13 @@ class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
         return matches[0]
 
 
+class BudgetPeriod(models.TextChoices):
+    DAILY = "daily", _("daily")
+    WEEKLY = "weekly", _("weekly")
+    MONTHLY = "monthly", _("monthly")
+    LIFETIME = "lifetime", _("lifetime")
+
+
 class ApiKey(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
@@ -64,6 +71,33 @@ class ApiKey(models.Model):
     )
     is_web_key = models.BooleanField(
         _("web key"), default=False, help_text=_("The user's browser-chat key.")
+    )
+
+    # Limits and budgets; empty means none.  Enforced atomically by keys.limiter.
+    rpm = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    rpd = models.PositiveIntegerField(_("requests per day"), null=True, blank=True)
+    tpm = models.PositiveBigIntegerField(_("tokens per minute"), null=True, blank=True)
+    tpd = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)
+    concurrency = models.PositiveIntegerField(_("concurrent requests"), null=True, blank=True)
+    token_budget = models.PositiveBigIntegerField(_("token budget"), null=True, blank=True)
+    money_budget = models.DecimalField(
+        _("money budget"), null=True, blank=True, max_digits=24, decimal_places=12
+    )
+    budget_period = models.CharField(
+        _("budget period"),
+        max_length=10,
+        choices=BudgetPeriod.choices,
+        default=BudgetPeriod.MONTHLY,
+    )
+    max_output_tokens = models.PositiveIntegerField(
+        _("max output tokens per request"), null=True, blank=True
+    )
+    clamp_max_tokens = models.BooleanField(
+        _("clamp max_tokens"),
+        default=False,
+        help_text=_(
+            "Lower a larger max_tokens to the key's limit instead of refusing the request."
+        ),
     )
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     last_used_at = models.DateTimeField(_("last used at"), null=True, blank=True)
@@ -142,6 +176,14 @@ class UsageRecord(models.Model):
     error_type = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Prices applied (per 1M tokens) and the cost, fixed at request time: a later
+    # price change never rewrites history.  priced=False: the model had no price.
+    input_price = models.DecimalField(default=0, max_digits=24, decimal_places=12)
+    output_price = models.DecimalField(default=0, max_digits=24, decimal_places=12)
+    cached_input_price = models.DecimalField(default=0, max_digits=24, decimal_places=12)
+    cost = models.DecimalField(default=0, max_digits=24, decimal_places=12)
+    currency = models.CharField(max_length=8, blank=True)
+    priced = models.BooleanField(default=False)
     latency_ms = models.PositiveIntegerField(default=0)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
 
@@ -155,3 +197,33 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.status}"
+
+
+class ModelPrice(models.Model):
+    """A model's price from ``effective_from`` on; history is kept, rows are never edited."""
+
+    model = models.ForeignKey(
+        "chatapp.CatalogModel", on_delete=models.CASCADE, related_name="prices"
+    )
+    input_per_mtok = models.DecimalField(_("input per 1M tokens"), max_digits=24, decimal_places=12)
+    output_per_mtok = models.DecimalField(
+        _("output per 1M tokens"), max_digits=24, decimal_places=12
+    )
+    cached_input_per_mtok = models.DecimalField(
+        _("cached input per 1M tokens"),
+        null=True,
+        blank=True,
+        help_text=_("Empty: the input price."),
+        max_digits=24,
+        decimal_places=12,
+    )
+    currency = models.CharField(max_length=8)
+    effective_from = models.DateTimeField(_("effective from"), default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model", "-effective_from", "-id"]
+        indexes = [models.Index(fields=["model", "effective_from"])]
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.input_per_mtok}/{self.output_per_mtok} {self.currency} per 1M from {self.effective_from:%Y-%m-%d %H:%M}"

@@ -15,6 +15,7 @@ from django.core.cache import cache
 
 from accounts.models import Role, User
 from chatapp import hotstore
+from keys import limiter
 from tests.services import USING_REDIS
 
 PASSWORD = "correct horse battery staple"
@@ -29,6 +30,7 @@ def _fast_hasher(settings) -> None:
 def _clean_cache() -> Iterator[None]:
     cache.clear()
     hotstore.clear()
+    limiter.reset_local()
     yield
     if USING_REDIS:
         cache.clear()

@@ -17,6 +17,7 @@ from django.db import transaction
 
 from chatapp import hotstore
 from chatapp.relay.upstreams import Target
+from keys.pricing import Price
 
 VERSION_KEY = "catalog:version"
 
@@ -42,6 +43,7 @@ class ModelInfo:
     embeddings: bool
     created: int
     routes: tuple[RouteChoice, ...] = field(default_factory=tuple)
+    prices: tuple[Price, ...] = field(default_factory=tuple)  # newest effective_from first
 
 
 _loaded_version: str | None = None
@@ -50,6 +52,19 @@ _models: dict[str, ModelInfo] = {}
 
 def _load() -> dict[str, ModelInfo]:
     from chatapp.models import CatalogModel, Route
+    from keys.models import ModelPrice
+
+    prices: dict[int, list[Price]] = {}
+    for row in ModelPrice.objects.order_by("-effective_from", "-id"):
+        prices.setdefault(row.model_id, []).append(
+            Price(
+                row.input_per_mtok,
+                row.output_per_mtok,
+                row.cached_input_per_mtok,
+                row.currency,
+                row.effective_from,
+            )
+        )
 
     routes: dict[int, list[RouteChoice]] = {}
     for route in Route.objects.filter(enabled=True, provider__enabled=True).select_related(
@@ -87,6 +102,7 @@ def _load() -> dict[str, ModelInfo]:
             embeddings=model.supports_embeddings,
             created=int(model.created_at.timestamp()),
             routes=tuple(routes.get(model.pk, ())),
+            prices=tuple(prices.get(model.pk, ())),
         )
         for model in CatalogModel.objects.filter(enabled=True)
     }

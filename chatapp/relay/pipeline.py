@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+from django.conf import settings
 from django.utils import timezone
 
 from chatapp.relay import catalog, routing, sse, tokens
@@ -42,8 +44,10 @@ from chatapp.relay.errors import RelayError, UpstreamError
 from chatapp.relay.upstreams import HttpCall, Target
 from chatapp.relay.upstreams import anthropic as anthropic_upstream
 from chatapp.relay.upstreams import openai as openai_upstream
-from keys import ledger
+from keys import ledger, limiter
 from keys.auth import Principal
+from keys.limiter import Limits, Ticket
+from keys.pricing import Price, price_at, to_nano
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class Call:
     usage: Usage | None = None
     upstream_input_tokens: int | None = None
     output_chars: list[str] = field(default_factory=list)
+    price: Price | None = None
+    ticket: Ticket | None = None
     status: str = "error"
     http_status: int = 200
     error_type: str = ""
@@ -131,6 +137,22 @@ class Call:
             usage = Usage(input_tokens=input_tokens, output_tokens=tokens.estimate_text(produced))
             estimated = bool(self.target) and (usage.input_tokens > 0 or usage.output_tokens > 0)
         now = time.perf_counter()
+        price = self.price
+        cost = (
+            price.cost(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+            )
+            if price is not None
+            else Decimal(0)
+        )
+        if self.ticket is not None:
+            limiter.settle(
+                self.ticket,
+                tokens=usage.input_tokens + usage.output_tokens,
+                money_nano=to_nano(cost),
+            )
         ledger.submit(
             {
                 "created_at": timezone.now(),
@@ -155,6 +177,16 @@ class Call:
                 "error_type": self.error_type,
                 "error_message": self.error_message,
                 "attempts": self.attempts,
+                "input_price": price.input if price else Decimal(0),
+                "output_price": price.output if price else Decimal(0),
+                "cached_input_price": (
+                    price.input if price.cached_input is None else price.cached_input
+                )
+                if price
+                else Decimal(0),
+                "cost": cost,
+                "currency": price.currency if price else settings.SWITCHBOARD_CURRENCY,
+                "priced": price is not None,
                 "latency_ms": int((now - self.started) * 1000),
                 "ttft_ms": int((self.first_token_at - self.started) * 1000)
                 if self.first_token_at
@@ -167,7 +199,11 @@ class Call:
 
 
 async def admit(
-    call: Call, *, capability: str = "chat", request: ChatRequest | None = None
+    call: Call,
+    *,
+    capability: str = "chat",
+    request: ChatRequest | None = None,
+    input_estimate: int | None = None,
 ) -> ModelInfo:
     """Check the key may use the model and the model can serve this request."""
     principal = call.principal
@@ -240,7 +276,53 @@ async def admit(
             type="overloaded_error",
             code="no_route",
         )
+    await _admit_limits(call, model, request, input_estimate)
     return model
+
+
+async def _admit_limits(
+    call: Call, model: ModelInfo, request: ChatRequest | None, input_estimate: int | None
+) -> None:
+    """Apply the key's max-output rule, snapshot the price, reserve against the key's limits."""
+    principal = call.principal
+    limits = principal.limits if principal is not None else Limits()
+    max_output = 0
+    if request is not None:
+        key_max = limits.max_output_tokens
+        if key_max is not None:
+            if request.max_tokens is None:
+                # Bound the reply so the reservation below is a real worst case.
+                request.max_tokens = min(key_max, model.max_output_tokens)
+            elif request.max_tokens > key_max:
+                if not limits.clamp_max_tokens:
+                    raise RelayError(
+                        400,
+                        f"max_tokens: {request.max_tokens} is more than the {key_max} output tokens "
+                        f"this API key allows per request.",
+                        param="max_tokens",
+                        code="max_tokens_exceeded",
+                    )
+                request.max_tokens = key_max
+        max_output = request.max_tokens or model.max_output_tokens
+    call.price = price_at(model.prices, limiter.clock())
+    if principal is None or not limits.any:
+        return
+    if input_estimate is None:
+        input_estimate = tokens.estimate_request(request) if request is not None else 0
+    worst = (
+        call.price.cost(input_tokens=input_estimate, output_tokens=max_output)
+        if call.price is not None
+        else Decimal(0)
+    )
+    call.ticket = await limiter.aadmit(
+        key_id=principal.key_id,
+        request_id=call.request_id,
+        limits=limits,
+        tokens=input_estimate + max_output,
+        money_nano=to_nano(worst),
+        label=principal.label,
+        dialect=call.dialect,
+    )
 
 
 # --- route + call ---

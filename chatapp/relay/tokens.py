@@ -38,3 +38,18 @@ def estimate_request(request: ChatRequest) -> int:
     for tool in request.tools:
         total += estimate_text(tool.name + tool.description + json.dumps(tool.parameters))
     return total
+
+
+def estimate_inputs(inputs: str | list[str] | list[int] | list[list[int]]) -> int:
+    """Embedding inputs: text is estimated, token arrays are counted."""
+    if isinstance(inputs, str):
+        return estimate_text(inputs)
+    total = 0
+    for item in inputs:
+        if isinstance(item, str):
+            total += estimate_text(item)
+        elif isinstance(item, list):
+            total += len(item)
+        else:
+            total += 1
+    return total

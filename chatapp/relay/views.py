@@ -27,7 +27,7 @@ from django.http import (
 )
 from django.views.decorators.csrf import csrf_exempt
 
-from chatapp.relay import catalog, pipeline
+from chatapp.relay import catalog, pipeline, tokens
 from chatapp.relay.dialects import anthropic as anthropic_dialect
 from chatapp.relay.dialects import openai as openai_dialect
 from chatapp.relay.errors import RelayError, UpstreamError
@@ -136,7 +136,29 @@ def _new_call(
     )
 
 
+async def _with_rate_headers(
+    call: Call, dialect: str, work: Coroutine[Any, Any, HttpResponseBase]
+) -> HttpResponseBase:
+    """Put the key's rate-limit headers on the response, or on the error, whichever comes."""
+    try:
+        response = await work
+    except RelayError as error:
+        if call.ticket is not None:
+            error.headers = {**call.ticket.headers(dialect), **error.headers}
+        raise
+    if call.ticket is not None:
+        for name, value in call.ticket.headers(dialect).items():
+            response[name] = value
+    return response
+
+
 async def _relay_chat(call: Call, request: Any, *, dialect: str) -> HttpResponseBase:
+    return await _with_rate_headers(
+        call, dialect, _relay_chat_inner(call, request, dialect=dialect)
+    )
+
+
+async def _relay_chat_inner(call: Call, request: Any, *, dialect: str) -> HttpResponseBase:
     """Admit, call and render a chat request in ``dialect``; settles on every path."""
     streaming = False
     try:
@@ -311,9 +333,15 @@ async def embeddings(
     call = _new_call(
         principal, request_id, "embeddings", "openai", str(body.get("model") or ""), False
     )
+    return await _with_rate_headers(call, "openai", _embeddings(call, body))
+
+
+async def _embeddings(call: Call, body: dict[str, Any]) -> HttpResponseBase:
     try:
-        openai_dialect.parse_embeddings_request(body)
-        model = await pipeline.admit(call, capability="embeddings")
+        _model, inputs = openai_dialect.parse_embeddings_request(body)
+        model = await pipeline.admit(
+            call, capability="embeddings", input_estimate=tokens.estimate_inputs(inputs)
+        )
         wanted = body.get("encoding_format") or "float"
         # Ask the upstream for floats, then encode for the client: not every
         # OpenAI-compatible server implements base64.

@@ -6,8 +6,8 @@ import base64
 
 import httpx
 
-from tests.chatapp.conftest import UPSTREAM_KEY, Gateway
 from tests.fake_upstream import Reply
+from tests.gateway import UPSTREAM_KEY, Gateway
 
 USER = [{"role": "user", "content": "Say hello"}]
 WEATHER_TOOL = {

@@ -14,8 +14,8 @@ from accounts.models import User
 from chatapp.models import CatalogModel
 from keys.actions import do_revoke_key
 from keys.models import ApiKey
-from tests.chatapp.conftest import Gateway
 from tests.fake_upstream import Fail
+from tests.gateway import Gateway
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -11,8 +11,8 @@ import pytest
 from chatapp.models import CatalogModel, Provider, Route
 from chatapp.relay import routing
 from chatapp.relay.tokens import estimate_text
-from tests.chatapp.conftest import Gateway
 from tests.fake_upstream import DropMidStream, Fail, FakeUpstream, Hang, Malformed, Reply
+from tests.gateway import Gateway
 
 USER = [{"role": "user", "content": "hi"}]
 

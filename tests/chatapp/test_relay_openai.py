@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.chatapp.conftest import UPSTREAM_KEY, Gateway
 from tests.fake_upstream import Reply, embedding_for
+from tests.gateway import UPSTREAM_KEY, Gateway
 
 USER = [{"role": "user", "content": "Say hello"}]
 

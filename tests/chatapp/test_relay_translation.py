@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import json
 
-from tests.chatapp.conftest import Gateway
 from tests.fake_upstream import Reply
+from tests.gateway import Gateway
 
 TOOLS_OPENAI = [
     {

@@ -40,8 +40,8 @@ from django.utils import timezone
 from openai import OpenAI
 
 from keys.models import ApiKey
-from tests.chatapp.conftest import Gateway
 from tests.fake_upstream import EMBEDDING_DIMENSIONS, Fail, Reply, embedding_for
+from tests.gateway import Gateway
 
 CHAT_MODELS = ("gpt-fake", "claude-fake")
 TEXT = "Hello from the fake upstream."

@@ -49,8 +49,11 @@ def build_chat(target: Target, request: ChatRequest) -> HttpCall:
         # Same dialect: forward the client's body so unknown fields pass through.
         body = dict(request.raw)
         body["model"] = target.upstream_model
-        if request.max_tokens is not None and "max_completion_tokens" not in body:
-            body["max_tokens"] = request.max_tokens
+        if request.max_tokens is not None:
+            # The limit may have been set or clamped by the key: write it where the client did.
+            body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = (
+                request.max_tokens
+            )
     else:
         body = _body_from_canonical(target, request)
     if request.stream:

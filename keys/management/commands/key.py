@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -14,8 +15,9 @@ from django.utils import timezone
 
 from accounts.models import User
 from chatapp.actions import CatalogError, check_model_names
-from keys.actions import KeyActionError, do_create_key, do_revoke_key
-from keys.models import ApiKey
+from keys import limiter
+from keys.actions import KeyActionError, do_create_key, do_revoke_key, do_set_limits
+from keys.models import ApiKey, BudgetPeriod
 
 
 def parse_expiry(text: str) -> datetime:
@@ -48,6 +50,79 @@ def local(value: datetime) -> str:
     return f"{timezone.localtime(value):%Y-%m-%d %H:%M}"
 
 
+UNSET: Any = None
+
+
+def limit_value(text: str) -> int | None:
+    """A limit from the command line: a whole number; 0 or 'none' clears it."""
+    if text.strip().lower() in ("none", "0", ""):
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a whole number, 0 or none, got {text!r}") from None
+    if value < 0:
+        raise ArgumentTypeError(f"expected a whole number of at least 0, got {value}")
+    return value
+
+
+def money_value(text: str) -> Decimal:
+    if text.strip().lower() in ("none", "0", ""):
+        return Decimal(0)
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ArgumentTypeError(
+            f"expected an amount such as 12.50, 0 or none, got {text!r}"
+        ) from None
+    if not value.is_finite() or value < 0:
+        raise ArgumentTypeError(f"expected an amount of at least 0, got {text!r}")
+    return value
+
+
+def find_key(ref: str) -> ApiKey:
+    ref = ref.strip()
+    try:
+        return ApiKey.objects.select_related("user").by_prefix_or_id(ref)
+    except ApiKey.DoesNotExist as exc:
+        raise CommandError(f"no key with id {ref}" if ref.isdigit() else str(exc)) from None
+
+
+def principal_limits(key: ApiKey) -> limiter.Limits:
+    return limiter.Limits(
+        rpm=key.rpm,
+        rpd=key.rpd,
+        tpm=key.tpm,
+        tpd=key.tpd,
+        concurrency=key.concurrency,
+        token_budget=key.token_budget,
+        money_budget=key.money_budget,
+        period=key.budget_period,
+        max_output_tokens=key.max_output_tokens,
+        clamp_max_tokens=key.clamp_max_tokens,
+    )
+
+
+def limits_row(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.pk,
+        "prefix": key.prefix,
+        "limits": {
+            "rpm": key.rpm,
+            "rpd": key.rpd,
+            "tpm": key.tpm,
+            "tpd": key.tpd,
+            "concurrency": key.concurrency,
+            "token_budget": key.token_budget,
+            "money_budget": str(key.money_budget) if key.money_budget is not None else None,
+            "period": key.budget_period,
+            "max_output": key.max_output_tokens,
+            "clamp": key.clamp_max_tokens,
+        },
+        "currency": settings.SWITCHBOARD_CURRENCY,
+    }
+
+
 def key_row(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.pk,
@@ -64,7 +139,7 @@ def key_row(key: ApiKey) -> dict[str, Any]:
 
 
 class Command(BaseCommand):
-    help = "Create, list or revoke API keys."
+    help = "Create, list, limit, inspect or revoke API keys."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
@@ -91,6 +166,44 @@ class Command(BaseCommand):
 
         revoke = sub.add_parser("revoke", help="revoke a key for good")
         revoke.add_argument("key", metavar="KEY_PREFIX_OR_ID")
+
+        limits = sub.add_parser(
+            "limits", help="set a key's rate limits and budgets (0 or none clears one)"
+        )
+        limits.add_argument("key", metavar="KEY_PREFIX_OR_ID")
+        for flag, text in (
+            ("--rpm", "requests per minute"),
+            ("--rpd", "requests per day"),
+            ("--tpm", "tokens per minute"),
+            ("--tpd", "tokens per day"),
+            ("--concurrency", "requests in flight at once"),
+            ("--token-budget", "tokens per budget period"),
+            ("--max-output", "max output tokens per request"),
+        ):
+            limits.add_argument(flag, metavar="N", type=limit_value, help=text)
+        limits.add_argument(
+            "--money-budget",
+            metavar="AMOUNT",
+            type=money_value,
+            help=f"spend per budget period, in {settings.SWITCHBOARD_CURRENCY}",
+        )
+        limits.add_argument("--period", choices=BudgetPeriod.values, help="the budgets' period")
+        clamp = limits.add_mutually_exclusive_group()
+        clamp.add_argument(
+            "--clamp", dest="clamp", action="store_true", default=None,
+            help="lower a larger max_tokens to --max-output instead of refusing",
+        )  # fmt: skip
+        clamp.add_argument(
+            "--reject",
+            dest="clamp",
+            action="store_false",
+            help="refuse a larger max_tokens (default)",
+        )
+        limits.add_argument("--json", action="store_true", help="machine-readable output")
+
+        usage = sub.add_parser("usage", help="current use against every limit and budget")
+        usage.add_argument("key", metavar="KEY_PREFIX_OR_ID")
+        usage.add_argument("--json", action="store_true", help="machine-readable output")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -129,12 +242,70 @@ class Command(BaseCommand):
                 f"\t{models}\t{expires}\tcreated {local(key.created_at)}\t{used}"
             )
 
+    def handle_limits(self, options: dict[str, Any]) -> None:
+        key = find_key(options["key"])
+        names = {
+            "rpm": "rpm",
+            "rpd": "rpd",
+            "tpm": "tpm",
+            "tpd": "tpd",
+            "concurrency": "concurrency",
+            "token_budget": "token_budget",
+            "max_output": "max_output_tokens",
+            "money_budget": "money_budget",
+        }
+        changes: dict[str, Any] = {
+            field: options[option]
+            for option, field in names.items()
+            if options[option] is not UNSET
+        }
+        if options["period"]:
+            changes["budget_period"] = options["period"]
+        if options["clamp"] is not None:
+            changes["clamp_max_tokens"] = options["clamp"]
+        if changes:
+            do_set_limits(key=key, **changes)
+        row = limits_row(key)
+        if options["json"]:
+            self.stdout.write(json.dumps(row, indent=2))
+            return
+        self.stdout.write(
+            f"key {key.pk} ({key.prefix}…): "
+            + ", ".join(
+                f"{name} {value if value is not None else 'none'}"
+                for name, value in row["limits"].items()
+            )
+        )
+
+    def handle_usage(self, options: dict[str, Any]) -> None:
+        key = find_key(options["key"])
+        report = limiter.usage(key_id=key.pk, limits=principal_limits(key))
+        if options["json"]:
+            self.stdout.write(json.dumps({"id": key.pk, "prefix": key.prefix, **report}, indent=2))
+            return
+        self.stdout.write(f"key {key.pk} ({key.prefix}…) at {report['time']}")
+        for name in ("rpm", "rpd", "tpm", "tpd"):
+            item = report[name]
+            limit = item["limit"] if item["limit"] is not None else "no limit"
+            self.stdout.write(
+                f"  {name:<12} {item['used']} / {limit}  (window resets {item['resets_at']})"
+            )
+        concurrency = report["concurrency"]
+        self.stdout.write(
+            f"  {'in flight':<12} {concurrency['in_flight']} / {concurrency['limit'] or 'no limit'}"
+        )
+        for name in ("token_budget", "money_budget"):
+            item = report[name]
+            limit = item["limit"] if item["limit"] is not None else "no limit"
+            unit = f" {item['currency']}" if name == "money_budget" else ""
+            resets = f"resets {item['resets_at']}" if item["resets_at"] else "lifetime"
+            self.stdout.write(
+                f"  {name:<12} {item['spent']}{unit} spent + {item['reserved']} reserved / {limit}"
+                f"  ({item['period']}, {resets})"
+            )
+
     def handle_revoke(self, options: dict[str, Any]) -> None:
-        ref = options["key"].strip()
-        try:
-            key = ApiKey.objects.by_prefix_or_id(ref)
-        except ApiKey.DoesNotExist as exc:
-            raise CommandError(f"no key with id {ref}" if ref.isdigit() else str(exc)) from None
+        key = find_key(options["key"])
         if key.revoked_at is not None:
             self.stdout.write(
                 f"key {key.pk} ({key.prefix}…) was already revoked at {key.revoked_at.isoformat()}"

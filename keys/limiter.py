@@ -1,0 +1,686 @@
+"""Per-key rate limits, concurrency and budgets: reserve on admission, settle after.
+
+Admission checks every limit and reserves the request's worst case in ONE atomic
+step, so two concurrent requests can never both pass on the same remaining budget:
+
+- requests per minute / per day and tokens per minute / per day: fixed windows
+  (the minute since the epoch, the calendar day in ``TIME_ZONE``);
+- concurrent requests: the number of live reservations;
+- token and money budgets per period (day, ISO week, month in ``TIME_ZONE``, or
+  lifetime): spent + reserved + this request's worst case must fit.
+
+Settlement replaces the reservation by the actual usage.  A reservation whose
+request never settles (its worker was killed) expires after
+``SWITCHBOARD_RESERVATION_TTL`` and is released by the next admission.
+
+With ``REDIS_URL`` the counters live in Redis and both steps are Lua scripts
+(atomic across every worker process and machine).  Without Redis an in-process
+twin with one lock serves the single-process embedded mode.  The database stays
+the record of truth: a period's spent counters are rebuilt from the usage ledger
+whenever they are missing (first use, a Redis restart or flush).
+
+Money in the counters is integer nano-units of ``SWITCHBOARD_CURRENCY`` (Lua
+numbers are doubles: exact for integers up to 2**53, so budgets up to about nine
+million currency units); usage records keep the exact ``Decimal`` cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db.models import Sum
+from django.utils import timezone
+
+from chatapp import hotstore
+from chatapp.relay.errors import RelayError
+from keys.pricing import from_nano, to_nano
+
+MAX_MONEY_BUDGET = Decimal(9_000_000)
+PREFIX = "switchboard:lim:"
+REBUILD = "rebuild"
+
+
+def clock() -> datetime:
+    """Now; tests freeze it."""
+    return timezone.now()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    rpm: int | None = None
+    rpd: int | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+    concurrency: int | None = None
+    token_budget: int | None = None
+    money_budget: Decimal | None = None
+    period: str = "monthly"
+    max_output_tokens: int | None = None
+    clamp_max_tokens: bool = False
+
+    @property
+    def any(self) -> bool:
+        return any(
+            value is not None
+            for value in (
+                self.rpm,
+                self.rpd,
+                self.tpm,
+                self.tpd,
+                self.concurrency,
+                self.token_budget,
+                self.money_budget,
+            )
+        )
+
+    @property
+    def budgets(self) -> bool:
+        return self.token_budget is not None or self.money_budget is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    minute: str
+    minute_reset: datetime
+    day: str
+    day_reset: datetime
+    period: str
+    period_start: datetime
+    period_reset: datetime | None  # None: lifetime
+
+
+def windows(now: datetime, period: str) -> Windows:
+    zone = ZoneInfo(settings.TIME_ZONE)
+    local = now.astimezone(zone)
+    minute = int(now.timestamp()) // 60
+    day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    next_day = (day_start + timedelta(days=1, hours=3)).replace(hour=0)  # DST-safe
+    if period == "daily":
+        start, reset, name = day_start, next_day, f"d{day_start:%Y%m%d}"
+    elif period == "weekly":
+        start = day_start - timedelta(days=day_start.weekday())
+        reset = (start + timedelta(days=7, hours=3)).replace(hour=0)
+        year, week, _ = start.isocalendar()
+        name = f"w{year}{week:02d}"
+    elif period == "monthly":
+        start = day_start.replace(day=1)
+        reset = (start + timedelta(days=32)).replace(day=1)
+        name = f"m{start:%Y%m}"
+    else:
+        start, reset, name = datetime(2000, 1, 1, tzinfo=zone), None, "all"
+    return Windows(
+        minute=str(minute),
+        minute_reset=datetime.fromtimestamp((minute + 1) * 60, tz=now.tzinfo),
+        day=f"{day_start:%Y%m%d}",
+        day_reset=next_day,
+        period=name,
+        period_start=start,
+        period_reset=reset,
+    )
+
+
+@dataclass
+class Ticket:
+    """An admitted request's reservation, kept until settlement."""
+
+    key_id: int
+    request_id: str
+    limits: Limits
+    windows: Windows
+    tokens: int
+    money_nano: int
+    label: str = ""
+    counts: dict[str, int] = field(default_factory=dict)  # rm, rd, tm, td after admission
+    settled: bool = False
+
+    def headers(self, dialect: str, now: datetime | None = None) -> dict[str, str]:
+        return rate_headers(self.limits, self.windows, self.counts, dialect, now or clock())
+
+
+def _reset_text(seconds: float) -> str:
+    """OpenAI's reset format: 1s, 6m0s, 20ms."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(seconds + 0.999)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def rate_headers(
+    limits: Limits, win: Windows, counts: dict[str, int], dialect: str, now: datetime
+) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for kind, minute_limit, day_limit, minute_key, day_key in (
+        ("requests", limits.rpm, limits.rpd, "rm", "rd"),
+        ("tokens", limits.tpm, limits.tpd, "tm", "td"),
+    ):
+        if minute_limit is not None:
+            limit, used, reset = minute_limit, counts.get(minute_key, 0), win.minute_reset
+        elif day_limit is not None:
+            limit, used, reset = day_limit, counts.get(day_key, 0), win.day_reset
+        else:
+            continue
+        remaining = max(0, limit - used)
+        if dialect == "anthropic":
+            out[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
+            out[f"anthropic-ratelimit-{kind}-remaining"] = str(remaining)
+            out[f"anthropic-ratelimit-{kind}-reset"] = reset.astimezone(ZoneInfo("UTC")).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+        else:
+            out[f"x-ratelimit-limit-{kind}"] = str(limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            out[f"x-ratelimit-reset-{kind}"] = _reset_text((reset - now).total_seconds())
+    return out
+
+
+# --- the two backends: same data, same steps ---
+
+ADMIT = """
+local p = ARGV[1]
+local now = tonumber(ARGV[2])
+local rid = ARGV[3]
+local expiry = ARGV[4]
+local rpm, rpd = tonumber(ARGV[5]), tonumber(ARGV[6])
+local tpm, tpd = tonumber(ARGV[7]), tonumber(ARGV[8])
+local conc = tonumber(ARGV[9])
+local tbud, mbud = tonumber(ARGV[10]), tonumber(ARGV[11])
+local minute, day, period = ARGV[12], ARGV[13], ARGV[14]
+local period_ttl = tonumber(ARGV[15])
+local tok_s, money_s = ARGV[16], ARGV[17]
+local tokens, money = tonumber(tok_s), tonumber(money_s)
+
+local function num(v) return tonumber(v or '0') or 0 end
+-- HINCRBY by minus a decimal string ("-0" is not an integer to Redis).
+local function dec(key, fieldname, v) if v ~= '0' then redis.call('HINCRBY', key, fieldname, '-' .. v) end end
+
+-- Release reservations whose request never settled.
+local expired = redis.call('ZRANGEBYSCORE', p .. 'res', '-inf', now)
+for _, id in ipairs(expired) do
+  local d = redis.call('HGET', p .. 'resd', id)
+  if d then
+    local t, m, per = string.match(d, '^(%d+):(%d+):([^:]*)$')
+    dec(p .. 'rv:' .. per, 'tok', t)
+    dec(p .. 'rv:' .. per, 'money', m)
+    redis.call('HDEL', p .. 'resd', id)
+  end
+  redis.call('ZREM', p .. 'res', id)
+end
+
+local rm = num(redis.call('GET', p .. 'rm:' .. minute))
+local rd = num(redis.call('GET', p .. 'rd:' .. day))
+local tm = num(redis.call('GET', p .. 'tm:' .. minute))
+local td = num(redis.call('GET', p .. 'td:' .. day))
+if rpm >= 0 and rm + 1 > rpm then return {0, 'rpm', rpm, rm} end
+if rpd >= 0 and rd + 1 > rpd then return {0, 'rpd', rpd, rd} end
+if tpm >= 0 and tm + tokens > tpm then return {0, 'tpm', tpm, tm} end
+if tpd >= 0 and td + tokens > tpd then return {0, 'tpd', tpd, td} end
+if conc >= 0 then
+  local c = redis.call('ZCARD', p .. 'res')
+  if c + 1 > conc then return {0, 'concurrency', conc, c} end
+end
+if tbud >= 0 or mbud >= 0 then
+  if redis.call('EXISTS', p .. 'sp:' .. period) == 0 then return {-1} end
+  local sp = redis.call('HMGET', p .. 'sp:' .. period, 'tok', 'money')
+  local rv = redis.call('HMGET', p .. 'rv:' .. period, 'tok', 'money')
+  if tbud >= 0 then
+    local used = num(sp[1]) + num(rv[1])
+    if used + tokens > tbud then return {0, 'token_budget', tbud, num(sp[1]), num(rv[1])} end
+  end
+  if mbud >= 0 then
+    local used = num(sp[2]) + num(rv[2])
+    if used + money > mbud then return {0, 'money_budget', mbud, num(sp[2]), num(rv[2])} end
+  end
+end
+
+rm = redis.call('INCR', p .. 'rm:' .. minute)
+redis.call('EXPIRE', p .. 'rm:' .. minute, 120)
+rd = redis.call('INCR', p .. 'rd:' .. day)
+redis.call('EXPIRE', p .. 'rd:' .. day, 172800)
+tm = redis.call('INCRBY', p .. 'tm:' .. minute, tok_s)
+redis.call('EXPIRE', p .. 'tm:' .. minute, 120)
+td = redis.call('INCRBY', p .. 'td:' .. day, tok_s)
+redis.call('EXPIRE', p .. 'td:' .. day, 172800)
+redis.call('ZADD', p .. 'res', expiry, rid)
+redis.call('HSET', p .. 'resd', rid, tok_s .. ':' .. money_s .. ':' .. period)
+redis.call('HINCRBY', p .. 'rv:' .. period, 'tok', tok_s)
+redis.call('HINCRBY', p .. 'rv:' .. period, 'money', money_s)
+if period_ttl > 0 then redis.call('EXPIRE', p .. 'rv:' .. period, period_ttl) end
+return {1, rm, rd, tm, td}
+"""
+
+SETTLE = """
+local p = ARGV[1]
+local rid = ARGV[2]
+local tok_s, money_s = ARGV[3], ARGV[4]
+local minute, day, period = ARGV[5], ARGV[6], ARGV[7]
+local reserved = '0'
+local function dec(key, fieldname, v) if v ~= '0' then redis.call('HINCRBY', key, fieldname, '-' .. v) end end
+local d = redis.call('HGET', p .. 'resd', rid)
+if d then
+  local t, m = string.match(d, '^(%d+):(%d+):')
+  reserved = t
+  dec(p .. 'rv:' .. period, 'tok', t)
+  dec(p .. 'rv:' .. period, 'money', m)
+  redis.call('HDEL', p .. 'resd', rid)
+  redis.call('ZREM', p .. 'res', rid)
+end
+for _, w in ipairs({p .. 'tm:' .. minute, p .. 'td:' .. day}) do
+  if redis.call('EXISTS', w) == 1 then
+    redis.call('INCRBY', w, tok_s)
+    redis.call('DECRBY', w, reserved)
+  end
+end
+if redis.call('EXISTS', p .. 'sp:' .. period) == 1 then
+  redis.call('HINCRBY', p .. 'sp:' .. period, 'tok', tok_s)
+  redis.call('HINCRBY', p .. 'sp:' .. period, 'money', money_s)
+end
+return 1
+"""
+
+SEED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'tok', ARGV[1], 'money', ARGV[2])
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+end
+return 1
+"""
+
+
+def _ttl(win: Windows, now: datetime) -> int:
+    if win.period_reset is None:
+        return 0
+    return int((win.period_reset - now).total_seconds()) + 86400
+
+
+def _args(ticket: Ticket, now: datetime) -> list[Any]:
+    limits = ticket.limits
+
+    def value(limit: int | None) -> int:
+        return -1 if limit is None else limit
+
+    money_budget = -1 if limits.money_budget is None else to_nano(limits.money_budget)
+    expiry = int((now.timestamp() + settings.SWITCHBOARD_RESERVATION_TTL) * 1000)
+    return [
+        f"{PREFIX}{ticket.key_id}:",
+        int(now.timestamp() * 1000),
+        ticket.request_id,
+        expiry,
+        value(limits.rpm),
+        value(limits.rpd),
+        value(limits.tpm),
+        value(limits.tpd),
+        value(limits.concurrency),
+        value(limits.token_budget),
+        money_budget,
+        ticket.windows.minute,
+        ticket.windows.day,
+        ticket.windows.period,
+        _ttl(ticket.windows, now),
+        ticket.tokens,
+        ticket.money_nano,
+    ]
+
+
+class LocalBackend:
+    """The Lua scripts' in-process twin for the embedded (single-process) mode."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: dict[str, int] = {}  # rm/rd/tm/td windows
+        self.reservations: dict[
+            str, dict[str, tuple[int, int, int, str]]
+        ] = {}  # key → id → (expiry, tok, money, period)
+        self.reserved: dict[str, list[int]] = {}  # key+period → [tok, money]
+        self.spent: dict[str, list[int]] = {}  # key+period → [tok, money]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.counters.clear()
+            self.reservations.clear()
+            self.reserved.clear()
+            self.spent.clear()
+
+    def admit(self, args: list[Any]) -> list[Any]:
+        p, now, rid, expiry = args[0], args[1], args[2], args[3]
+        rpm, rpd, tpm, tpd, conc, tbud, mbud = args[4:11]
+        minute, day, period = args[11], args[12], args[13]
+        tokens, money = args[15], args[16]
+        with self.lock:
+            live = self.reservations.setdefault(p, {})
+            for rid_old, (exp, tok, mon, per) in list(live.items()):
+                if exp <= now:
+                    reserved = self.reserved.setdefault(f"{p}rv:{per}", [0, 0])
+                    reserved[0] -= tok
+                    reserved[1] -= mon
+                    del live[rid_old]
+            rm = self.counters.get(f"{p}rm:{minute}", 0)
+            rd = self.counters.get(f"{p}rd:{day}", 0)
+            tm = self.counters.get(f"{p}tm:{minute}", 0)
+            td = self.counters.get(f"{p}td:{day}", 0)
+            if rpm >= 0 and rm + 1 > rpm:
+                return [0, "rpm", rpm, rm]
+            if rpd >= 0 and rd + 1 > rpd:
+                return [0, "rpd", rpd, rd]
+            if tpm >= 0 and tm + tokens > tpm:
+                return [0, "tpm", tpm, tm]
+            if tpd >= 0 and td + tokens > tpd:
+                return [0, "tpd", tpd, td]
+            if conc >= 0 and len(live) + 1 > conc:
+                return [0, "concurrency", conc, len(live)]
+            if tbud >= 0 or mbud >= 0:
+                spent = self.spent.get(f"{p}sp:{period}")
+                if spent is None:
+                    return [-1]
+                reserved = self.reserved.get(f"{p}rv:{period}", [0, 0])
+                if tbud >= 0 and spent[0] + reserved[0] + tokens > tbud:
+                    return [0, "token_budget", tbud, spent[0], reserved[0]]
+                if mbud >= 0 and spent[1] + reserved[1] + money > mbud:
+                    return [0, "money_budget", mbud, spent[1], reserved[1]]
+            self._prune(minute, day)
+            rm = self.counters[f"{p}rm:{minute}"] = rm + 1
+            rd = self.counters[f"{p}rd:{day}"] = rd + 1
+            tm = self.counters[f"{p}tm:{minute}"] = tm + tokens
+            td = self.counters[f"{p}td:{day}"] = td + tokens
+            live[rid] = (expiry, tokens, money, period)
+            reserved = self.reserved.setdefault(f"{p}rv:{period}", [0, 0])
+            reserved[0] += tokens
+            reserved[1] += money
+            return [1, rm, rd, tm, td]
+
+    def _prune(self, minute: str, day: str) -> None:
+        """Forget windows that ended (the Redis twin lets them expire)."""
+        if len(self.counters) > 4096:
+            current = (f"rm:{minute}", f"tm:{minute}", f"rd:{day}", f"td:{day}")
+            for name in [name for name in self.counters if not name.endswith(current)]:
+                del self.counters[name]
+
+    def settle(self, args: list[Any]) -> None:
+        p, rid, tokens, money, minute, day, period = args
+        with self.lock:
+            entry = self.reservations.get(p, {}).pop(rid, None)
+            reserved_tokens = 0
+            if entry is not None:
+                _expiry, reserved_tokens, reserved_money, per = entry
+                reserved = self.reserved.setdefault(f"{p}rv:{per}", [0, 0])
+                reserved[0] -= reserved_tokens
+                reserved[1] -= reserved_money
+            for window in (f"{p}tm:{minute}", f"{p}td:{day}"):
+                if window in self.counters:
+                    self.counters[window] += tokens - reserved_tokens
+            spent = self.spent.get(f"{p}sp:{period}")
+            if spent is not None:
+                spent[0] += tokens
+                spent[1] += money
+
+    def seed(self, name: str, tokens: int, money: int) -> None:
+        with self.lock:
+            self.spent.setdefault(name, [tokens, money])
+
+    def drop_spent(self) -> None:
+        """Forget every spent counter, as a Redis restart would (tests)."""
+        with self.lock:
+            self.spent.clear()
+
+
+local_backend = LocalBackend()
+_scripts: dict[str, Any] = {}
+_pending: set[asyncio.Task[Any]] = set()
+
+
+def _redis() -> bool:
+    return settings.REDIS_URL is not None
+
+
+async def _run(name: str, script: str, args: list[Any], keys: list[str] | None = None) -> Any:
+    client = hotstore.async_client()
+    # One registered Script per client: it runs EVALSHA and reloads after a flush.
+    registered = _scripts.get(f"{name}:{id(client)}")
+    if registered is None:
+        registered = client.register_script(script)
+        _scripts[f"{name}:{id(client)}"] = registered
+    return await registered(keys=keys or [], args=args)
+
+
+def _spent_from_ledger(key_id: int, start: datetime, end: datetime | None) -> tuple[int, int]:
+    from keys.models import UsageRecord
+
+    records = UsageRecord.objects.filter(key_id=key_id, created_at__gte=start)
+    if end is not None:
+        records = records.filter(created_at__lt=end)
+    totals = records.aggregate(
+        input=Sum("input_tokens"), output=Sum("output_tokens"), cost=Sum("cost")
+    )
+    return (totals["input"] or 0) + (totals["output"] or 0), to_nano(totals["cost"] or Decimal(0))
+
+
+async def _rebuild(ticket: Ticket, now: datetime) -> None:
+    """Rebuild a period's spent counters from the usage ledger (the record of truth)."""
+    from keys import ledger
+
+    # Records still queued in this process belong in the sum.
+    await asyncio.to_thread(ledger.flush, 5.0)
+    win = ticket.windows
+    tokens, money = await database_sync_to_async(_spent_from_ledger)(
+        ticket.key_id, win.period_start, win.period_reset
+    )
+    name = f"{PREFIX}{ticket.key_id}:sp:{win.period}"
+    if _redis():
+        await _run("seed", SEED, [tokens, money, _ttl(win, now)], keys=[name])
+    else:
+        local_backend.seed(name, tokens, money)
+
+
+def _used(result: list[Any]) -> dict[str, int]:
+    """Counts for the headers of a refusal: the window that refused is full."""
+    kind = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
+    key = {"rpm": "rm", "rpd": "rd", "tpm": "tm", "tpd": "td"}.get(kind)
+    return {key: int(result[2])} if key else {}
+
+
+def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> RelayError:
+    kind = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
+    limit = int(result[2])
+    used = int(result[3])
+    win = ticket.windows
+    prefix = ticket.label or f"API key #{ticket.key_id}"
+    if kind in ("rpm", "rpd", "tpm", "tpd", "concurrency"):
+        reset = {
+            "rpm": win.minute_reset,
+            "tpm": win.minute_reset,
+            "rpd": win.day_reset,
+            "tpd": win.day_reset,
+        }.get(kind)
+        wait = max(1, int((reset - now).total_seconds() + 0.999)) if reset else 1
+        label = {
+            "rpm": "requests per minute",
+            "rpd": "requests per day",
+            "tpm": "tokens per minute",
+            "tpd": "tokens per day",
+            "concurrency": "concurrent requests",
+        }[kind]
+        needed = (
+            f" (this request needs up to {ticket.tokens} tokens)" if kind in ("tpm", "tpd") else ""
+        )
+        when = f"Try again in {wait}s." if reset else "Try again when a request in flight finishes."
+        error = RelayError(
+            429,
+            f"Rate limit reached for {label} on {prefix}: limit {limit}, used {used}{needed}. {when}",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+        )
+        error.headers["retry-after"] = str(wait)
+        return error
+    reserved = int(result[4])
+    resets = (
+        f"resets at {win.period_reset.isoformat()}"
+        if win.period_reset is not None
+        else "it does not reset (lifetime budget)"
+    )
+    period = ticket.limits.period
+    if kind == "token_budget":
+        message = (
+            f"The {period} token budget of {prefix} is exhausted: {used} of {limit} tokens used"
+            f"{f', {reserved} reserved by requests in flight' if reserved else ''}; this request needs up to "
+            f"{ticket.tokens}; {resets}."
+        )
+    else:
+        currency = settings.SWITCHBOARD_CURRENCY
+        message = (
+            f"The {period} money budget of {prefix} is exhausted: {from_nano(used).normalize():f} of "
+            f"{from_nano(limit).normalize():f} {currency} used"
+            f"{f', {from_nano(reserved).normalize():f} reserved by requests in flight' if reserved else ''}; "
+            f"this request may cost up to {from_nano(ticket.money_nano).normalize():f}; {resets}."
+        )
+    error = RelayError(429, message, type="insufficient_quota", code="insufficient_quota")
+    if win.period_reset is not None:
+        error.headers["retry-after"] = str(max(1, int((win.period_reset - now).total_seconds())))
+    return error
+
+
+async def aadmit(
+    *,
+    key_id: int,
+    request_id: str,
+    limits: Limits,
+    tokens: int,
+    money_nano: int,
+    label: str = "",
+    dialect: str = "openai",
+) -> Ticket:
+    """Check every limit and reserve ``tokens`` / ``money_nano`` atomically, or raise 429."""
+    now = clock()
+    ticket = Ticket(
+        key_id, request_id, limits, windows(now, limits.period), tokens, money_nano, label
+    )
+    for _attempt in range(3):
+        args = _args(ticket, now)
+        result = await _run("admit", ADMIT, args) if _redis() else local_backend.admit(args)
+        status = int(result[0])
+        if status == -1:
+            await _rebuild(ticket, now)
+            continue
+        if status == 0:
+            error = _refusal(list(result), ticket, now)
+            error.headers.update(rate_headers(limits, ticket.windows, _used(result), dialect, now))
+            raise error
+        ticket.counts = {
+            "rm": int(result[1]),
+            "rd": int(result[2]),
+            "tm": int(result[3]),
+            "td": int(result[4]),
+        }
+        return ticket
+    raise RelayError(
+        503, "The limiter could not rebuild its counters; try again.", type="overloaded_error"
+    )
+
+
+def settle(ticket: Ticket, *, tokens: int, money_nano: int) -> None:
+    """Replace the reservation by the actual usage (never blocks the event loop)."""
+    if ticket.settled:
+        return
+    ticket.settled = True
+    win = ticket.windows
+    args = [
+        f"{PREFIX}{ticket.key_id}:",
+        ticket.request_id,
+        tokens,
+        money_nano,
+        win.minute,
+        win.day,
+        win.period,
+    ]
+    if not _redis():
+        local_backend.settle(args)
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is None:
+        hotstore.sync_client().eval(SETTLE, 0, *args)
+        return
+    # A task of its own: settlement must finish even if the request's task is being
+    # cancelled (client gone); the set keeps a strong reference until it is done.
+    task = loop.create_task(_run("settle", SETTLE, args))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+async def aflush() -> None:
+    """Wait for settlements in flight (tests, shutdown)."""
+    while _pending:
+        await asyncio.gather(*list(_pending), return_exceptions=True)
+
+
+def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
+    """Current use against every limit (for ``manage.py key usage``), read without reserving."""
+    now = clock()
+    win = windows(now, limits.period)
+    p = f"{PREFIX}{key_id}:"
+    if _redis():
+        client = hotstore.sync_client()
+        values = client.mget(
+            [
+                p + f"rm:{win.minute}",
+                p + f"rd:{win.day}",
+                p + f"tm:{win.minute}",
+                p + f"td:{win.day}",
+            ]
+        )
+        counts = [int(value or 0) for value in values]
+        in_flight = int(client.zcount(p + "res", int(now.timestamp() * 1000) + 1, "+inf"))
+        reserved_raw = client.hmget(p + f"rv:{win.period}", "tok", "money")
+        reserved = [int(value or 0) for value in reserved_raw]
+    else:
+        backend = local_backend
+        with backend.lock:
+            counts = [
+                backend.counters.get(f"{p}rm:{win.minute}", 0),
+                backend.counters.get(f"{p}rd:{win.day}", 0),
+                backend.counters.get(f"{p}tm:{win.minute}", 0),
+                backend.counters.get(f"{p}td:{win.day}", 0),
+            ]
+            now_ms = int(now.timestamp() * 1000)
+            in_flight = sum(
+                1 for entry in backend.reservations.get(p, {}).values() if entry[0] > now_ms
+            )
+            reserved = list(backend.reserved.get(f"{p}rv:{win.period}", [0, 0]))
+    spent_tokens, spent_money = _spent_from_ledger(key_id, win.period_start, win.period_reset)
+    return {
+        "time": now.isoformat(),
+        "rpm": {"limit": limits.rpm, "used": counts[0], "resets_at": win.minute_reset.isoformat()},
+        "rpd": {"limit": limits.rpd, "used": counts[1], "resets_at": win.day_reset.isoformat()},
+        "tpm": {"limit": limits.tpm, "used": counts[2], "resets_at": win.minute_reset.isoformat()},
+        "tpd": {"limit": limits.tpd, "used": counts[3], "resets_at": win.day_reset.isoformat()},
+        "concurrency": {"limit": limits.concurrency, "in_flight": in_flight},
+        "token_budget": {
+            "limit": limits.token_budget,
+            "period": limits.period,
+            "spent": spent_tokens,
+            "reserved": reserved[0],
+            "resets_at": win.period_reset.isoformat() if win.period_reset else None,
+        },
+        "money_budget": {
+            "limit": str(limits.money_budget) if limits.money_budget is not None else None,
+            "currency": settings.SWITCHBOARD_CURRENCY,
+            "period": limits.period,
+            "spent": str(from_nano(spent_money).normalize()),
+            "reserved": str(from_nano(reserved[1]).normalize()),
+            "resets_at": win.period_reset.isoformat() if win.period_reset else None,
+        },
+    }
+
+
+def reset_local() -> None:
+    """Drop the embedded backend's state (tests)."""
+    local_backend.clear()

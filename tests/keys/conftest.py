@@ -1,0 +1,3 @@
+from __future__ import annotations
+
+from tests.gateway import fake_upstream, gateway, live_server_url  # noqa: F401 - fixtures
