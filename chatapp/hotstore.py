@@ -21,6 +21,7 @@ from typing import Any
 from django.conf import settings
 
 PREFIX = "switchboard:hot:"
+MAX_CONNECTIONS = 50  # per process and event loop
 
 
 class _Local:
@@ -80,9 +81,16 @@ def async_client() -> Any:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = redis.asyncio.Redis.from_url(
-            _required_url(), socket_timeout=5, socket_connect_timeout=5
+        # A blocking pool: under a burst, requests wait (up to 5 s) for one of a
+        # bounded number of connections instead of failing.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            _required_url(),
+            max_connections=MAX_CONNECTIONS,
+            timeout=5,
+            socket_timeout=5,
+            socket_connect_timeout=5,
         )
+        client = redis.asyncio.Redis(connection_pool=pool)
         _async_clients[loop] = client
     return client
 

@@ -671,7 +671,9 @@ def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
             "resets_at": win.period_reset.isoformat() if win.period_reset else None,
         },
         "money_budget": {
-            "limit": str(limits.money_budget) if limits.money_budget is not None else None,
+            "limit": f"{limits.money_budget.normalize():f}"
+            if limits.money_budget is not None
+            else None,
             "currency": settings.SWITCHBOARD_CURRENCY,
             "period": limits.period,
             "spent": str(from_nano(spent_money).normalize()),

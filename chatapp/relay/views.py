@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.views.decorators.csrf import csrf_exempt
+from redis.exceptions import RedisError
 
 from chatapp.relay import catalog, pipeline, tokens
 from chatapp.relay.dialects import anthropic as anthropic_dialect
@@ -34,6 +36,7 @@ from chatapp.relay.errors import RelayError, UpstreamError
 from chatapp.relay.pipeline import Call
 from keys.auth import Principal, aauthenticate, raw_key_from_headers
 
+logger = logging.getLogger(__name__)
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -81,6 +84,15 @@ def api_view(dialect: str, *, methods: tuple[str, ...] = ("POST",)) -> Callable[
                 response = await view(request, principal, request_id, *args, **kwargs)
             except RelayError as error:
                 return error_response(error, effective, request_id)
+            except RedisError as exc:
+                logger.error("request %s: Redis unavailable: %s", request_id, exc)
+                unavailable = RelayError(
+                    503,
+                    f"A shared service is unavailable (Redis: {type(exc).__name__}); try again shortly.",
+                    type="overloaded_error",
+                    code="service_unavailable",
+                )
+                return error_response(unavailable, effective, request_id)
             response["x-request-id"] = request_id
             if effective == "anthropic":
                 response["request-id"] = request_id

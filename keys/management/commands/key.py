@@ -53,6 +53,11 @@ def local(value: datetime) -> str:
 UNSET: Any = None
 
 
+def decimal_text(value: Decimal | None) -> str | None:
+    """12.500000000000 → "12.5": amounts as people write them."""
+    return None if value is None else f"{value.normalize():f}"
+
+
 def limit_value(text: str) -> int | None:
     """A limit from the command line: a whole number; 0 or 'none' clears it."""
     if text.strip().lower() in ("none", "0", ""):
@@ -114,7 +119,7 @@ def limits_row(key: ApiKey) -> dict[str, Any]:
             "tpd": key.tpd,
             "concurrency": key.concurrency,
             "token_budget": key.token_budget,
-            "money_budget": str(key.money_budget) if key.money_budget is not None else None,
+            "money_budget": decimal_text(key.money_budget),
             "period": key.budget_period,
             "max_output": key.max_output_tokens,
             "clamp": key.clamp_max_tokens,

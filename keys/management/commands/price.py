@@ -29,11 +29,9 @@ def price_value(text: str) -> Decimal:
 def price_row(price: ModelPrice) -> dict[str, Any]:
     return {
         "model": price.model.name,
-        "input": str(price.input_per_mtok),
-        "output": str(price.output_per_mtok),
-        "cached_input": str(price.cached_input_per_mtok)
-        if price.cached_input_per_mtok is not None
-        else None,
+        "input": decimal_text(price.input_per_mtok),
+        "output": decimal_text(price.output_per_mtok),
+        "cached_input": decimal_text(price.cached_input_per_mtok),
         "currency": price.currency,
         "per": "1M tokens",
         "effective_from": iso(price.effective_from),
