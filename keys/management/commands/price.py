@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from chatapp.actions import CatalogError, check_model
 from keys.actions import KeyActionError, do_set_price
-from keys.management.commands.key import iso, parse_expiry
+from keys.management.commands.key import decimal_text, iso, parse_expiry
 from keys.models import ModelPrice
 
 
