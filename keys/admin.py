@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
@@ -19,13 +20,29 @@ from django.utils.translation import ngettext
 
 from chatapp.actions import CatalogError, check_model_names
 from keys.actions import do_create_key, do_revoke_key
-from keys.models import ApiKey, UsageRecord
+from keys.models import ApiKey, ModelPrice, UsageRecord
 
 
 class ApiKeyForm(forms.ModelForm):
     class Meta:
         model = ApiKey
-        fields = ["user", "name", "enabled", "expires_at", "allowed_models"]
+        fields = [
+            "user",
+            "name",
+            "enabled",
+            "expires_at",
+            "allowed_models",
+            "rpm",
+            "rpd",
+            "tpm",
+            "tpd",
+            "concurrency",
+            "token_budget",
+            "money_budget",
+            "budget_period",
+            "max_output_tokens",
+            "clamp_max_tokens",
+        ]
 
     def clean_allowed_models(self) -> list[str]:
         value = self.cleaned_data.get("allowed_models") or []
@@ -78,7 +95,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
     ]
     fieldsets = (
         (None, {"fields": ("user", "name", "prefix", "state", "enabled", "is_web_key")}),
-        (_("Limits"), {"fields": ("expires_at", "allowed_models")}),
+        (_("Access"), {"fields": ("expires_at", "allowed_models")}),
+        (
+            _("Rate limits"),
+            {
+                "fields": (
+                    "rpm",
+                    "rpd",
+                    "tpm",
+                    "tpd",
+                    "concurrency",
+                    "max_output_tokens",
+                    "clamp_max_tokens",
+                )
+            },
+        ),
+        (_("Budgets"), {"fields": ("token_budget", "money_budget", "budget_period")}),
         (_("History"), {"fields": ("created_at", "last_used_at", "revoked_at", "key_hash")}),
     )
     add_fieldsets = ((None, {"fields": ("user", "name", "expires_at", "allowed_models")}),)
@@ -155,9 +187,11 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "http_status",
         "input_tokens",
         "output_tokens",
+        "cost",
+        "priced",
         "latency_ms",
     ]
-    list_filter = ["status", "dialect", "model", "endpoint", "stream"]
+    list_filter = ["status", "dialect", "model", "endpoint", "stream", "priced"]
     list_select_related = ["user", "key"]
     search_fields = ["request_id", "model", "user__email", "key__prefix"]
     date_hierarchy = "created_at"
@@ -171,3 +205,33 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
         return False
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """Prices are history: add a new row to change a price, never edit an old one."""
+
+    list_display = [
+        "model",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "currency",
+        "effective_from",
+    ]
+    list_filter = ["model", "currency"]
+    date_hierarchy = "effective_from"
+    fields = [
+        "model",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "effective_from",
+    ]
+
+    def has_change_permission(self, request: HttpRequest, obj: ModelPrice | None = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
+        obj.currency = settings.SWITCHBOARD_CURRENCY
+        super().save_model(request, obj, form, change)

@@ -135,3 +135,23 @@ def test_key_usage_reports_every_limit(key: ApiKey) -> None:
     text = run("key", "usage", key.prefix)
     assert "rpm          0 / 10" in text
     assert "money_budget 0 USD spent + 0 reserved / 3" in text
+
+
+def test_the_admin_shows_limits_and_prices(client, carol: User, key: ApiKey) -> None:  # type: ignore[no-untyped-def]
+    client.force_login(carol)
+    page = client.get(f"/admin/keys/apikey/{key.pk}/change/").content.decode()
+    assert "Rate limits" in page
+    assert 'name="money_budget"' in page
+    CatalogModel.objects.create(name="gpt-x")
+    response = client.post(
+        "/admin/keys/modelprice/add/",
+        {
+            "model": CatalogModel.objects.get().pk,
+            "input_per_mtok": "0.5",
+            "output_per_mtok": "1.5",
+            "effective_from_0": "2030-01-01",
+            "effective_from_1": "00:00:00",
+        },
+    )
+    assert response.status_code == 302
+    assert ModelPrice.objects.get().currency == "USD"
