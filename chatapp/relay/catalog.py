@@ -83,6 +83,7 @@ def _load() -> dict[str, ModelInfo]:
                     timeout=provider.timeout,
                     extra_headers=dict(provider.extra_headers or {}),
                     max_output_tokens=route.model.max_output_tokens,
+                    model_path=provider.model_path,
                 ),
                 route.priority,
                 route.weight,

@@ -11,6 +11,7 @@ path: success, upstream failure, client disconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -41,7 +42,7 @@ from chatapp.relay.canonical import (
 )
 from chatapp.relay.catalog import ModelInfo
 from chatapp.relay.errors import RelayError, UpstreamError
-from chatapp.relay.upstreams import HttpCall, Target
+from chatapp.relay.upstreams import HttpCall, Target, local
 from chatapp.relay.upstreams import anthropic as anthropic_upstream
 from chatapp.relay.upstreams import openai as openai_upstream
 from keys import ledger, limiter
@@ -347,6 +348,19 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
+@contextlib.asynccontextmanager
+async def _local_slot(target: Target) -> AsyncIterator[Target]:
+    """For a local model: a place in its bounded queue and its server's address."""
+    if target.provider_type != "local":
+        yield target
+        return
+    local.supervisor.enter(target.model_path)
+    try:
+        yield await local.resolve(target)
+    finally:
+        local.supervisor.leave(target.model_path)
+
+
 def _build(target: Target, request: ChatRequest) -> HttpCall:
     if target.provider_type == "anthropic":
         return anthropic_upstream.build_chat(target, request)
@@ -477,7 +491,8 @@ async def complete_chat(
     """A non-streamed chat call: the upstream's JSON body and its canonical completion."""
 
     async def attempt(target: Target) -> tuple[Target, dict[str, Any], Completion]:
-        response = await _send(call, _build(target, request), target, stream=False)
+        async with _local_slot(target) as target:
+            response = await _send(call, _build(target, request), target, stream=False)
         try:
             body = response.json()
         except ValueError:
@@ -518,11 +533,13 @@ class UpstreamStream:
         response: httpx.Response,
         items: AsyncIterator[UpstreamItem],
         opening: list[UpstreamItem],
+        on_close: contextlib.AbstractAsyncContextManager[Target] | None = None,
     ) -> None:
         self.target = target
         self.response = response
         self.items = items
         self.opening = opening  # already observed by the call
+        self.on_close = on_close
 
     async def __aiter__(self) -> AsyncIterator[UpstreamItem]:
         for item in self.opening:
@@ -531,7 +548,12 @@ class UpstreamStream:
             yield item
 
     async def aclose(self) -> None:
-        await self.response.aclose()
+        try:
+            await self.response.aclose()
+        finally:
+            if self.on_close is not None:
+                on_close, self.on_close = self.on_close, None
+                await on_close.__aexit__(None, None, None)
 
 
 async def _items(target: Target, response: httpx.Response) -> AsyncIterator[UpstreamItem]:
@@ -583,7 +605,13 @@ async def open_chat(call: Call, model: ModelInfo, request: ChatRequest) -> Upstr
     """
 
     async def attempt(target: Target) -> UpstreamStream:
-        response = await _send(call, _build(target, request), target, stream=True)
+        slot = _local_slot(target)
+        target = await slot.__aenter__()
+        try:
+            response = await _send(call, _build(target, request), target, stream=True)
+        except BaseException:
+            await slot.__aexit__(None, None, None)
+            raise
         items = _items(target, response)
         # Read up to the first element that carries content (a role-only opening
         # chunk or message_start does not count): until then nothing has reached
@@ -596,10 +624,11 @@ async def open_chat(call: Call, model: ModelInfo, request: ChatRequest) -> Upstr
                     break
         except BaseException:
             await response.aclose()
+            await slot.__aexit__(None, None, None)
             raise
         for item in opening:
             call.observe(item.events)
-        return UpstreamStream(target, response, items, opening)
+        return UpstreamStream(target, response, items, opening, on_close=slot)
 
     return await _attempts(call, model, attempt)
 

@@ -9,6 +9,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.actions import AccountError, do_bootstrap_admin
+from chatapp.actions import do_register_local_model
 from chatapp.environ import Env
 
 
@@ -25,10 +26,16 @@ class Command(BaseCommand):
             result = do_bootstrap_admin(email=email, password=password)
         except AccountError as exc:
             raise CommandError(f"cannot create the first admin: {exc}") from None
-        if not result.created:
+        local_model = do_register_local_model()
+        if local_model is not None:
             self.stdout.write(
-                f"Database up to date; admin {result.email} already exists. Nothing changed."
+                f"Registered the local model {local_model.name} ({local_model.label})."
             )
+        if not result.created:
+            if local_model is None:
+                self.stdout.write(
+                    f"Database up to date; admin {result.email} already exists. Nothing changed."
+                )
             return
         self.stdout.write(self.style.SUCCESS(f"Created the first admin: {result.email}"))
         if result.generated_password:

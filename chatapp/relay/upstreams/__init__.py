@@ -27,6 +27,7 @@ class Target:
     timeout: float
     extra_headers: dict[str, str] = field(default_factory=dict)
     max_output_tokens: int = 4096
+    model_path: str = ""  # local providers: the GGUF file their server loads
 
 
 @dataclass(slots=True)
