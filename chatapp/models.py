@@ -6,11 +6,13 @@ which caches them per process and drops its copy whenever any row changes.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator, URLValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -186,3 +188,147 @@ class Route(models.Model):
 
     def as_dict(self) -> dict[str, Any]:
         return {"provider": self.provider.name, "upstream_model": self.upstream_model}
+
+
+# --- The browser chat: conversations, messages (one row each), attachments. ---
+
+
+class ConversationQuerySet(models.QuerySet["Conversation"]):
+    def visible_to(self, user: Any) -> ConversationQuerySet:
+        return self.filter(owner=user)
+
+    def search(self, query: str) -> ConversationQuerySet:
+        """Title or any message's text contains ``query`` (case-insensitive)."""
+        query = query.strip()
+        if not query:
+            return self
+        return self.filter(
+            models.Q(title__icontains=query) | models.Q(messages__content__icontains=query)
+        ).distinct()
+
+
+class Conversation(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(_("title"), max_length=200, blank=True)
+    title_generated = models.BooleanField(default=False)
+    model = models.CharField(_("model"), max_length=128)
+    system_prompt = models.TextField(_("system prompt"), blank=True)
+    temperature = models.FloatField(
+        _("temperature"),
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(2.0)],
+    )
+    # The last message of the branch on display; each edit or regeneration starts
+    # a sibling branch, and switching moves this pointer.
+    current_leaf = models.ForeignKey(
+        "Message", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    objects = ConversationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        indexes = [models.Index(fields=["owner", "-updated_at"])]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+    def branch(self) -> list[Message]:
+        """The messages on display, oldest first: the current leaf and its ancestors."""
+        if self.current_leaf_id is None:
+            return []
+        by_id = {message.pk: message for message in self.messages.all()}
+        path: list[Message] = []
+        node = by_id.get(self.current_leaf_id)
+        while node is not None:
+            path.append(node)
+            node = by_id.get(node.parent_id) if node.parent_id is not None else None
+        path.reverse()
+        return path
+
+
+class MessageStatus(models.TextChoices):
+    STREAMING = "streaming", _("streaming")
+    COMPLETE = "complete", _("complete")
+    STOPPED = "stopped", _("stopped")
+    FAILED = "failed", _("failed")
+
+
+class Message(models.Model):
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    parent = models.ForeignKey(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children"
+    )
+    role = models.CharField(max_length=16, choices=[("user", "user"), ("assistant", "assistant")])
+    content = models.TextField(blank=True)
+    model = models.CharField(max_length=128, blank=True)
+    status = models.CharField(
+        max_length=16, choices=MessageStatus.choices, default=MessageStatus.COMPLETE
+    )
+    error = models.TextField(blank=True)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=24, decimal_places=12, default=0)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    left_out = models.PositiveIntegerField(
+        default=0, help_text=_("Earlier turns left out of the request to fit the context window.")
+    )
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["conversation", "parent"])]
+
+    def __str__(self) -> str:
+        return f"{self.role} #{self.pk}"
+
+    def siblings(self) -> list[Message]:
+        """This message's versions: same parent, same role (edits and regenerations)."""
+        return list(
+            Message.objects.filter(
+                conversation_id=self.conversation_id, parent_id=self.parent_id, role=self.role
+            ).order_by("created_at", "id")
+        )
+
+    def latest_leaf(self) -> Message:
+        """Follow the most recent child down to the end of this message's own branch."""
+        node = self
+        while True:
+            child = node.children.order_by("-created_at", "-id").first()
+            if child is None:
+                return node
+            node = child
+
+
+def attachment_path(instance: Attachment, filename: str) -> str:
+    return f"attachments/{instance.owner_id}/{uuid.uuid4().hex}{Path(filename).suffix.lower()}"
+
+
+class Attachment(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="attachments"
+    )
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, null=True, blank=True, related_name="attachments"
+    )
+    file = models.FileField(upload_to=attachment_path)
+    media_type = models.CharField(max_length=32)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    size = models.PositiveIntegerField()
+    original_name = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return self.original_name or str(self.file)

@@ -1,7 +1,9 @@
-"""WebSocket routes; the chat consumer is added by the browser chat."""
+"""WebSocket routes."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import path
 
-websocket_urlpatterns: list[URLPattern | URLResolver] = []
+from chatapp.consumers import ChatConsumer
+
+websocket_urlpatterns = [path("ws/chat/", ChatConsumer.as_asgi())]

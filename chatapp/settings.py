@@ -86,6 +86,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatapp.security.content_security_policy",
     "django_htmx.middleware.HtmxMiddleware",
 ]
 
@@ -235,6 +236,10 @@ SWITCHBOARD_KEY_DEFAULTS = {
 SWITCHBOARD_LOCAL_CONTEXT = env.integer("SWITCHBOARD_LOCAL_CONTEXT", 4096, minimum=256)
 SWITCHBOARD_LOCAL_THREADS = env.integer("SWITCHBOARD_LOCAL_THREADS", os.cpu_count() or 2, minimum=1)
 SWITCHBOARD_LOCAL_QUEUE = env.integer("SWITCHBOARD_LOCAL_QUEUE", 8, minimum=1)
+# Title new conversations with their model after the first exchange (else: the first words).
+SWITCHBOARD_CHAT_TITLES = env.flag("SWITCHBOARD_CHAT_TITLES", True)
+# Show each reply's cost in the browser chat (tokens are always shown).
+SWITCHBOARD_SHOW_COST = env.flag("SWITCHBOARD_SHOW_COST", False)
 # A reservation of a request that never settled (its worker died) is released after this.
 SWITCHBOARD_RESERVATION_TTL = env.integer("SWITCHBOARD_RESERVATION_TTL", 900, minimum=10)
 

@@ -1,18 +1,31 @@
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import redirect, render
-from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from typing import Any
 
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.core.files.base import ContentFile
+from django.core.paginator import Paginator
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from chatapp import attachments
+from chatapp.actions import ChatError, chat_models, do_switch_branch
+from chatapp.forms import ConversationSettingsForm
 from chatapp.health import run_checks
+from chatapp.models import Attachment, Conversation, Message
+from chatapp.rendering import render_markdown
 
 
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
     if not request.user.is_authenticated:
         return redirect("accounts:login")
-    return render(request, "chatapp/home.html")
+    return redirect("chat")
 
 
 @never_cache
@@ -24,3 +37,180 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     if down:
         body["down"] = down
     return JsonResponse(body, status=503 if down else 200)
+
+
+# --- The browser chat ---
+
+PAGE_SIZE = 30
+
+
+def _message_context(message: Message) -> dict[str, Any]:
+    siblings = message.siblings()
+    index = next((number for number, sibling in enumerate(siblings) if sibling.pk == message.pk), 0)
+    return {
+        "message": message,
+        "html": render_markdown(message.content) if message.role == "assistant" else "",
+        "attachments": list(message.attachments.all()),
+        "version": index + 1,
+        "versions": len(siblings),
+        "previous_version": siblings[index - 1].pk if index > 0 else None,
+        "next_version": siblings[index + 1].pk if index + 1 < len(siblings) else None,
+        "show_cost": settings.SWITCHBOARD_SHOW_COST,
+        "currency": settings.SWITCHBOARD_CURRENCY,
+    }
+
+
+def render_message(message: Message) -> str:
+    return render_to_string("chatapp/chat.html#message-item", {"item": _message_context(message)})
+
+
+def render_branch(conversation: Conversation) -> str:
+    items = [_message_context(message) for message in conversation.branch()]
+    return render_to_string(
+        "chatapp/chat.html#messages", {"items": items, "conversation": conversation}
+    )
+
+
+def _conversation_page(request: HttpRequest) -> dict[str, Any]:
+    query = request.GET.get("q", "").strip()
+    conversations = Conversation.objects.visible_to(request.user).search(query)
+    page = Paginator(conversations, PAGE_SIZE).get_page(request.GET.get("page"))
+    return {"page": page, "q": query}
+
+
+@login_required
+@require_GET
+def chat(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
+    conversation = None
+    items: list[dict[str, Any]] = []
+    if conversation_id is not None:
+        conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+        items = [_message_context(message) for message in conversation.branch()]
+    models = chat_models(user=request.user)
+    context = {
+        "conversation": conversation,
+        "items": items,
+        "models": models,
+        "current_model": conversation.model if conversation else (models[0].name if models else ""),
+        **_conversation_page(request),
+    }
+    return render(request, "chatapp/chat.html", context)
+
+
+@login_required
+@require_GET
+def conversation_list(request: HttpRequest) -> HttpResponse:
+    return render(request, "chatapp/chat.html#conversation-list", _conversation_page(request))
+
+
+@login_required
+@require_GET
+def conversation_messages(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    return HttpResponse(render_branch(conversation))
+
+
+@login_required
+@require_POST
+def switch_branch(request: HttpRequest, message_id: int) -> HttpResponse:
+    try:
+        conversation = do_switch_branch(user_id=int(request.user.pk or 0), message_id=message_id)
+    except ChatError as exc:
+        return HttpResponse(str(exc), status=404)
+    return HttpResponse(render_branch(conversation))
+
+
+@login_required
+@require_POST
+def conversation_settings(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    form = ConversationSettingsForm(
+        request.POST, instance=conversation, models=chat_models(user=request.user)
+    )
+    if not form.is_valid():
+        return JsonResponse({"errors": form.errors}, status=400)
+    form.save()
+    return JsonResponse({"ok": True, "model": conversation.model})
+
+
+@login_required
+@require_POST
+def conversation_rename(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    title = request.POST.get("title", "").strip()[:200]
+    conversation.title = title
+    conversation.title_generated = True
+    conversation.save(update_fields=["title", "title_generated"])
+    return render(request, "chatapp/chat.html#conversation-list", _conversation_page(request))
+
+
+@login_required
+@require_POST
+def conversation_delete(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    conversation.delete()
+    if request.headers.get("HX-Request"):
+        response = HttpResponse()
+        response["HX-Redirect"] = reverse("chat")
+        return response
+    return redirect("chat")
+
+
+@login_required
+@require_POST
+def upload_attachment(request: HttpRequest) -> JsonResponse:
+    upload = request.FILES.get("file")
+    if upload is None:
+        return JsonResponse({"error": "Choose an image to upload."}, status=400)
+    if upload.size is not None and upload.size > attachments.MAX_BYTES:
+        size = upload.size / (1024 * 1024)
+        return JsonResponse(
+            {
+                "error": f"The image is {size:.1f} MB; the limit is {attachments.MAX_BYTES // (1024 * 1024)} MB."
+            },
+            status=400,
+        )
+    try:
+        prepared = attachments.prepare_image(
+            upload.read(),
+            max_bytes=attachments.MAX_BYTES,
+            max_pixels=attachments.MAX_PIXELS,
+            max_side=attachments.MAX_SIDE,
+        )
+    except attachments.ImageRejected as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    extension = {
+        "image/png": ".png",
+        "image/jpeg": ".jpg",
+        "image/webp": ".webp",
+        "image/gif": ".gif",
+    }[prepared.media_type]
+    attachment = Attachment(
+        owner_id=int(request.user.pk or 0),
+        media_type=prepared.media_type,
+        width=prepared.width,
+        height=prepared.height,
+        size=len(prepared.content),
+        original_name=(upload.name or "")[:255],
+    )
+    attachment.file.save(f"image{extension}", ContentFile(prepared.content), save=False)
+    attachment.save()
+    return JsonResponse(
+        {
+            "id": attachment.pk,
+            "url": reverse("attachment", args=[attachment.pk]),
+            "width": attachment.width,
+            "height": attachment.height,
+            "name": attachment.original_name,
+            "downscaled": prepared.downscaled,
+        }
+    )
+
+
+@login_required
+@require_GET
+def attachment_file(request: HttpRequest, attachment_id: int) -> FileResponse:
+    attachment = get_object_or_404(Attachment, pk=attachment_id, owner=request.user)
+    response = FileResponse(attachment.file.open("rb"), content_type=attachment.media_type)
+    response["Cache-Control"] = "private, max-age=86400"
+    return response

@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import User
@@ -127,3 +127,20 @@ def do_set_price(
         currency=settings.SWITCHBOARD_CURRENCY,
         effective_from=effective_from or timezone.now(),
     )
+
+
+def do_get_web_key(*, user: User) -> ApiKey:
+    """The user's browser-chat key, created (with the default limits) on first use.
+
+    Browser chat is metered like the API: this key's limits and budgets apply.
+    """
+    existing = ApiKey.objects.filter(user=user, is_web_key=True).first()
+    if existing is not None:
+        return existing
+    try:
+        # The partial unique constraint keeps one web key per user when two tabs race.
+        with transaction.atomic():
+            key, _raw = do_create_key(user=user, name="Browser chat", is_web_key=True)
+            return key
+    except IntegrityError:
+        return ApiKey.objects.get(user=user, is_web_key=True)

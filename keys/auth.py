@@ -106,6 +106,15 @@ async def aauthenticate(raw_key: str | None) -> Principal:
             code="missing_api_key",
         )
     digest = hash_key(raw_key)
+    principal = await aprincipal(digest)
+    if principal is None:
+        shown = raw_key[:7] + "…" if len(raw_key) > 10 else "…"
+        raise RelayError(401, f"Invalid API key ({shown}): no such key.", code="invalid_api_key")
+    return check_principal(principal)
+
+
+async def aprincipal(digest: str) -> Principal | None:
+    """The principal of the key with this hash (cached), or None."""
     cached = await hotstore.aget(cache_key(digest))
     if cached is None:
         principal = await database_sync_to_async(_load)(digest)
@@ -113,10 +122,7 @@ async def aauthenticate(raw_key: str | None) -> Principal:
         await hotstore.aadd(cache_key(digest), principal or MISSING, CACHE_SECONDS)
     else:
         principal = None if cached == MISSING else cached
-    if principal is None:
-        shown = raw_key[:7] + "…" if len(raw_key) > 10 else "…"
-        raise RelayError(401, f"Invalid API key ({shown}): no such key.", code="invalid_api_key")
-    return check_principal(principal)
+    return principal
 
 
 def check_principal(principal: Principal) -> Principal:

@@ -107,6 +107,11 @@ class ApiKey(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user"], condition=models.Q(is_web_key=True), name="one_web_key_per_user"
+            )
+        ]
         verbose_name = _("API key")
         verbose_name_plural = _("API keys")
 

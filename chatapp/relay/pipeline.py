@@ -82,6 +82,8 @@ class Call:
     output_chars: list[str] = field(default_factory=list)
     price: Price | None = None
     ticket: Ticket | None = None
+    final_usage: Usage | None = None  # set by settle()
+    cost: Decimal = Decimal(0)
     status: str = "error"
     http_status: int = 200
     error_type: str = ""
@@ -148,6 +150,7 @@ class Call:
             if price is not None
             else Decimal(0)
         )
+        self.final_usage, self.cost = usage, cost
         if self.ticket is not None:
             limiter.settle(
                 self.ticket,

@@ -1,0 +1,293 @@
+// The chat page: a WebSocket for sending and live replies, fetch for uploads and
+// branch switches. No inline scripts anywhere (strict CSP); all text the model
+// writes arrives as plain text (deltas) or as server-sanitized HTML (render/done).
+(() => {
+  "use strict";
+  const chat = document.getElementById("chat");
+  if (!chat) return;
+  const messages = document.getElementById("messages");
+  const composer = document.getElementById("composer");
+  const prompt = document.getElementById("prompt");
+  const sendButton = document.getElementById("send");
+  const errorBox = document.getElementById("composer-error");
+  const fileInput = document.getElementById("file-input");
+  const tray = document.getElementById("attachments");
+  const modelSelect = document.getElementById("model");
+  const settingsForm = document.getElementById("settings-form");
+  const t = (name) => chat.dataset["i18n" + name] || name;
+  const csrf = (() => {
+    try { return JSON.parse(document.body.getAttribute("hx-headers") || "{}")["X-CSRFToken"] || ""; } catch { return ""; }
+  })();
+
+  let conversation = chat.dataset.conversation ? Number(chat.dataset.conversation) : null;
+  let socket = null;
+  let retry = 0;
+  let pending = null;            // {clientId} of a send not yet acknowledged
+  const streams = new Map();     // message id → {seq, text, html, htmlLength}
+  let attachments = [];          // [{id, url, name}]
+
+  // --- helpers ---------------------------------------------------------------
+  // Per reply being written: text so far, its last sequence number, the latest
+  // server-rendered HTML and how many characters of the text it covers.
+  const newState = () => ({ seq: 0, text: "", html: "", htmlLength: 0, lengths: new Map() });
+  const showError = (text) => { errorBox.textContent = text; errorBox.hidden = !text; };
+  const scrollDown = () => { messages.scrollTop = messages.scrollHeight; };
+  const streamingArticle = () => messages.querySelector('article.msg[data-status="streaming"]');
+  const setBusy = () => {
+    const busy = Boolean(streamingArticle());
+    sendButton.textContent = busy ? t("Stop") : t("Send");
+    sendButton.classList.toggle("stop", busy);
+  };
+  const refreshList = () => { if (window.htmx) window.htmx.trigger(document.body, "refresh-list"); };
+  const replaceMessages = (html) => { messages.innerHTML = html; streams.clear(); markStreams(); setBusy(); scrollDown(); };
+  const markStreams = () => {
+    messages.querySelectorAll('article.msg[data-status="streaming"]').forEach((article) => {
+      const id = Number(article.dataset.id);
+      if (!streams.has(id)) streams.set(id, newState());
+    });
+  };
+  const paint = (id) => {
+    const state = streams.get(id);
+    const article = document.getElementById("m" + id);
+    if (!state || !article) return;
+    const body = article.querySelector(".body");
+    body.innerHTML = state.html;  // server-sanitized markdown of the text so far
+    const tail = state.text.slice(state.htmlLength);
+    if (tail) {
+      const span = document.createElement("span");
+      span.className = "tail";
+      span.textContent = tail;     // plain text: never interpreted as HTML
+      body.appendChild(span);
+    }
+    article.classList.add("has-text");
+    scrollDown();
+  };
+
+  // --- the socket ------------------------------------------------------------
+  const send = (payload) => {
+    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(JSON.stringify(payload)); return true; }
+    showError(t("Reconnecting"));
+    return false;
+  };
+  const connect = () => {
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    socket = new WebSocket(scheme + location.host + chat.dataset.ws);
+    socket.addEventListener("open", () => {
+      retry = 0;
+      chat.classList.remove("offline");
+      if (errorBox.textContent === t("Reconnecting")) showError("");
+      if (conversation) send({ action: "open", conversation });
+    });
+    socket.addEventListener("message", (event) => handle(JSON.parse(event.data)));
+    socket.addEventListener("close", (event) => {
+      chat.classList.add("offline");
+      if (event.code === 4401 || event.code === 4403) { location.reload(); return; }
+      retry = Math.min(retry + 1, 6);
+      setTimeout(connect, 250 * 2 ** retry);  // back off: 0.5 s … 16 s
+    });
+  };
+
+  const handle = (data) => {
+    switch (data.type) {
+      case "created":
+        conversation = data.conversation;
+        chat.dataset.conversation = String(conversation);
+        history.replaceState(null, "", data.url);
+        settingsForm.setAttribute("action", data.url + "settings/");
+        saveSettings();
+        refreshList();
+        break;
+      case "messages":
+        if (pending && data.client_id === pending.clientId) {
+          prompt.value = ""; autosize(); clearAttachments(); pending = null; showError("");
+        }
+        replaceMessages(data.html);
+        break;
+      case "snapshot": {
+        const state = streams.get(data.message) || newState();
+        if (data.seq >= state.seq) { state.seq = data.seq; state.text = data.text; state.html = ""; state.htmlLength = 0; state.lengths.set(data.seq, data.text.length); }
+        streams.set(data.message, state);
+        paint(data.message);
+        break;
+      }
+      case "delta": {
+        const state = streams.get(data.message);
+        if (!state) { send({ action: "open", conversation }); break; }  // joined mid-reply: get a snapshot
+        if (data.seq <= state.seq) break;              // already in the snapshot
+        if (data.seq > state.seq + 1) {                // a gap: ask for a fresh snapshot
+          send({ action: "open", conversation });
+          break;
+        }
+        state.seq = data.seq;
+        state.text += data.text;
+        state.lengths.set(data.seq, state.text.length);
+        paint(data.message);
+        break;
+      }
+      case "render": {
+        const state = streams.get(data.message);
+        const length = state ? state.lengths.get(data.seq) : undefined;
+        if (length === undefined) break;   // a render of text this tab has not seen
+        state.html = data.html;
+        state.htmlLength = length;
+        paint(data.message);
+        break;
+      }
+      case "left_out": {
+        const article = document.getElementById("m" + data.message);
+        if (article && !article.querySelector(".note")) {
+          const note = document.createElement("p");
+          note.className = "note";
+          note.textContent = t("LeftOut") + " " + data.count;
+          article.prepend(note);
+        }
+        break;
+      }
+      case "done": {
+        streams.delete(data.message);
+        const article = document.getElementById("m" + data.message);
+        if (article) article.outerHTML = data.html;
+        setBusy();
+        scrollDown();
+        refreshList();
+        break;
+      }
+      case "title":
+        refreshList();
+        break;
+      case "error":
+        if (!data.client_id || (pending && data.client_id === pending.clientId)) pending = null;
+        showError(data.error);   // the typed text stays in the box
+        break;
+    }
+  };
+
+  // --- composing -------------------------------------------------------------
+  const autosize = () => { prompt.style.height = "auto"; prompt.style.height = Math.min(prompt.scrollHeight, 240) + "px"; };
+  const submit = () => {
+    const streaming = streamingArticle();
+    if (streaming) { send({ action: "stop", message: Number(streaming.dataset.id) }); return; }
+    const text = prompt.value.trim();
+    if (!text && !attachments.length) return;
+    const clientId = Math.random().toString(36).slice(2);
+    pending = { clientId };
+    if (!send({ action: "send", conversation, text, attachments: attachments.map((a) => a.id), model: modelSelect ? modelSelect.value : null, client_id: clientId })) pending = null;
+  };
+  composer.addEventListener("submit", (event) => { event.preventDefault(); submit(); });
+  prompt.addEventListener("input", autosize);
+  prompt.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); submit(); }
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    const streaming = streamingArticle();
+    if (streaming) { event.preventDefault(); send({ action: "stop", message: Number(streaming.dataset.id) }); }
+  });
+
+  // --- attachments: button, paste, drag and drop ----------------------------
+  const visionOk = () => !modelSelect || !modelSelect.selectedOptions[0] || modelSelect.selectedOptions[0].dataset.vision === "1";
+  const renderTray = () => {
+    tray.replaceChildren(...attachments.map((item) => {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = item.url; img.alt = item.name || "";
+      const remove = document.createElement("button");
+      remove.type = "button"; remove.className = "remove"; remove.textContent = "×"; remove.setAttribute("aria-label", "remove");
+      remove.addEventListener("click", () => { attachments = attachments.filter((a) => a !== item); renderTray(); });
+      figure.append(img, remove);
+      return figure;
+    }));
+    tray.hidden = attachments.length === 0;
+  };
+  const clearAttachments = () => { attachments = []; renderTray(); };
+  const upload = async (files) => {
+    for (const file of files) {
+      if (!file.type.startsWith("image/")) { showError(`${file.name}: not an image.`); continue; }
+      if (!visionOk()) { showError(modelSelect.selectedOptions[0].textContent + ": images are not accepted by this model."); continue; }
+      const body = new FormData();
+      body.append("file", file);
+      const response = await fetch(chat.dataset.uploadUrl, { method: "POST", body, headers: { "X-CSRFToken": csrf } });
+      const data = await response.json().catch(() => ({ error: "Upload failed." }));
+      if (!response.ok) { showError(data.error || "Upload failed."); continue; }
+      attachments.push(data); renderTray(); showError("");
+    }
+  };
+  fileInput.addEventListener("change", () => { upload([...fileInput.files]); fileInput.value = ""; });
+  prompt.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData ? event.clipboardData.files : [])];
+    if (files.length) { event.preventDefault(); upload(files); }
+  });
+  chat.addEventListener("dragover", (event) => { event.preventDefault(); chat.classList.add("dropping"); });
+  chat.addEventListener("dragleave", () => chat.classList.remove("dropping"));
+  chat.addEventListener("drop", (event) => {
+    event.preventDefault(); chat.classList.remove("dropping");
+    upload([...(event.dataTransfer ? event.dataTransfer.files : [])]);
+  });
+
+  // --- message actions -------------------------------------------------------
+  const copy = async (text, button) => {
+    try { await navigator.clipboard.writeText(text); } catch { return; }
+    const label = button.textContent; button.textContent = t("Copied"); setTimeout(() => { button.textContent = label; }, 1200);
+  };
+  messages.addEventListener("click", async (event) => {
+    const button = event.target.closest("button");
+    if (!button) return;
+    const article = button.closest("article.msg");
+    const id = article ? Number(article.dataset.id) : null;
+    if (button.hasAttribute("data-copy")) {
+      const code = button.closest(".codeblock").querySelector("pre");
+      copy(code ? code.innerText : "", button);
+    } else if (button.hasAttribute("data-copy-message")) {
+      copy(article.querySelector(".body").innerText, button);
+    } else if (button.hasAttribute("data-stop")) {
+      send({ action: "stop", message: id });
+    } else if (button.hasAttribute("data-regenerate")) {
+      send({ action: "regenerate", message: id });
+    } else if (button.hasAttribute("data-switch") && button.dataset.switch) {
+      const url = chat.dataset.switchUrl.replace("/0/", `/${button.dataset.switch}/`);
+      const response = await fetch(url, { method: "POST", headers: { "X-CSRFToken": csrf } });
+      if (response.ok) replaceMessages(await response.text());
+    } else if (button.hasAttribute("data-edit")) {
+      startEdit(article, id);
+    }
+  });
+  const startEdit = (article, id) => {
+    const body = article.querySelector(".body");
+    const editor = document.createElement("form");
+    editor.className = "editor";
+    const area = document.createElement("textarea");
+    area.value = body.innerText; area.rows = Math.min(10, area.value.split("\n").length + 1);
+    const save = document.createElement("button"); save.type = "submit"; save.textContent = t("Send");
+    const cancel = document.createElement("button"); cancel.type = "button"; cancel.className = "link"; cancel.textContent = "✕";
+    editor.append(area, save, cancel);
+    body.hidden = true; article.insertBefore(editor, body.nextSibling); area.focus();
+    cancel.addEventListener("click", () => { editor.remove(); body.hidden = false; });
+    editor.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const clientId = Math.random().toString(36).slice(2);
+      pending = { clientId };
+      send({ action: "edit", message: id, text: area.value, client_id: clientId });
+    });
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); editor.requestSubmit(); }
+    });
+  };
+
+  // --- settings and deletion -------------------------------------------------
+  const saveSettings = () => {
+    if (!conversation) return;
+    const body = new FormData(settingsForm);
+    fetch(settingsForm.getAttribute("action"), { method: "POST", body, headers: { "X-CSRFToken": csrf } })
+      .then(async (response) => { if (!response.ok) showError(JSON.stringify((await response.json()).errors)); });
+  };
+  settingsForm.addEventListener("change", saveSettings);
+  settingsForm.addEventListener("submit", (event) => { event.preventDefault(); saveSettings(); });
+  document.querySelectorAll("[data-confirm]").forEach((button) => button.addEventListener("click", (event) => {
+    if (!window.confirm(button.dataset.confirm)) event.preventDefault();
+  }));
+
+  markStreams();
+  setBusy();
+  scrollDown();
+  connect();
+})();

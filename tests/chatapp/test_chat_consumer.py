@@ -1,0 +1,279 @@
+"""The chat WebSocket: streaming, stop, reconnect replay, ownership, disabled users."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from accounts.models import User
+from chatapp.consumers import ChatConsumer
+from chatapp.models import CatalogModel, Conversation, Message, Provider, Route
+from chatapp.relay import routing
+from keys import ledger
+from keys.models import UsageRecord
+from tests.conftest import make_user
+from tests.fake_upstream import Fail, FakeUpstream, Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def upstream(transactional_db: None, settings) -> Iterator[FakeUpstream]:  # type: ignore[no-untyped-def]
+    # Titles come from the first words here: a title request would take a scripted reply.
+    settings.SWITCHBOARD_CHAT_TITLES = False
+    routing.reset()
+    fake = FakeUpstream().start()
+    provider = Provider.objects.create(
+        name="fake", type="openai", base_url=fake.openai_base_url, timeout=5
+    )
+    model = CatalogModel.objects.create(
+        name="chat-model", display_name="Chat Model", supports_vision=True
+    )
+    Route.objects.create(model=model, provider=provider, upstream_model="up")
+    CatalogModel.objects.create(name="text-only", display_name="Text Only")
+    Route.objects.create(
+        model=CatalogModel.objects.get(name="text-only"), provider=provider, upstream_model="up2"
+    )
+    yield fake
+    fake.stop()
+
+
+async def connect(user: User) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(ChatConsumer.as_asgi(), "/ws/chat/")
+    communicator.scope["user"] = user
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def receive_until(
+    communicator: WebsocketCommunicator, kind: str, wait: float = 10
+) -> list[dict[str, Any]]:
+    """Every event up to and including the first of ``kind``."""
+    events = []
+    while True:
+        event = await communicator.receive_json_from(timeout=wait)
+        events.append(event)
+        if event["type"] == kind:
+            return events
+
+
+async def test_a_message_streams_its_reply_and_is_saved(upstream: FakeUpstream) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(
+        Reply(text="Hello there, Alice.", input_tokens=9, output_tokens=4, chunk_delay=0.01)
+    )
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": None,
+            "text": "Hi!",
+            "attachments": [],
+            "client_id": "c1",
+        }
+    )
+    events = await receive_until(ws, "done")
+    kinds = [event["type"] for event in events]
+    assert kinds[:2] == ["created", "messages"]
+    assert events[1]["client_id"] == "c1"
+    deltas = [event for event in events if event["type"] == "delta"]
+    assert "".join(event["text"] for event in deltas) == "Hello there, Alice."
+    assert [event["seq"] for event in deltas] == list(range(1, len(deltas) + 1))
+    assert events[-1]["status"] == "complete"
+    assert "Hello there, Alice." in events[-1]["html"]
+
+    conversation = await Conversation.objects.aget(owner=alice)
+    reply = await Message.objects.aget(conversation=conversation, role="assistant")
+    assert (reply.content, reply.status, reply.input_tokens, reply.output_tokens) == (
+        "Hello there, Alice.",
+        "complete",
+        9,
+        4,
+    )
+    # Metered like the API, on the user's web key.
+    await asyncio.to_thread(ledger.flush)
+    record = await UsageRecord.objects.select_related("key").aget(request_id=reply.request_id)
+    assert (record.endpoint, record.dialect, record.key.is_web_key) == ("browser", "browser", True)
+    await ws.disconnect()
+
+
+async def test_the_reply_keeps_generating_after_the_tab_closes_and_a_new_tab_replays_it(
+    upstream: FakeUpstream,
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text=" ".join(f"w{i}" for i in range(30)), chunk_delay=0.03))
+    first = await connect(alice)
+    await first.send_json_to(
+        {"action": "send", "conversation": None, "text": "Count", "attachments": []}
+    )
+    events = await receive_until(first, "delta")
+    conversation_id = events[0]["conversation"]
+    await first.disconnect()  # the tab closes mid-reply
+
+    await asyncio.sleep(0.2)
+    second = await connect(alice)
+    await second.send_json_to({"action": "open", "conversation": conversation_id})
+    opened = await receive_until(second, "snapshot")
+    snapshot = opened[-1]
+    assert snapshot["seq"] > 1
+    assert snapshot["text"].startswith("w0 w1")
+    # Then the live tail: deltas after the snapshot, no gap, no repeat.
+    text, seq = snapshot["text"], snapshot["seq"]
+    while True:
+        event = await second.receive_json_from(timeout=10)
+        if event["type"] == "delta" and event["seq"] > seq:
+            assert event["seq"] == seq + 1
+            seq, text = event["seq"], text + event["text"]
+        elif event["type"] == "done":
+            break
+    assert text == " ".join(f"w{i}" for i in range(30))
+    reply = await Message.objects.aget(conversation_id=conversation_id, role="assistant")
+    assert reply.content == text
+    await second.disconnect()
+
+
+async def test_stop_keeps_the_partial_reply_and_bills_it(upstream: FakeUpstream) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text=" ".join(["word"] * 200), chunk_delay=0.02))
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Talk", "attachments": []}
+    )
+    events = await receive_until(ws, "delta")
+    reply_id = events[-1]["message"]
+    await ws.send_json_to({"action": "stop", "message": reply_id})
+    done = (await receive_until(ws, "done"))[-1]
+    assert done["status"] == "stopped"
+    reply = await Message.objects.aget(pk=reply_id)
+    assert reply.status == "stopped"
+    assert 0 < len(reply.content.split()) < 200
+    assert reply.output_tokens > 0
+    await ws.disconnect()
+
+
+async def test_regenerate_and_edit_create_sibling_versions(upstream: FakeUpstream) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text="first"), Reply(text="second"), Reply(text="after edit"))
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Q", "attachments": []})
+    first = (await receive_until(ws, "done"))[-1]["message"]
+    await ws.send_json_to({"action": "regenerate", "message": first})
+    second = (await receive_until(ws, "done"))[-1]["message"]
+    original = await Message.objects.aget(pk=first)
+    regenerated = await Message.objects.aget(pk=second)
+    assert regenerated.parent_id == original.parent_id
+    assert await database_sync_to_async(lambda: len(regenerated.siblings()))() == 2
+
+    await ws.send_json_to({"action": "edit", "message": original.parent_id, "text": "Q, edited"})
+    edited_reply = (await receive_until(ws, "done"))[-1]["message"]
+    reply = await Message.objects.select_related("parent").aget(pk=edited_reply)
+    assert reply.content == "after edit"
+    assert reply.parent.content == "Q, edited"
+    assert reply.parent.parent_id is None  # a sibling of the first question
+    conversation = await Conversation.objects.aget(owner=alice)
+    assert conversation.current_leaf_id == edited_reply
+    await ws.disconnect()
+
+
+async def test_errors_appear_in_the_conversation_and_refusals_lose_nothing(
+    upstream: FakeUpstream,
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(*[Fail(500, "provider down")] * 3)
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Hello?", "attachments": []}
+    )
+    done = (await receive_until(ws, "done"))[-1]
+    assert done["status"] == "failed"
+    assert "provider down" in done["html"]
+    # The user's turn was saved; nothing typed is lost.
+    assert await Message.objects.filter(role="user", content="Hello?").aexists()
+    # A refusal before anything is saved comes back with the client's id.
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "", "attachments": [], "client_id": "c9"}
+    )
+    error = await ws.receive_json_from(timeout=5)
+    assert error == {"type": "error", "error": "Type a message first.", "client_id": "c9"}
+    await ws.disconnect()
+
+
+async def test_bob_cannot_open_or_touch_alices_conversation(upstream: FakeUpstream) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    bob = await database_sync_to_async(make_user)("bob@example.com")
+    upstream.script(Reply(text="private"))
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "secret", "attachments": []}
+    )
+    events = await receive_until(ws, "done")
+    conversation_id, reply_id = events[0]["conversation"], events[-1]["message"]
+    await ws.disconnect()
+
+    intruder = await connect(bob)
+    for action in (
+        {"action": "open", "conversation": conversation_id},
+        {"action": "send", "conversation": conversation_id, "text": "hi", "attachments": []},
+        {"action": "regenerate", "message": reply_id},
+        {"action": "stop", "message": reply_id},
+        {"action": "edit", "message": reply_id - 1, "text": "x"},
+    ):
+        await intruder.send_json_to(action)
+        answer = await intruder.receive_json_from(timeout=5)
+        assert answer["type"] == "error"
+        assert answer["error"] in ("No such conversation.", "No such message.")
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    await intruder.disconnect()
+
+
+async def test_a_disabled_user_is_cut_off(upstream: FakeUpstream) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await User.objects.filter(pk=alice.pk).aupdate(is_active=False)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "still here?", "attachments": []}
+    )
+    assert (await ws.receive_json_from(timeout=5))["error"] == "Your account is disabled."
+    assert (await ws.receive_output(timeout=5))["type"] == "websocket.close"
+    assert not await Message.objects.aexists()
+
+
+async def test_anonymous_sockets_are_refused() -> None:
+    from django.contrib.auth.models import AnonymousUser
+
+    communicator = WebsocketCommunicator(ChatConsumer.as_asgi(), "/ws/chat/")
+    communicator.scope["user"] = AnonymousUser()
+    connected, code = await communicator.connect()
+    assert not connected
+    assert code == 4401
+
+
+async def test_a_model_without_vision_refuses_images_before_sending(upstream: FakeUpstream) -> None:
+    from chatapp.models import Attachment
+
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    image = await Attachment.objects.acreate(
+        owner=alice, file="attachments/x.png", media_type="image/png", width=1, height=1, size=1
+    )
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": None,
+            "text": "look",
+            "attachments": [image.pk],
+            "model": "text-only",
+        }
+    )
+    error = await ws.receive_json_from(timeout=5)
+    assert error["type"] == "error"
+    assert "Text Only does not accept images" in error["error"]
+    assert upstream.requests == []
+    assert not await Message.objects.aexists()
+    await ws.disconnect()
