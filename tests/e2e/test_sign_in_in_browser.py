@@ -20,15 +20,16 @@ def test_a_member_signs_in_switches_to_chinese_and_signs_out(page, artifacts: Pa
     assert "do not match an active account" in page.inner_text("[role=alert]")
     assert page.input_value("input[name=username]") == "alice@example.com"
 
-    # When she signs in with the right password, she reaches the home page.
+    # When she signs in with the right password, she reaches the chat.
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
-    page.wait_for_url("**/")
-    assert "Welcome, alice@example.com" in page.inner_text("main")
+    page.wait_for_url("**/chat/")
+    assert "alice@example.com" in page.inner_text("header")
+    assert "New chat" in page.inner_text("main")
 
     # The language switch submits itself and the page comes back in Chinese.
     page.select_option("#language", "zh-hans")
-    page.wait_for_selector("text=欢迎")
+    page.wait_for_selector("text=新对话")
     assert page.get_attribute("html", "lang") == "zh-hans"
     page.screenshot(path=str(artifacts / "home-zh-hans.png"), full_page=True)
 
