@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from django.core.cache import cache
@@ -61,3 +62,19 @@ def carol(db) -> User:
 @pytest.fixture
 def frank(db) -> User:
     return make_user("frank@example.com", Role.FINANCE)
+
+
+@pytest.fixture
+async def _close_loop_clients() -> AsyncIterator[None]:
+    """Close the per-event-loop HTTP and Redis clients an async test opened."""
+    yield
+    from chatapp.relay import http as relay_http
+
+    await relay_http.aclose()
+    await hotstore.aclose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if inspect.iscoroutinefunction(getattr(item, "function", None)):
+            item.add_marker(pytest.mark.usefixtures("_close_loop_clients"))

@@ -24,12 +24,10 @@ def client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     existing = _clients.get(loop)
     if existing is None or existing.is_closed:
-        transport = (
-            AiohttpTransport()
-            if AiohttpTransport is not None
-            else httpx.AsyncHTTPTransport(limits=LIMITS)
+        # The transport keeps its own pool: give it our limits (its default is 100).
+        existing = httpx.AsyncClient(
+            transport=AiohttpTransport(limits=LIMITS), limits=LIMITS, follow_redirects=False
         )
-        existing = httpx.AsyncClient(transport=transport, limits=LIMITS, follow_redirects=False)
         _clients[loop] = existing
     return existing
 
