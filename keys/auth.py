@@ -72,18 +72,7 @@ def _load(digest: str) -> Principal | None:
         expires_at=key.expires_at,
         allowed_models=frozenset(key.allowed_models or ()),
         is_web_key=key.is_web_key,
-        limits=Limits(
-            rpm=key.rpm,
-            rpd=key.rpd,
-            tpm=key.tpm,
-            tpd=key.tpd,
-            concurrency=key.concurrency,
-            token_budget=key.token_budget,
-            money_budget=key.money_budget,
-            period=key.budget_period,
-            max_output_tokens=key.max_output_tokens,
-            clamp_max_tokens=key.clamp_max_tokens,
-        ),
+        limits=key.limits,
     )
 
 

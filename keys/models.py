@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+if TYPE_CHECKING:
+    from keys.limiter import Limits
 
 KEY_PREFIX = "sk-"
 KEY_RANDOM_LENGTH = 48
@@ -130,6 +133,24 @@ class ApiKey(models.Model):
             **fields,
         )
         return key, raw
+
+    @property
+    def limits(self) -> Limits:
+        """The key's limits and budgets, as the limiter applies them."""
+        from keys.limiter import Limits
+
+        return Limits(
+            rpm=self.rpm,
+            rpd=self.rpd,
+            tpm=self.tpm,
+            tpd=self.tpd,
+            concurrency=self.concurrency,
+            token_budget=self.token_budget,
+            money_budget=self.money_budget,
+            period=self.budget_period,
+            max_output_tokens=self.max_output_tokens,
+            clamp_max_tokens=self.clamp_max_tokens,
+        )
 
     @property
     def is_revoked(self) -> bool:

@@ -93,21 +93,6 @@ def find_key(ref: str) -> ApiKey:
         raise CommandError(f"no key with id {ref}" if ref.isdigit() else str(exc)) from None
 
 
-def principal_limits(key: ApiKey) -> limiter.Limits:
-    return limiter.Limits(
-        rpm=key.rpm,
-        rpd=key.rpd,
-        tpm=key.tpm,
-        tpd=key.tpd,
-        concurrency=key.concurrency,
-        token_budget=key.token_budget,
-        money_budget=key.money_budget,
-        period=key.budget_period,
-        max_output_tokens=key.max_output_tokens,
-        clamp_max_tokens=key.clamp_max_tokens,
-    )
-
-
 def limits_row(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.pk,
@@ -284,7 +269,7 @@ class Command(BaseCommand):
 
     def handle_usage(self, options: dict[str, Any]) -> None:
         key = find_key(options["key"])
-        report = limiter.usage(key_id=key.pk, limits=principal_limits(key))
+        report = limiter.usage(key_id=key.pk, limits=key.limits)
         if options["json"]:
             self.stdout.write(json.dumps({"id": key.pk, "prefix": key.prefix, **report}, indent=2))
             return
