@@ -123,6 +123,9 @@ if _database is None:
                 "transaction_mode": "IMMEDIATE",
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
+            # Tests use a file too (not Django's in-memory default): threads and the
+            # live servers then lock it the way production does, waiting, not failing.
+            "TEST": {"NAME": str(DATA_DIR / "test.sqlite3")},
         }
     }
 else:

@@ -462,7 +462,22 @@ def _spent_from_ledger(key_id: int, start: datetime, end: datetime | None) -> tu
     return (totals["input"] or 0) + (totals["output"] or 0), to_nano(totals["cost"] or Decimal(0))
 
 
+_rebuilds: dict[tuple[int, str], asyncio.Future[None]] = {}
+
+
 async def _rebuild(ticket: Ticket, now: datetime) -> None:
+    """Rebuild a period's spent counters, once per key and period however many ask at once."""
+    name = f"{PREFIX}{ticket.key_id}:sp:{ticket.windows.period}"
+    flight = (id(asyncio.get_running_loop()), name)
+    running = _rebuilds.get(flight)
+    if running is None:
+        running = asyncio.ensure_future(_rebuild_once(ticket, now))
+        _rebuilds[flight] = running
+        running.add_done_callback(lambda _done: _rebuilds.pop(flight, None))
+    await asyncio.shield(running)
+
+
+async def _rebuild_once(ticket: Ticket, now: datetime) -> None:
     """Rebuild a period's spent counters from the usage ledger (the record of truth)."""
     from keys import ledger
 
