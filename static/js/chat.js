@@ -93,6 +93,7 @@
         conversation = data.conversation;
         chat.dataset.conversation = String(conversation);
         history.replaceState(null, "", data.url);
+        document.querySelectorAll('input[name="next"]').forEach((input) => { input.value = data.url; });
         settingsForm.setAttribute("action", data.url + "settings/");
         saveSettings();
         refreshList();
@@ -265,11 +266,10 @@
     editor.addEventListener("submit", (event) => {
       event.preventDefault();
       const clientId = Math.random().toString(36).slice(2);
-      pending = { clientId };
       send({ action: "edit", message: id, text: area.value, client_id: clientId });
     });
     area.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); editor.requestSubmit(); }
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); editor.requestSubmit(); }
     });
   };
 
