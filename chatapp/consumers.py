@@ -149,5 +149,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         await generation.request_stop(message_id)
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Deltas arrive many times a second per reply and touch no database: skip
+        # Channels' per-message trip to the database thread (close_old_connections).
+        if message.get("type") == "chat.event":
+            await self.send_json(message["payload"])
+            return
+        await super().dispatch(message)
+
     async def chat_event(self, event: dict[str, Any]) -> None:
         await self.send_json(event["payload"])

@@ -16,6 +16,7 @@ urlpatterns = [
         views.conversation_messages,
         name="conversation-messages",
     ),
+    path("chat/<int:conversation_id>/title/", views.conversation_title, name="conversation-title"),
     path(
         "chat/<int:conversation_id>/settings/",
         views.conversation_settings,

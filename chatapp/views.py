@@ -75,7 +75,8 @@ def _conversation_page(request: HttpRequest) -> dict[str, Any]:
     query = request.GET.get("q", "").strip()
     conversations = Conversation.objects.visible_to(request.user).search(query)
     page = Paginator(conversations, PAGE_SIZE).get_page(request.GET.get("page"))
-    return {"page": page, "q": query}
+    current = request.GET.get("current", "")
+    return {"page": page, "q": query, "current": int(current) if current.isdigit() else None}
 
 
 @login_required
@@ -101,6 +102,13 @@ def chat(request: HttpRequest, conversation_id: int | None = None) -> HttpRespon
 @require_GET
 def conversation_list(request: HttpRequest) -> HttpResponse:
     return render(request, "chatapp/chat.html#conversation-list", _conversation_page(request))
+
+
+@login_required
+@require_GET
+def conversation_title(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    return render(request, "chatapp/chat.html#chat-title", {"conversation": conversation})
 
 
 @login_required
@@ -141,7 +149,8 @@ def conversation_rename(request: HttpRequest, conversation_id: int) -> HttpRespo
     conversation.title = title
     conversation.title_generated = True
     conversation.save(update_fields=["title", "title_generated"])
-    return render(request, "chatapp/chat.html#conversation-list", _conversation_page(request))
+    context = {**_conversation_page(request), "current": conversation.pk}
+    return render(request, "chatapp/chat.html#conversation-list", context)
 
 
 @login_required

@@ -31,7 +31,21 @@
   // server-rendered HTML and how many characters of the text it covers.
   const newState = () => ({ seq: 0, text: "", html: "", htmlLength: 0, lengths: new Map() });
   const showError = (text) => { errorBox.textContent = text; errorBox.hidden = !text; };
-  const scrollDown = () => { messages.scrollTop = messages.scrollHeight; };
+  const scrollDown = () => {
+    messages.scrollTop = messages.scrollHeight;
+    // On a phone the page scrolls, not the message list.
+    if (messages.scrollHeight <= messages.clientHeight + 1) window.scrollTo(0, document.body.scrollHeight);
+  };
+  const relabel = (root) => root.querySelectorAll("button[data-copy]").forEach((button) => { button.textContent = t("Copy"); });
+  const refreshTitle = async () => {
+    if (!conversation) return;
+    const response = await fetch(`/chat/${conversation}/title/`);
+    if (response.ok) {
+      const title = document.getElementById("chat-title");
+      title.innerHTML = await response.text();
+      if (window.htmx) window.htmx.process(title);
+    }
+  };
   const streamingArticle = () => messages.querySelector('article.msg[data-status="streaming"]');
   const setBusy = () => {
     const busy = Boolean(streamingArticle());
@@ -39,7 +53,7 @@
     sendButton.classList.toggle("stop", busy);
   };
   const refreshList = () => { if (window.htmx) window.htmx.trigger(document.body, "refresh-list"); };
-  const replaceMessages = (html) => { messages.innerHTML = html; streams.clear(); markStreams(); setBusy(); scrollDown(); };
+  const replaceMessages = (html) => { messages.innerHTML = html; relabel(messages); streams.clear(); markStreams(); setBusy(); scrollDown(); };
   const markStreams = () => {
     messages.querySelectorAll('article.msg[data-status="streaming"]').forEach((article) => {
       const id = Number(article.dataset.id);
@@ -60,6 +74,7 @@
       body.appendChild(span);
     }
     article.classList.add("has-text");
+    relabel(body);
     scrollDown();
   };
 
@@ -95,6 +110,8 @@
         history.replaceState(null, "", data.url);
         document.querySelectorAll('input[name="next"]').forEach((input) => { input.value = data.url; });
         settingsForm.setAttribute("action", data.url + "settings/");
+        document.getElementById("current-conversation").value = String(conversation);
+        refreshTitle();
         saveSettings();
         refreshList();
         break;
@@ -148,6 +165,7 @@
         streams.delete(data.message);
         const article = document.getElementById("m" + data.message);
         if (article) article.outerHTML = data.html;
+        relabel(messages);
         setBusy();
         scrollDown();
         refreshList();
@@ -155,6 +173,7 @@
       }
       case "title":
         refreshList();
+        refreshTitle();
         break;
       case "error":
         if (!data.client_id || (pending && data.client_id === pending.clientId)) pending = null;
@@ -282,11 +301,13 @@
   };
   settingsForm.addEventListener("change", saveSettings);
   settingsForm.addEventListener("submit", (event) => { event.preventDefault(); saveSettings(); });
-  document.querySelectorAll("[data-confirm]").forEach((button) => button.addEventListener("click", (event) => {
-    if (!window.confirm(button.dataset.confirm)) event.preventDefault();
-  }));
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("[data-confirm]");
+    if (button && !window.confirm(button.dataset.confirm)) event.preventDefault();
+  });
 
   markStreams();
+  relabel(messages);
   setBusy();
   scrollDown();
   connect();

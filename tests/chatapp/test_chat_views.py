@@ -168,3 +168,15 @@ def test_old_turns_are_left_out_to_fit_the_context_window() -> None:
     alone = ChatRequest(model="m", messages=[Turn("user", [TextPart("word " * 5000)])])
     assert fit_context(alone, context_window=2000, max_output=500) == 0
     assert len(alone.messages) == 1
+
+
+def test_the_title_fragment_and_the_current_conversation_in_the_list(
+    client: Client, alice: User, model: CatalogModel
+) -> None:
+    conversation, _first, _second = conversation_with_versions(alice)
+    client.force_login(alice)
+    title = client.get(f"/chat/{conversation.pk}/title/").content.decode()
+    assert 'value="Trip to Lisbon"' in title
+    assert f"/chat/{conversation.pk}/delete/" in title
+    listing = client.get(f"/chat/list/?current={conversation.pk}").content.decode()
+    assert '<li class="active">' in listing
