@@ -2,12 +2,12 @@
 
 Run by hand (not part of the test suite), from the project root::
 
-    /tmp/sbvenv/bin/python .ci/chat_load.py                 # N=200
-    /tmp/sbvenv/bin/python .ci/chat_load.py --clients 50    # a sanity check
+    .venv/bin/python .ci/chat_load.py                 # N=200
+    .venv/bin/python .ci/chat_load.py --clients 50    # a sanity check
 
 What it does, everything on 127.0.0.1:
 
-1. starts the shared kit's fake OpenAI upstream (``/work/shared/bench/fake_upstream.py
+1. starts the shared kit's fake OpenAI upstream (``../shared/bench/fake_upstream.py
    --port 18300``) streaming 40 chunks 25 ms apart (``FAKE_STREAM_CHUNKS=40
    FAKE_CHUNK_DELAY_MS=25``): about one second per reply;
 2. makes a scratch Switchboard in the embedded mode (SQLite, in-memory channel layer; its own
@@ -60,7 +60,7 @@ import websockets
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-DEFAULT_KIT = Path("/work/shared/bench")
+DEFAULT_KIT = Path(__file__).resolve().parents[2] / "shared" / "bench"
 ASGI_APP = "chatapp.asgi:application"
 CHUNKS = 40
 EXPECTED_TEXT = "".join(f"tok{i} " for i in range(CHUNKS))
