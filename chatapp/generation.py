@@ -25,6 +25,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -331,6 +332,18 @@ async def _finish(
     )(message.conversation_id):
         # Not on the shared sync thread: in the embedded mode the task runs inline.
         await sync_to_async(_queue_title, thread_sensitive=False)(message.conversation_id)
+        if settings.CELERY_TASK_ALWAYS_EAGER:
+            # Run inline, the task could not reach this loop's channel layer: tell the tabs here.
+            title = (
+                await Conversation.objects.filter(pk=message.conversation_id)
+                .values_list("title", flat=True)
+                .afirst()
+            )
+            if title:
+                await publish(
+                    message.conversation_id,
+                    {"type": "title", "conversation": message.conversation_id, "title": title},
+                )
 
 
 def _queue_title(conversation_id: int) -> None:

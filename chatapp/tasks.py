@@ -25,7 +25,7 @@ def fallback_title(text: str) -> str:
 def clean_title(text: str) -> str:
     line = next((line for line in text.strip().splitlines() if line.strip()), "")
     line = line.strip().strip("\"'“”«»#*").removeprefix("Title:").strip()
-    return line[:80]
+    return fallback_title(line)
 
 
 @shared_task(ignore_result=True)

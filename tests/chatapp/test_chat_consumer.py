@@ -277,3 +277,34 @@ async def test_a_model_without_vision_refuses_images_before_sending(upstream: Fa
     assert upstream.requests == []
     assert not await Message.objects.aexists()
     await ws.disconnect()
+
+
+@pytest.fixture
+def eager_celery(settings) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Tasks run inline, as in the embedded mode, whatever this run's broker."""
+    from chatapp.celery import app as celery_app
+
+    previous = celery_app.conf.task_always_eager
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+async def test_a_new_conversation_is_titled_by_its_model_after_the_first_exchange(
+    upstream: FakeUpstream, settings, eager_celery: None
+) -> None:  # type: ignore[no-untyped-def]
+    settings.SWITCHBOARD_CHAT_TITLES = True
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text="Paris is lovely in spring."), Reply(text='"Paris Trip Planning"'))
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Plan a trip to Paris", "attachments": []}
+    )
+    title = (await receive_until(ws, "title"))[-1]
+    assert title["title"] == "Paris Trip Planning"
+    conversation = await Conversation.objects.aget(owner=alice)
+    assert (conversation.title, conversation.title_generated) == ("Paris Trip Planning", True)
+    # The title request was metered on the web key too.
+    assert "Write a short title" in upstream.requests[-1].json["messages"][0]["content"]
+    await ws.disconnect()
