@@ -1,11 +1,12 @@
 """Gateway overhead benchmark: Switchboard (uvicorn and Daphne) against its upstream, direct.
 
-    .venv/bin/python .ci/bench.py [--kit ../shared/bench] [--rounds 3] [--limits]
+    .venv/bin/python .ci/bench.py [--kit ../shared/bench] [--rounds 3] [--limits] [--redis URL]
 
 Starts the shared kit's fake OpenAI upstream, a scratch Switchboard (its own data
 directory, a provider, a model and a key; with --limits the key gets rate limits
 and budgets that never trip, so admission and settlement run their full path),
-then one uvicorn and one Daphne worker.  Runs the kit's load generator against
+then one uvicorn and one Daphne worker (with --redis, sharing Redis: hot store,
+limiter scripts, cache).  Runs the kit's load generator against
 the upstream directly and through each server, alternating, for non-streaming
 and streaming requests at concurrency 1 and 32, and prints the medians.
 Everything talks to 127.0.0.1 only and stops by itself.
@@ -60,12 +61,22 @@ def main() -> None:
         "--limits", action="store_true", help="set rate limits and budgets on the key"
     )
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="run the gateway with REDIS_URL (e.g. redis://127.0.0.1:6379/14; it is flushed)",
+    )
     options = parser.parse_args()
     kit = Path(options.kit)
     data = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
     env = {**os.environ, "SWITCHBOARD_DATA_DIR": str(data), "LOG_LEVEL": "WARNING"}
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
+    if options.redis:
+        import redis
+
+        redis.Redis.from_url(options.redis).flushdb()
+        env["REDIS_URL"] = options.redis
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(*command: str) -> subprocess.Popen[bytes]:
