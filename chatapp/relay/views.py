@@ -283,46 +283,51 @@ def _stream_response(
     return response
 
 
+async def _chat(
+    request: HttpRequest,
+    principal: Principal,
+    request_id: str,
+    *,
+    endpoint: str,
+    dialect: str,
+    parse: Callable[[dict[str, Any]], Any],
+) -> HttpResponseBase:
+    body = _json_body(request)
+    model, stream = str(body.get("model") or ""), bool(body.get("stream"))
+    call = _new_call(principal, request_id, endpoint, dialect, model, stream)
+    try:
+        parsed = parse(body)
+    except RelayError as error:
+        call.fail(error)
+        call.settle()
+        raise
+    return await _relay_chat(call, parsed, dialect=dialect)
+
+
 @api_view("openai")
 async def chat_completions(
     request: HttpRequest, principal: Principal, request_id: str
 ) -> HttpResponseBase:
-    body = _json_body(request)
-    call = _new_call(
+    return await _chat(
+        request,
         principal,
         request_id,
-        "chat.completions",
-        "openai",
-        str(body.get("model") or ""),
-        bool(body.get("stream")),
+        endpoint="chat.completions",
+        dialect="openai",
+        parse=openai_dialect.parse_chat_request,
     )
-    try:
-        parsed = openai_dialect.parse_chat_request(body)
-    except RelayError as error:
-        call.fail(error)
-        call.settle()
-        raise
-    return await _relay_chat(call, parsed, dialect="openai")
 
 
 @api_view("anthropic")
 async def messages(request: HttpRequest, principal: Principal, request_id: str) -> HttpResponseBase:
-    body = _json_body(request)
-    call = _new_call(
+    return await _chat(
+        request,
         principal,
         request_id,
-        "messages",
-        "anthropic",
-        str(body.get("model") or ""),
-        bool(body.get("stream")),
+        endpoint="messages",
+        dialect="anthropic",
+        parse=anthropic_dialect.parse_messages_request,
     )
-    try:
-        parsed = anthropic_dialect.parse_messages_request(body)
-    except RelayError as error:
-        call.fail(error)
-        call.settle()
-        raise
-    return await _relay_chat(call, parsed, dialect="anthropic")
 
 
 @api_view("anthropic")
