@@ -130,13 +130,6 @@ async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
     )
 
 
-def get(key: str) -> Any:
-    if _redis_url() is None:
-        return _local.get(key)
-    raw = sync_client().get(PREFIX + key)
-    return None if raw is None else pickle.loads(raw)
-
-
 def set(key: str, value: Any, ttl: float | None = None) -> None:  # noqa: A001 - mirrors aset
     if _redis_url() is None:
         _local.set(key, value, ttl)

@@ -37,12 +37,6 @@ class RelayError(Exception):
         self.headers = headers or {}
 
 
-def invalid(message: str, param: str | None = None) -> RelayError:
-    return RelayError(
-        400, message, param=param, code="invalid_request_error" if param is None else None
-    )
-
-
 class UpstreamError(Exception):
     """An upstream answered with an error or could not be reached."""
 

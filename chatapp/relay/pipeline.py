@@ -264,11 +264,12 @@ async def admit(
                 param="max_tokens",
                 code="max_tokens_exceeded",
             )
-        estimate = tokens.estimate_request(request)
-        if estimate + (request.max_tokens or 0) > model.context_window:
+        if input_estimate is None:
+            input_estimate = tokens.estimate_request(request)
+        if input_estimate + (request.max_tokens or 0) > model.context_window:
             raise RelayError(
                 400,
-                f"This request needs about {estimate} input tokens plus {request.max_tokens or 0} output tokens, "
+                f"This request needs about {input_estimate} input tokens plus {request.max_tokens or 0} output tokens, "
                 f"more than the {model.context_window}-token context window of '{call.model}'.",
                 param="messages",
                 code="context_length_exceeded",
