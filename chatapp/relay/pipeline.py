@@ -256,6 +256,13 @@ async def admit(
                 param="tools",
                 code="tools_not_supported",
             )
+        clamp = call.principal is not None and call.principal.limits.clamp_max_tokens
+        if (
+            request.max_tokens is not None
+            and request.max_tokens > model.max_output_tokens
+            and clamp
+        ):
+            request.max_tokens = model.max_output_tokens  # the key asks for clamping over refusing
         if request.max_tokens is not None and request.max_tokens > model.max_output_tokens:
             raise RelayError(
                 400,

@@ -128,6 +128,11 @@ def test_max_tokens_over_the_keys_limit_is_refused_or_clamped(gateway: Gateway) 
     gateway.anthropic().messages.create(model="claude-fake", max_tokens=1000, messages=USER)
     assert gateway.fake.requests[-1].json["max_tokens"] == 256
 
+    # With clamping on, the model's own limit clamps too (gpt-fake allows 4096).
+    do_set_limits(key=key, max_output_tokens=None)
+    client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=100_000)
+    assert gateway.fake.requests[-1].json["max_tokens"] == 4096
+
 
 def test_each_record_keeps_the_price_of_its_time(gateway: Gateway) -> None:
     model = CatalogModel.objects.get(name="gpt-fake")
