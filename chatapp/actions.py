@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
-import httpx
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from chatapp.models import CatalogModel, Provider, ProviderType, Route
-from chatapp.relay import http as relay_http
-from chatapp.relay.canonical import ChatRequest, Completion, Message, TextPart
-from chatapp.relay.errors import UpstreamError
+from chatapp.relay import pipeline
+from chatapp.relay.canonical import ChatRequest, Message, TextPart
+from chatapp.relay.errors import RelayError, UpstreamError
 from chatapp.relay.upstreams import Target
-from chatapp.relay.upstreams import anthropic as anthropic_upstream
-from chatapp.relay.upstreams import openai as openai_upstream
 
 #: A provider test waits at most this long, whatever the provider's own timeout.
 TEST_TIMEOUT = 30.0
@@ -225,7 +220,6 @@ async def atest_provider(
                 "name an upstream model to test with"
             )
         upstream_model = route.upstream_model
-    timeout = min(provider.timeout, TEST_TIMEOUT)
     target = Target(
         route_id=0,
         provider=provider.name,
@@ -233,52 +227,34 @@ async def atest_provider(
         base_url=provider.base_url.rstrip("/"),
         api_key=provider.api_key,
         upstream_model=upstream_model,
-        timeout=timeout,
+        timeout=min(provider.timeout, TEST_TIMEOUT),
         extra_headers=dict(provider.extra_headers or {}),
         max_output_tokens=TEST_MAX_TOKENS,
+        model_path=provider.model_path,
     )
-    request = ChatRequest(
+    call = pipeline.Call(
+        principal=None,
+        endpoint="provider_test",
+        dialect="openai",
         model=upstream_model,
-        messages=[Message("user", [TextPart(TEST_PROMPT)])],
-        max_tokens=TEST_MAX_TOKENS,
+        request=ChatRequest(
+            model=upstream_model,
+            messages=[Message("user", [TextPart(TEST_PROMPT)])],
+            max_tokens=TEST_MAX_TOKENS,
+        ),
     )
-    adapter = anthropic_upstream if provider.type == ProviderType.ANTHROPIC else openai_upstream
-    call = adapter.build_chat(target, request)
     started = time.perf_counter()
     try:
-        response = await relay_http.client().post(
-            call.url, headers=call.headers, json=call.body, timeout=timeout
-        )
-    except httpx.HTTPError as exc:
-        if relay_http.is_timeout(exc):
-            raise CatalogError(
-                f"{provider.name}: no answer from {call.url} within {timeout:g}s"
-            ) from None
+        reply = await pipeline.complete(call, targets=[target], max_attempts=1)
+    except RelayError as exc:
+        # The upstream's own words (status, reason, address) rather than the client's summary.
+        cause = exc.__cause__
         raise CatalogError(
-            f"{provider.name}: cannot reach {call.url} ({type(exc.__cause__ or exc).__name__}: {exc})"
+            cause.message if isinstance(cause, UpstreamError) else exc.message
         ) from None
     latency = time.perf_counter() - started
-    if response.status_code >= 400:
-        # error_message reads both OpenAI and Anthropic error bodies.
-        reason = openai_upstream.error_message(response.text).strip() or response.reason_phrase
-        raise CatalogError(
-            f"{provider.name} answered {response.status_code} for {upstream_model}: "
-            + " ".join(reason.split())
-        )
-    try:
-        body = response.json()
-    except ValueError:
-        raise CatalogError(
-            f"{provider.name} answered {response.status_code} with a body that is not JSON"
-        ) from None
-    if not isinstance(body, dict):
-        raise CatalogError(f"{provider.name} answered with an unexpected body")
-    try:
-        completion: Completion = adapter.parse_completion(body)
-    except UpstreamError as exc:
-        raise CatalogError(f"{provider.name}: {exc.message}") from None
-    reply = completion.choices[0].text if completion.choices else ""
-    return latency, reply
+    choices = reply.completion.choices
+    return latency, choices[0].text if choices else ""
 
 
 LOCAL_MODEL_NAME = "smollm2-135m"
@@ -314,222 +290,3 @@ def do_register_local_model() -> CatalogModel | None:
         )
         do_set_price(model=model, input_price=Decimal(0), output_price=Decimal(0))
     return model
-
-
-# --- The browser chat ---
-
-MAX_MESSAGE_CHARS = 100_000
-MAX_ATTACHMENTS = 8
-
-
-class ChatError(Exception):
-    """A chat request refused before anything was saved; the message is for the user."""
-
-
-def check_active(*, user_id: int) -> bool:
-    from accounts.models import User
-
-    return User.objects.filter(pk=user_id, is_active=True).exists()
-
-
-def chat_models(*, user: Any) -> list[CatalogModel]:
-    """The chat models the user's web key may use, for the model picker."""
-    from keys.actions import do_get_web_key
-
-    allowed = do_get_web_key(user=user).allowed_models or []
-    models = CatalogModel.objects.filter(
-        enabled=True, supports_chat=True, routes__enabled=True
-    ).distinct()
-    if allowed:
-        models = models.filter(name__in=allowed)
-    return list(models.order_by("name"))
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
-        raise ChatError(f"No such {what}.")
-    return int(value)
-
-
-def check_conversation_id(*, user_id: int, conversation_id: Any) -> int:
-    from chatapp.models import Conversation
-
-    pk = _int(conversation_id, "conversation")
-    if not Conversation.objects.filter(pk=pk, owner_id=user_id).exists():
-        raise ChatError("No such conversation.")  # also when it is somebody else's
-    return pk
-
-
-def check_message_id(*, user_id: int, message_id: Any) -> int:
-    from chatapp.models import Message
-
-    pk = _int(message_id, "message")
-    if not Message.objects.filter(pk=pk, conversation__owner_id=user_id).exists():
-        raise ChatError("No such message.")
-    return pk
-
-
-def streaming_message_ids(*, conversation_id: int) -> list[int]:
-    from chatapp.models import Message, MessageStatus
-
-    return list(
-        Message.objects.filter(
-            conversation_id=conversation_id, status=MessageStatus.STREAMING
-        ).values_list("pk", flat=True)
-    )
-
-
-@dataclass(frozen=True)
-class Started:
-    conversation_id: int
-    reply_id: int
-    created: bool
-    html: str
-
-
-def _check_text(text: Any, *, required: bool) -> str:
-    if text is None:
-        text = ""
-    if not isinstance(text, str):
-        raise ChatError("The message must be text.")
-    text = text.strip()
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise ChatError(
-            f"The message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."
-        )
-    if required and not text:
-        raise ChatError("Type a message first.")
-    return text
-
-
-def _check_model(*, user: Any, name: str, images: bool) -> CatalogModel:
-    model = next((model for model in chat_models(user=user) if model.name == name), None)
-    if model is None:
-        raise ChatError(f"The model '{name}' is not available to you.")
-    if images and not model.supports_vision:
-        raise ChatError(
-            f"{model.label} does not accept images: remove them or choose a model that does."
-        )
-    return model
-
-
-def _start_reply(conversation: Any, parent: Any, created: bool) -> Started:
-    from chatapp.models import Message, MessageStatus
-    from chatapp.views import render_branch
-
-    reply = Message.objects.create(
-        conversation=conversation,
-        parent=parent,
-        role="assistant",
-        model=conversation.model,
-        status=MessageStatus.STREAMING,
-    )
-    conversation.current_leaf = reply
-    conversation.save(update_fields=["current_leaf", "updated_at"])
-    return Started(conversation.pk, reply.pk, created, render_branch(conversation))
-
-
-def _refuse_while_streaming(conversation: Any) -> None:
-    from chatapp.models import MessageStatus
-
-    if conversation.messages.filter(status=MessageStatus.STREAMING).exists():
-        raise ChatError("A reply is still being written: wait for it or stop it first.")
-
-
-def do_send_message(
-    *, user_id: int, conversation_id: Any, text: Any, attachment_ids: Any, model: Any = None
-) -> Started:
-    """A user turn at the end of the displayed branch, and its reply (to be generated)."""
-    from accounts.models import User
-    from chatapp.models import Attachment, Conversation, Message
-
-    user = User.objects.get(pk=user_id)
-    if not isinstance(attachment_ids, list) or len(attachment_ids) > MAX_ATTACHMENTS:
-        raise ChatError(f"At most {MAX_ATTACHMENTS} images per message.")
-    text = _check_text(text, required=not attachment_ids)
-    # Lock the conversation row: two tabs sending at once must not both append to
-    # the same leaf.
-    with transaction.atomic():
-        created = conversation_id in (None, "")
-        if created:
-            choices = chat_models(user=user)
-            name = (
-                model if isinstance(model, str) and model else (choices[0].name if choices else "")
-            )
-            if not name:
-                raise ChatError(
-                    "No model is available to you yet: ask an administrator to add one."
-                )
-            conversation = Conversation(owner=user, model=name)
-        else:
-            pk = check_conversation_id(user_id=user_id, conversation_id=conversation_id)
-            conversation = Conversation.objects.select_for_update().get(pk=pk)
-            _refuse_while_streaming(conversation)
-            if isinstance(model, str) and model:
-                conversation.model = model
-        attachments = list(
-            Attachment.objects.filter(
-                pk__in=[a for a in attachment_ids if isinstance(a, int)], owner=user, message=None
-            )
-        )
-        if len(attachments) != len(attachment_ids):
-            raise ChatError("An attached image is missing: upload it again.")
-        _check_model(user=user, name=conversation.model, images=bool(attachments))
-        conversation.save()
-        message = Message.objects.create(
-            conversation=conversation, parent=conversation.current_leaf, role="user", content=text
-        )
-        Attachment.objects.filter(pk__in=[a.pk for a in attachments]).update(message=message)
-        return _start_reply(conversation, message, created)
-
-
-def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
-    """A new version of a user turn (a sibling branch), and its reply."""
-    from chatapp.models import Attachment, Conversation, Message
-
-    pk = check_message_id(user_id=user_id, message_id=message_id)
-    with transaction.atomic():
-        original = Message.objects.select_related("conversation").get(pk=pk)
-        if original.role != "user":
-            raise ChatError("Only your own messages can be edited.")
-        conversation = Conversation.objects.select_for_update().get(pk=original.conversation_id)
-        _refuse_while_streaming(conversation)
-        images = list(original.attachments.all())
-        text = _check_text(text, required=not images)
-        _check_model(user=conversation.owner, name=conversation.model, images=bool(images))
-        message = Message.objects.create(
-            conversation=conversation, parent=original.parent, role="user", content=text
-        )
-        for image in images:  # the new version keeps the images; the files are shared
-            Attachment.objects.create(
-                owner=image.owner, message=message, file=image.file.name, media_type=image.media_type,
-                width=image.width, height=image.height, size=image.size, original_name=image.original_name,
-            )  # fmt: skip
-        return _start_reply(conversation, message, False)
-
-
-def do_regenerate(*, user_id: int, message_id: Any) -> Started:
-    """Another version of a reply (a sibling branch)."""
-    from chatapp.models import Conversation, Message
-
-    pk = check_message_id(user_id=user_id, message_id=message_id)
-    with transaction.atomic():
-        original = Message.objects.get(pk=pk)
-        if original.role != "assistant":
-            raise ChatError("Only replies can be regenerated.")
-        conversation = Conversation.objects.select_for_update().get(pk=original.conversation_id)
-        _refuse_while_streaming(conversation)
-        _check_model(user=conversation.owner, name=conversation.model, images=False)
-        return _start_reply(conversation, original.parent, False)
-
-
-def do_switch_branch(*, user_id: int, message_id: Any) -> Any:
-    """Show ``message``'s version, with that version's own continuation."""
-    from chatapp.models import Conversation, Message
-
-    pk = check_message_id(user_id=user_id, message_id=message_id)
-    message = Message.objects.get(pk=pk)
-    conversation = Conversation.objects.get(pk=message.conversation_id)
-    conversation.current_leaf = message.latest_leaf()
-    conversation.save(update_fields=["current_leaf"])
-    return conversation

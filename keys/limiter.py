@@ -40,7 +40,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from chatapp import hotstore
-from chatapp.relay.errors import RelayError
+from keys.exceptions import LimiterUnavailable, LimitExceeded, RateWindow
 from keys.pricing import from_nano, to_nano
 
 MAX_MONEY_BUDGET = Decimal(9_000_000)
@@ -141,23 +141,14 @@ class Ticket:
     counts: dict[str, int] = field(default_factory=dict)  # rm, rd, tm, td after admission
     settled: bool = False
 
-    def headers(self, dialect: str, now: datetime | None = None) -> dict[str, str]:
-        return rate_headers(self.limits, self.windows, self.counts, dialect, now or clock())
+    def rate(self) -> tuple[RateWindow, ...]:
+        """The key's rate limits after this admission, for the client's headers."""
+        return rate_windows(self.limits, self.windows, self.counts)
 
 
-def _reset_text(seconds: float) -> str:
-    """OpenAI's reset format: 1s, 6m0s, 20ms."""
-    if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
-    whole = int(seconds + 0.999)
-    minutes, rest = divmod(whole, 60)
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
-
-
-def rate_headers(
-    limits: Limits, win: Windows, counts: dict[str, int], dialect: str, now: datetime
-) -> dict[str, str]:
-    out: dict[str, str] = {}
+def rate_windows(limits: Limits, win: Windows, counts: dict[str, int]) -> tuple[RateWindow, ...]:
+    """Per kind (requests, tokens): the tightest window that has a limit (minute, else day)."""
+    out: list[RateWindow] = []
     for kind, minute_limit, day_limit, minute_key, day_key in (
         ("requests", limits.rpm, limits.rpd, "rm", "rd"),
         ("tokens", limits.tpm, limits.tpd, "tm", "td"),
@@ -168,18 +159,8 @@ def rate_headers(
             limit, used, reset = day_limit, counts.get(day_key, 0), win.day_reset
         else:
             continue
-        remaining = max(0, limit - used)
-        if dialect == "anthropic":
-            out[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
-            out[f"anthropic-ratelimit-{kind}-remaining"] = str(remaining)
-            out[f"anthropic-ratelimit-{kind}-reset"] = reset.astimezone(ZoneInfo("UTC")).strftime(
-                "%Y-%m-%dT%H:%M:%SZ"
-            )
-        else:
-            out[f"x-ratelimit-limit-{kind}"] = str(limit)
-            out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-            out[f"x-ratelimit-reset-{kind}"] = _reset_text((reset - now).total_seconds())
-    return out
+        out.append(RateWindow(kind, limit, max(0, limit - used), reset))
+    return tuple(out)
 
 
 # --- the two backends: same data, same steps ---
@@ -501,12 +482,13 @@ def _used(result: list[Any]) -> dict[str, int]:
     return {key: int(result[2])} if key else {}
 
 
-def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> RelayError:
+def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> LimitExceeded:
     kind = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
     limit = int(result[2])
     used = int(result[3])
     win = ticket.windows
     prefix = ticket.label or f"API key #{ticket.key_id}"
+    rate = rate_windows(ticket.limits, win, _used(result))
     if kind in ("rpm", "rpd", "tpm", "tpd", "concurrency"):
         reset = {
             "rpm": win.minute_reset,
@@ -525,15 +507,20 @@ def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> RelayError:
         needed = (
             f" (this request needs up to {ticket.tokens} tokens)" if kind in ("tpm", "tpd") else ""
         )
-        when = f"Try again in {wait}s." if reset else "Try again when a request in flight finishes."
-        error = RelayError(
-            429,
-            f"Rate limit reached for {label} on {prefix}: limit {limit}, used {used}{needed}. {when}",
-            type="rate_limit_error",
-            code="rate_limit_exceeded",
+        when = (
+            f"Try again in {wait}s."
+            if reset
+            else "Try again when one of the key's requests in flight has ended."
         )
-        error.headers["retry-after"] = str(wait)
-        return error
+        return LimitExceeded(
+            kind,
+            f"Rate limit reached for {label} on {prefix}: limit {limit}, used {used}{needed}. {when}",
+            limit=limit,
+            used=used,
+            resets_at=reset,
+            retry_after=wait,
+            rate=rate,
+        )
     reserved = int(result[4])
     resets = (
         f"resets at {win.period_reset.isoformat()}"
@@ -547,6 +534,8 @@ def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> RelayError:
             f"{f', {reserved} reserved by requests in flight' if reserved else ''}; this request needs up to "
             f"{ticket.tokens}; {resets}."
         )
+        limit_value: object = limit
+        used_value: object = used
     else:
         currency = settings.SWITCHBOARD_CURRENCY
         message = (
@@ -555,10 +544,21 @@ def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> RelayError:
             f"{f', {from_nano(reserved).normalize():f} reserved by requests in flight' if reserved else ''}; "
             f"this request may cost up to {from_nano(ticket.money_nano).normalize():f}; {resets}."
         )
-    error = RelayError(429, message, type="insufficient_quota", code="insufficient_quota")
-    if win.period_reset is not None:
-        error.headers["retry-after"] = str(max(1, int((win.period_reset - now).total_seconds())))
-    return error
+        limit_value, used_value = from_nano(limit), from_nano(used)
+    retry = (
+        max(1, int((win.period_reset - now).total_seconds()))
+        if win.period_reset is not None
+        else None
+    )
+    return LimitExceeded(
+        kind,
+        message,
+        limit=limit_value,
+        used=used_value,
+        resets_at=win.period_reset,
+        retry_after=retry,
+        rate=rate,
+    )
 
 
 async def aadmit(
@@ -569,9 +569,11 @@ async def aadmit(
     tokens: int,
     money_nano: int,
     label: str = "",
-    dialect: str = "openai",
 ) -> Ticket:
-    """Check every limit and reserve ``tokens`` / ``money_nano`` atomically, or raise 429."""
+    """Check every limit and reserve ``tokens`` / ``money_nano`` atomically.
+
+    Raises ``LimitExceeded`` naming the limit that refused.
+    """
     now = clock()
     ticket = Ticket(
         key_id, request_id, limits, windows(now, limits.period), tokens, money_nano, label
@@ -584,9 +586,7 @@ async def aadmit(
             await _rebuild(ticket, now)
             continue
         if status == 0:
-            error = _refusal(list(result), ticket, now)
-            error.headers.update(rate_headers(limits, ticket.windows, _used(result), dialect, now))
-            raise error
+            raise _refusal(list(result), ticket, now)
         ticket.counts = {
             "rm": int(result[1]),
             "rd": int(result[2]),
@@ -594,9 +594,7 @@ async def aadmit(
             "td": int(result[4]),
         }
         return ticket
-    raise RelayError(
-        503, "The limiter could not rebuild its counters; try again.", type="overloaded_error"
-    )
+    raise LimiterUnavailable("The limiter could not rebuild its counters; try again.")
 
 
 def settle(ticket: Ticket, *, tokens: int, money_nano: int) -> None:

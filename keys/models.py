@@ -171,6 +171,8 @@ class UsageStatus(models.TextChoices):
     OK = "ok", _("ok")
     ERROR = "error", _("error")
     CLIENT_DISCONNECTED = "client_disconnected", _("client disconnected")
+    STOPPED = "stopped", _("stopped by the user")
+    INTERRUPTED = "interrupted", _("interrupted by a server shutdown")
 
 
 class UsageRecord(models.Model):

@@ -85,6 +85,11 @@ class Reply:
     delay: float = 0.0
     #: seconds between stream chunks
     chunk_delay: float = 0.0
+    #: fields a newer API version might add: merged into every stream chunk/event
+    extra_fields: dict[str, Any] = field(default_factory=dict)
+    #: (name, data) events a newer API version might add, sent after the first content
+    #: event (Anthropic; an OpenAI stream gets each data as a chunk of its own)
+    extra_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -697,7 +702,7 @@ def _openai_stream(body: Mapping[str, Any], reply: Reply) -> tuple[list[str], in
     deltas.append(({}, _OPENAI_FINISH.get(finish, finish)))
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        payload = {**base, "choices": choices}
+        payload = {**base, "choices": choices, **reply.extra_fields}
         if with_usage:
             payload["usage"] = usage
         return f"data: {_dumps(payload)}\n\n"
@@ -707,6 +712,8 @@ def _openai_stream(body: Mapping[str, Any], reply: Reply) -> tuple[list[str], in
         for delta, finish_reason in deltas
         for i in range(n)
     ]
+    for _name, data in reply.extra_events:
+        events.insert(n + 1, f"data: {_dumps({**base, **data})}\n\n")
     if with_usage:
         events.append(chunk([], _openai_usage(body, reply, n)))
     events.append("data: [DONE]\n\n")
@@ -878,6 +885,14 @@ def _anthropic_stream(body: Mapping[str, Any], reply: Reply) -> tuple[list[str],
         final["usage"] = {"output_tokens": _output_tokens(reply)}
     events.append(_sse(final))
     events.append(_sse({"type": "message_stop"}))
+    events = [
+        event.replace("\ndata: {", "\ndata: {" + _dumps(reply.extra_fields)[1:-1] + ",", 1)
+        if reply.extra_fields
+        else event
+        for event in events
+    ]
+    for name, data in reply.extra_events:
+        events.insert(opening + 1, f"event: {name}\ndata: {_dumps(data)}\n\n")
     return events, opening
 
 

@@ -123,6 +123,7 @@ class ChatRequest:
     # speaks the client's dialect, so fields we do not model pass through untouched.
     raw: dict[str, Any] | None = None
     dialect: str = ""
+    body_size: int = 0  # bytes of the client's JSON body, when it came as one (token bound)
 
     @property
     def has_images(self) -> bool:

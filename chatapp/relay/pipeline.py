@@ -1,11 +1,23 @@
 """The one pipeline every model call goes through.
 
-    parse (dialect) → admit → route → call (upstream adapter) → render (dialect) → settle
+    parse (dialect) → admit → route → call (upstream) → render (dialect) → settle
 
-Views and the chat consumer parse their transport into a ``ChatRequest``, then use
-``admit()``, ``open_chat()`` / ``complete_chat()`` and render the events they get
-back.  ``Call.settle()`` writes the usage record and runs in ``finally`` on every
-path: success, upstream failure, client disconnect.
+A transport parses its input into a ``Call`` holding a canonical ``ChatRequest``,
+then uses ONE entry point per capability, which owns the whole lifecycle — it
+admits, routes, calls, observes what the upstream produces, sets the outcome and
+settles in its own ``finally``:
+
+- ``async with pipeline.chat(call) as stream:`` a streamed chat; iterate ``stream``
+  for the upstream's items, ``stream.stop()`` to end it early (the browser's stop);
+- ``await pipeline.complete(call)``: a whole chat reply;
+- ``await pipeline.embed(call, body, inputs)``: embeddings;
+- ``await pipeline.count_tokens(call)``: admitted (key and model) but nothing is
+  reserved or billed;
+- ``pipeline.refuse(call, error)``: a request refused before admission (bad
+  input) still leaves its usage record.
+
+Transports only render: ``passthrough(call, target)`` says whether the client gets
+the upstream's own body and stream (same dialect) or a rendering of the events.
 """
 
 from __future__ import annotations
@@ -16,11 +28,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from django.conf import settings
@@ -41,12 +53,11 @@ from chatapp.relay.canonical import (
     UsageEvent,
 )
 from chatapp.relay.catalog import ModelInfo
-from chatapp.relay.errors import RelayError, UpstreamError
-from chatapp.relay.upstreams import HttpCall, Target, local
-from chatapp.relay.upstreams import anthropic as anthropic_upstream
-from chatapp.relay.upstreams import openai as openai_upstream
+from chatapp.relay.errors import RelayError, UpstreamError, from_domain
+from chatapp.relay.upstreams import HttpCall, Target, UpstreamItem
 from keys import ledger, limiter
 from keys.auth import Principal
+from keys.exceptions import LimiterUnavailable, LimitExceeded, RateWindow
 from keys.limiter import Limits, Ticket
 from keys.pricing import Price, price_at, to_nano
 
@@ -55,6 +66,16 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 MAX_RETRY_WAIT = 5.0  # longest Retry-After we sit out before retrying the same route
 CONNECT_TIMEOUT = 10.0
+T = TypeVar("T")
+
+# Outcomes of a call, as its usage record says them.
+OK, ERROR, DISCONNECTED, STOPPED, INTERRUPTED = (
+    "ok",
+    "error",
+    "client_disconnected",
+    "stopped",
+    "interrupted",
+)
 
 
 def new_request_id() -> str:
@@ -63,20 +84,27 @@ def new_request_id() -> str:
 
 @dataclass
 class Call:
-    """One relayed request from admission to its usage record."""
+    """One request from admission to its usage record.
+
+    Transports fill in who asks and what (``principal``, ``endpoint``, ``dialect``,
+    ``model``, ``request``); the pipeline fills in the rest.  ``on_cancel`` is the
+    outcome recorded if the transport's task is cancelled: a client that went away
+    for ``/v1``, a server shutting down for the browser chat.
+    """
 
     principal: Principal | None
     endpoint: str
     dialect: str
     model: str
     stream: bool = False
+    request: ChatRequest | None = None
     request_id: str = field(default_factory=new_request_id)
     user_id: int | None = None
+    on_cancel: str = DISCONNECTED
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     target: Target | None = None
     attempts: int = 0
-    request: ChatRequest | None = None
     usage: Usage | None = None
     upstream_input_tokens: int | None = None
     output_chars: list[str] = field(default_factory=list)
@@ -84,11 +112,16 @@ class Call:
     ticket: Ticket | None = None
     final_usage: Usage | None = None  # set by settle()
     cost: Decimal = Decimal(0)
-    status: str = "error"
+    status: str = ""  # set once, by the pipeline
     http_status: int = 200
     error_type: str = ""
     error_message: str = ""
     settled: bool = False
+
+    @property
+    def rate(self) -> tuple[RateWindow, ...]:
+        """The key's rate limits after this call's admission (for response headers)."""
+        return self.ticket.rate() if self.ticket is not None else ()
 
     def observe(self, events: list[Event]) -> None:
         for event in events:
@@ -114,14 +147,30 @@ class Call:
             self.output_chars.extend(call.arguments for call in choice.tool_calls)
         self.usage = completion.usage
 
-    def fail(self, error: RelayError) -> None:
-        self.status = "error"
+    def _fail(self, error: RelayError) -> None:
+        if self.status:
+            return
+        self.status = ERROR
         self.http_status = error.status
         self.error_type = error.type
         self.error_message = error.message[:2000]
 
+    def _conclude(self, exc: BaseException | None) -> None:
+        """The outcome from how the call ended; the first outcome set stands."""
+        if self.status:
+            return
+        if exc is None:
+            self.status = OK
+        elif isinstance(exc, RelayError):
+            self._fail(exc)
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            self.status = self.on_cancel
+            self.http_status = 499
+        else:
+            self._fail(RelayError(500, f"Internal error in the gateway ({type(exc).__name__})."))
+
     def settle(self) -> None:
-        """Write this request's usage record (exactly once)."""
+        """Release the reservation and write this request's usage record (exactly once)."""
         if self.settled:
             return
         self.settled = True
@@ -176,7 +225,7 @@ class Call:
                 "output_tokens": usage.output_tokens,
                 "cached_tokens": usage.cached_tokens,
                 "estimated": estimated,
-                "status": self.status,
+                "status": self.status or ERROR,
                 "http_status": self.http_status,
                 "error_type": self.error_type,
                 "error_message": self.error_message,
@@ -199,18 +248,33 @@ class Call:
         )
 
 
+def passthrough(call: Call, target: Target) -> bool:
+    """Whether the client gets the upstream's own body and stream (model name swapped).
+
+    True when the upstream speaks the client's dialect: fields and events we do not
+    model reach the client untouched.  Otherwise the client gets a rendering of the
+    canonical events in its dialect.
+    """
+    return target.upstream.dialect == call.dialect
+
+
+def refuse(call: Call, error: RelayError) -> None:
+    """Record a request refused before admission (bad input): it has a usage record too."""
+    call._fail(error)
+    call.settle()
+
+
 # --- admit ---
 
 
-async def admit(
-    call: Call,
-    *,
-    capability: str = "chat",
-    request: ChatRequest | None = None,
-    input_estimate: int | None = None,
-) -> ModelInfo:
-    """Check the key may use the model and the model can serve this request."""
+async def admit(call: Call, *, capability: str = "chat", reserve: bool = True) -> ModelInfo:
+    """Check the key may use the model and the model can serve this request; reserve.
+
+    ``capability``: ``chat``, ``embeddings`` or ``count`` (any model that chats).
+    With ``reserve=False`` nothing is taken from the key's limits.
+    """
     principal = call.principal
+    request = call.request
     if principal is not None and not principal.may_use(call.model):
         raise RelayError(
             403,
@@ -234,53 +298,15 @@ async def admit(
             param="model",
             code="model_not_supported",
         )
-    if capability == "chat" and not model.chat:
+    if capability in ("chat", "count") and not model.chat:
         raise RelayError(
             400,
             f"The model '{call.model}' is not a chat model.",
             param="model",
             code="model_not_supported",
         )
-    if request is not None:
-        if request.has_images and not model.vision:
-            raise RelayError(
-                400,
-                f"The model '{call.model}' does not accept images.",
-                param="messages",
-                code="image_not_supported",
-            )
-        if request.tools and not model.tools:
-            raise RelayError(
-                400,
-                f"The model '{call.model}' does not support tools.",
-                param="tools",
-                code="tools_not_supported",
-            )
-        clamp = call.principal is not None and call.principal.limits.clamp_max_tokens
-        if (
-            request.max_tokens is not None
-            and request.max_tokens > model.max_output_tokens
-            and clamp
-        ):
-            request.max_tokens = model.max_output_tokens  # the key asks for clamping over refusing
-        if request.max_tokens is not None and request.max_tokens > model.max_output_tokens:
-            raise RelayError(
-                400,
-                f"max_tokens: {request.max_tokens} is more than the {model.max_output_tokens} output tokens "
-                f"the model '{call.model}' allows.",
-                param="max_tokens",
-                code="max_tokens_exceeded",
-            )
-        if input_estimate is None:
-            input_estimate = tokens.estimate_request(request)
-        if input_estimate + (request.max_tokens or 0) > model.context_window:
-            raise RelayError(
-                400,
-                f"This request needs about {input_estimate} input tokens plus {request.max_tokens or 0} output tokens, "
-                f"more than the {model.context_window}-token context window of '{call.model}'.",
-                param="messages",
-                code="context_length_exceeded",
-            )
+    if request is not None and capability == "chat":
+        _check_request(call, model, request)
     if not model.routes:
         raise RelayError(
             503,
@@ -288,53 +314,95 @@ async def admit(
             type="overloaded_error",
             code="no_route",
         )
-    await _admit_limits(call, model, request, input_estimate)
+    if reserve:
+        await _reserve(call, model)
     return model
 
 
-async def _admit_limits(
-    call: Call, model: ModelInfo, request: ChatRequest | None, input_estimate: int | None
-) -> None:
-    """Apply the key's max-output rule, snapshot the price, reserve against the key's limits."""
-    principal = call.principal
-    limits = principal.limits if principal is not None else Limits()
-    max_output = 0
-    if request is not None:
-        key_max = limits.max_output_tokens
-        if key_max is not None:
-            if request.max_tokens is None:
-                # Bound the reply so the reservation below is a real worst case.
-                request.max_tokens = min(key_max, model.max_output_tokens)
-            elif request.max_tokens > key_max:
-                if not limits.clamp_max_tokens:
-                    raise RelayError(
-                        400,
-                        f"max_tokens: {request.max_tokens} is more than the {key_max} output tokens "
-                        f"this API key allows per request.",
-                        param="max_tokens",
-                        code="max_tokens_exceeded",
-                    )
-                request.max_tokens = key_max
-        max_output = request.max_tokens or model.max_output_tokens
+def _check_request(call: Call, model: ModelInfo, request: ChatRequest) -> None:
+    if request.has_images and not model.vision:
+        raise RelayError(
+            400,
+            f"The model '{call.model}' does not accept images.",
+            param="messages",
+            code="image_not_supported",
+        )
+    if request.tools and not model.tools:
+        raise RelayError(
+            400,
+            f"The model '{call.model}' does not support tools.",
+            param="tools",
+            code="tools_not_supported",
+        )
+    limits = call.principal.limits if call.principal is not None else Limits()
+    if request.max_tokens is not None and request.max_tokens > model.max_output_tokens:
+        if not limits.clamp_max_tokens:
+            raise RelayError(
+                400,
+                f"max_tokens: {request.max_tokens} is more than the {model.max_output_tokens} output tokens "
+                f"the model '{call.model}' allows.",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
+        request.max_tokens = model.max_output_tokens  # the key asks for clamping over refusing
+    key_max = limits.max_output_tokens
+    if key_max is not None:
+        if request.max_tokens is None:
+            # Bound the reply so the reservation is a real worst case.
+            request.max_tokens = min(key_max, model.max_output_tokens)
+        elif request.max_tokens > key_max:
+            if not limits.clamp_max_tokens:
+                raise RelayError(
+                    400,
+                    f"max_tokens: {request.max_tokens} is more than the {key_max} output tokens "
+                    f"this API key allows per request.",
+                    param="max_tokens",
+                    code="max_tokens_exceeded",
+                )
+            request.max_tokens = key_max
+    estimate = tokens.estimate_request(request)
+    if estimate + (request.max_tokens or 0) > model.context_window:
+        raise RelayError(
+            400,
+            f"This request needs about {estimate} input tokens plus {request.max_tokens or 0} output tokens, "
+            f"more than the {model.context_window}-token context window of '{call.model}'.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+
+async def _reserve(call: Call, model: ModelInfo, input_bound: int | None = None) -> None:
+    """Snapshot the price and reserve the request's worst case against the key's limits.
+
+    The worst case is an upper bound, never an estimate: the input by its UTF-8
+    size (``tokens.bound_request``) plus every output token the request may produce.
+    """
     call.price = price_at(model.prices, limiter.clock())
-    if principal is None or not limits.any:
+    principal = call.principal
+    if principal is None or not principal.limits.any:
         return
-    if input_estimate is None:
-        input_estimate = tokens.estimate_request(request) if request is not None else 0
+    request = call.request
+    max_output = 0
+    if input_bound is None:
+        input_bound = tokens.bound_request(request) if request is not None else 0
+    if request is not None:
+        max_output = (request.max_tokens or model.max_output_tokens) * max(1, request.n)
     worst = (
-        call.price.cost(input_tokens=input_estimate, output_tokens=max_output)
+        call.price.cost(input_tokens=input_bound, output_tokens=max_output)
         if call.price is not None
         else Decimal(0)
     )
-    call.ticket = await limiter.aadmit(
-        key_id=principal.key_id,
-        request_id=call.request_id,
-        limits=limits,
-        tokens=input_estimate + max_output,
-        money_nano=to_nano(worst),
-        label=principal.label,
-        dialect=call.dialect,
-    )
+    try:
+        call.ticket = await limiter.aadmit(
+            key_id=principal.key_id,
+            request_id=call.request_id,
+            limits=principal.limits,
+            tokens=input_bound + max_output,
+            money_nano=to_nano(worst),
+            label=principal.label,
+        )
+    except (LimitExceeded, LimiterUnavailable) as exc:
+        raise from_domain(exc) from None
 
 
 # --- route + call ---
@@ -359,26 +427,7 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
-@contextlib.asynccontextmanager
-async def _local_slot(target: Target) -> AsyncIterator[Target]:
-    """For a local model: a place in its bounded queue and its server's address."""
-    if target.provider_type != "local":
-        yield target
-        return
-    local.supervisor.enter(target.model_path)
-    try:
-        yield await local.resolve(target)
-    finally:
-        local.supervisor.leave(target.model_path)
-
-
-def _build(target: Target, request: ChatRequest) -> HttpCall:
-    if target.provider_type == "anthropic":
-        return anthropic_upstream.build_chat(target, request)
-    return openai_upstream.build_chat(target, request)
-
-
-async def _send(call: Call, http_call: HttpCall, target: Target, *, stream: bool) -> httpx.Response:
+async def _send(http_call: HttpCall, target: Target, *, stream: bool) -> httpx.Response:
     client = relay_http.client()
     request = client.build_request(
         "POST",
@@ -392,11 +441,12 @@ async def _send(call: Call, http_call: HttpCall, target: Target, *, stream: bool
     except httpx.HTTPError as exc:
         if relay_http.is_timeout(exc):
             raise UpstreamError(
-                f"{target.provider}: no answer within {target.timeout:g}s", status=504
+                f"{target.provider}: no answer from {http_call.url} within {target.timeout:g}s",
+                status=504,
             ) from None
         cause = exc.__cause__ or exc
         raise UpstreamError(
-            f"{target.provider}: cannot reach the upstream ({type(cause).__name__}: {cause})"
+            f"{target.provider}: cannot reach {http_call.url} ({type(cause).__name__}: {cause})"
         ) from None
     if response.status_code >= 400:
         try:
@@ -408,7 +458,8 @@ async def _send(call: Call, http_call: HttpCall, target: Target, *, stream: bool
         status = response.status_code
         retryable = status in (408, 409, 429) or status >= 500
         raise UpstreamError(
-            f"{target.provider} answered {status}: {openai_upstream.error_message(text)}",
+            f"{target.provider} answered {status} for {target.upstream_model}: "
+            + " ".join(target.upstream.error_message(text).split()),
             status=status,
             retry_after=_retry_after(response),
             retryable=retryable,
@@ -431,7 +482,17 @@ async def _send(call: Call, http_call: HttpCall, target: Target, *, stream: bool
     return response
 
 
-def _client_error(error: UpstreamError) -> RelayError:
+def _json_object(response: httpx.Response, target: Target) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        raise UpstreamError(f"{target.provider} sent a body that is not JSON", status=502) from None
+    if not isinstance(body, dict):
+        raise UpstreamError(f"{target.provider} sent an unexpected body", status=502)
+    return body
+
+
+def client_error(error: UpstreamError) -> RelayError:
     """What the client sees when no route could serve the request."""
     if error.status == 429:
         headers = (
@@ -458,11 +519,29 @@ def _client_error(error: UpstreamError) -> RelayError:
     )
 
 
-async def _attempts(call: Call, model: ModelInfo, attempt: Callable[[Target], Any]) -> Any:
-    """Run ``attempt`` on routes in failover order until one succeeds."""
-    ordered = routing.order(model.routes)
+def mid_stream_error(error: UpstreamError) -> RelayError:
+    """What the client sees when the upstream fails after content reached it."""
+    return RelayError(
+        502,
+        f"Upstream error mid-stream: {error.message}",
+        type="upstream_error",
+        code="upstream_error",
+    )
+
+
+async def _attempts(
+    call: Call,
+    targets: list[Target],
+    attempt: Callable[[Target], Awaitable[T]],
+    max_attempts: int = MAX_ATTEMPTS,
+) -> T:
+    """Run ``attempt`` on routes in failover order until one succeeds.
+
+    The ``RelayError`` raised when none does has the last ``UpstreamError`` as its
+    cause (the upstream's own words, for a provider test).
+    """
     # Cycle through the routes: with one route, its retries; with many, failover.
-    plan = [ordered[index % len(ordered)] for index in range(MAX_ATTEMPTS)]
+    plan = [targets[index % len(targets)] for index in range(max_attempts)]
     last: UpstreamError | None = None
     for number, target in enumerate(plan):
         if number and target.route_id == plan[number - 1].route_id:
@@ -493,108 +572,70 @@ async def _attempts(call: Call, model: ModelInfo, attempt: Callable[[Target], An
         routing.record_success(target.route_id)
         return result
     assert last is not None
-    raise _client_error(last)
-
-
-async def complete_chat(
-    call: Call, model: ModelInfo, request: ChatRequest
-) -> tuple[Target, dict[str, Any], Completion]:
-    """A non-streamed chat call: the upstream's JSON body and its canonical completion."""
-
-    async def attempt(target: Target) -> tuple[Target, dict[str, Any], Completion]:
-        async with _local_slot(target) as target:
-            response = await _send(call, _build(target, request), target, stream=False)
-        try:
-            body = response.json()
-        except ValueError:
-            raise UpstreamError(
-                f"{target.provider} sent a body that is not JSON", status=502
-            ) from None
-        if not isinstance(body, dict):
-            raise UpstreamError(f"{target.provider} sent an unexpected body", status=502)
-        if target.provider_type == "anthropic":
-            completion = anthropic_upstream.parse_completion(body)
-        else:
-            completion = openai_upstream.parse_completion(body)
-        return target, body, completion
-
-    target, body, completion = await _attempts(call, model, attempt)
-    call.observe_completion(completion)
-    return target, body, completion
+    raise client_error(last) from last
 
 
 @dataclass
-class UpstreamItem:
-    """One upstream stream element: its raw form (for same-dialect relaying) and its events."""
+class Reply:
+    """A whole chat reply: the upstream's own JSON body and its canonical completion."""
 
-    name: str
-    raw: dict[str, Any]
-    events: list[Event]
+    target: Target
+    body: dict[str, Any]
+    completion: Completion
+
+
+async def _complete(
+    call: Call, targets: list[Target], request: ChatRequest, max_attempts: int
+) -> Reply:
+    async def attempt(target: Target) -> Reply:
+        upstream = target.upstream
+        async with upstream.connect(target) as connected:
+            response = await _send(upstream.build_chat(connected, request), connected, stream=False)
+        body = _json_object(response, target)
+        return Reply(target, body, upstream.parse_completion(body))
+
+    reply = await _attempts(call, targets, attempt, max_attempts)
+    call.observe_completion(reply.completion)
+    return reply
+
+
+async def complete(
+    call: Call, *, targets: list[Target] | None = None, max_attempts: int = MAX_ATTEMPTS
+) -> Reply:
+    """A whole (non-streamed) chat reply; admitted, billed and recorded.
+
+    ``targets`` pins the routes (a provider test); otherwise the model's routes are
+    used in failover order.  Settled before it returns, so the usage record exists
+    before the client reads a byte of the answer.
+    """
+    assert call.request is not None
+    try:
+        if targets is None:
+            model = await admit(call)
+            targets = routing.order(model.routes)
+        reply = await _complete(call, targets, call.request, max_attempts)
+    except BaseException as exc:
+        call._conclude(exc)
+        raise
+    else:
+        call._conclude(None)
+        return reply
+    finally:
+        call.settle()
 
 
 CONTENT_EVENTS = (TextDelta, ToolCallStart, ToolCallDelta, Finish, UsageEvent)
 
 
-class UpstreamStream:
-    """An open upstream stream whose opening elements have already been read."""
-
-    def __init__(
-        self,
-        target: Target,
-        response: httpx.Response,
-        items: AsyncIterator[UpstreamItem],
-        opening: list[UpstreamItem],
-        on_close: contextlib.AbstractAsyncContextManager[Target] | None = None,
-    ) -> None:
-        self.target = target
-        self.response = response
-        self.items = items
-        self.opening = opening  # already observed by the call
-        self.on_close = on_close
-
-    async def __aiter__(self) -> AsyncIterator[UpstreamItem]:
-        for item in self.opening:
-            yield item
-        async for item in self.items:
-            yield item
-
-    async def aclose(self) -> None:
-        try:
-            await self.response.aclose()
-        finally:
-            if self.on_close is not None:
-                on_close, self.on_close = self.on_close, None
-                await on_close.__aexit__(None, None, None)
-
-
-async def _items(target: Target, response: httpx.Response) -> AsyncIterator[UpstreamItem]:
-    anthropic = target.provider_type == "anthropic"
-    parser: Any = anthropic_upstream.StreamParser() if anthropic else openai_upstream.StreamParser()
-    finished = False
+async def _items(
+    target: Target, response: httpx.Response, decoder: Any
+) -> AsyncIterator[UpstreamItem]:
     try:
         async for name, data in sse.events(response):
-            if not anthropic and data.strip() == "[DONE]":
-                finished = True
-                break
-            try:
-                raw = json.loads(data)
-            except json.JSONDecodeError:
-                raise UpstreamError(
-                    f"{target.provider} sent malformed stream data: {data[:120]!r}", retryable=True
-                ) from None
-            if not isinstance(raw, dict):
-                raise UpstreamError(
-                    f"{target.provider} sent unexpected stream data: {data[:120]!r}"
-                )
-            if not anthropic and "error" in raw and "choices" not in raw:
-                raise UpstreamError(
-                    f"{target.provider} reported an error mid-stream: {openai_upstream.error_message(data)}",
-                    retryable=False,
-                )
-            events = parser.feed(name, raw) if anthropic else parser.feed(raw)
-            yield UpstreamItem(name, raw, events)
-            if anthropic and raw.get("type") == "message_stop":
-                finished = True
+            item = decoder.feed(name, data)
+            if item is not None:
+                yield item
+            if decoder.finished:
                 break
     except httpx.TimeoutException:
         raise UpstreamError(
@@ -604,29 +645,85 @@ async def _items(target: Target, response: httpx.Response) -> AsyncIterator[Upst
         raise UpstreamError(
             f"{target.provider}: the stream broke off ({type(exc).__name__})"
         ) from None
-    if not finished:
+    if not decoder.finished:
         raise UpstreamError(f"{target.provider}: the stream ended before it was complete")
 
 
-async def open_chat(call: Call, model: ModelInfo, request: ChatRequest) -> UpstreamStream:
-    """Open a streamed chat call, failing over until one route delivers its first element.
+class ChatStream:
+    """An open upstream stream, observed and settled by the pipeline as it is read.
 
-    Nothing has reached the client yet while this runs, so any failure up to the
-    first element can still move on to the next route.
+    Iterating yields the upstream's items.  The first items were read while the
+    stream was opened (so a route that dies before any content can fail over); they
+    come first.  When the upstream ends the stream, the call is settled at once —
+    before the transport writes its last bytes — so a client that got the whole
+    answer always has a usage record.
     """
 
-    async def attempt(target: Target) -> UpstreamStream:
-        slot = _local_slot(target)
-        target = await slot.__aenter__()
+    def __init__(
+        self,
+        call: Call,
+        target: Target,
+        response: httpx.Response,
+        items: AsyncIterator[UpstreamItem],
+        opening: list[UpstreamItem],
+        connection: contextlib.AbstractAsyncContextManager[Target],
+    ) -> None:
+        self.call = call
+        self.target = target
+        self.response = response
+        self.items = items
+        self.opening = opening
+        self.connection: contextlib.AbstractAsyncContextManager[Target] | None = connection
+
+    @property
+    def passthrough(self) -> bool:
+        return passthrough(self.call, self.target)
+
+    async def __aiter__(self) -> AsyncIterator[UpstreamItem]:
+        for item in self.opening:
+            yield item
         try:
-            response = await _send(call, _build(target, request), target, stream=True)
+            async for item in self.items:
+                self.call.observe(item.events)
+                yield item
+        except UpstreamError as exc:
+            error = mid_stream_error(exc)
+            self.call._fail(error)
+            raise error from None
+        self.call._conclude(None)
+        self.call.settle()
+
+    def stop(self) -> None:
+        """The user stopped the reply: what was produced is billed, the outcome is stopped."""
+        if not self.call.status:
+            self.call.status = STOPPED
+
+    async def aclose(self) -> None:
+        try:
+            await self.response.aclose()
+        finally:
+            if self.connection is not None:
+                connection, self.connection = self.connection, None
+                await connection.__aexit__(None, None, None)
+
+
+async def _open(call: Call, targets: list[Target], request: ChatRequest) -> ChatStream:
+    """Open a streamed call, failing over until one route delivers its first content.
+
+    Nothing has reached the client while this runs, so any failure up to the first
+    element that carries content can still move on to the next route.
+    """
+
+    async def attempt(target: Target) -> ChatStream:
+        upstream = target.upstream
+        connection = upstream.connect(target)
+        connected = await connection.__aenter__()
+        try:
+            response = await _send(upstream.build_chat(connected, request), connected, stream=True)
         except BaseException:
-            await slot.__aexit__(None, None, None)
+            await connection.__aexit__(None, None, None)
             raise
-        items = _items(target, response)
-        # Read up to the first element that carries content (a role-only opening
-        # chunk or message_start does not count): until then nothing has reached
-        # the client, so a stream that dies here can still fail over.
+        items = _items(target, response, upstream.stream_decoder(target))
         opening: list[UpstreamItem] = []
         try:
             async for item in items:
@@ -635,52 +732,96 @@ async def open_chat(call: Call, model: ModelInfo, request: ChatRequest) -> Upstr
                     break
         except BaseException:
             await response.aclose()
-            await slot.__aexit__(None, None, None)
+            await connection.__aexit__(None, None, None)
             raise
         for item in opening:
             call.observe(item.events)
-        return UpstreamStream(target, response, items, opening, on_close=slot)
+        return ChatStream(call, target, response, items, opening, connection)
 
-    return await _attempts(call, model, attempt)
+    return await _attempts(call, targets, attempt)
 
 
-async def embeddings(call: Call, model: ModelInfo, body: dict[str, Any]) -> dict[str, Any]:
-    async def attempt(target: Target) -> dict[str, Any]:
-        if target.provider_type != "openai":
-            raise UpstreamError(
-                f"{target.provider} ({target.provider_type}) has no embeddings API", retryable=True
-            )
-        response = await _send(
-            call, openai_upstream.build_embeddings(target, body), target, stream=False
-        )
-        try:
-            result = response.json()
-        except ValueError:
-            raise UpstreamError(
-                f"{target.provider} sent a body that is not JSON", status=502
-            ) from None
-        if not isinstance(result, dict) or not isinstance(result.get("data"), list):
-            raise UpstreamError(f"{target.provider} sent an unexpected embeddings body", status=502)
+@contextlib.asynccontextmanager
+async def chat(call: Call, *, targets: list[Target] | None = None) -> AsyncIterator[ChatStream]:
+    """A streamed chat: admitted, routed, opened; observed, concluded and settled on exit.
+
+    Raises ``RelayError`` before anything is streamed when the request is refused or
+    no route can open it.  Whatever ends the block — the stream's end, ``stop()``, an
+    upstream failure, the client going away, a cancelled task — the outcome is
+    recorded and the call settled exactly once.
+    """
+    assert call.request is not None
+    stream: ChatStream | None = None
+    try:
+        if targets is None:
+            model = await admit(call)
+            targets = routing.order(model.routes)
+        stream = await _open(call, targets, call.request)
+        yield stream
+    except BaseException as exc:
+        call._conclude(exc)
+        raise
+    else:
+        call._conclude(None)
+    finally:
+        if stream is not None:
+            # Closing a broken upstream must not mask the outcome being settled.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(stream.aclose())
+        call.settle()
+
+
+async def embed(call: Call, body: dict[str, Any], inputs: Any) -> dict[str, Any]:
+    """Embeddings of ``inputs`` (the client's ``body`` as the upstream gets it)."""
+    try:
+        model = await admit(call, capability="embeddings", reserve=False)
+        await _reserve(call, model, input_bound=tokens.bound_inputs(inputs))
+
+        async def attempt(target: Target) -> dict[str, Any]:
+            http_call = target.upstream.build_embeddings(target, body)
+            if http_call is None:
+                raise UpstreamError(
+                    f"{target.provider} ({target.provider_type}) has no embeddings API",
+                    retryable=True,
+                )
+            result = _json_object(await _send(http_call, target, stream=False), target)
+            if not isinstance(result.get("data"), list):
+                raise UpstreamError(
+                    f"{target.provider} sent an unexpected embeddings body", status=502
+                )
+            return result
+
+        result = await _attempts(call, routing.order(model.routes), attempt)
+        call.first_token_at = time.perf_counter()
+        usage = result.get("usage") or {}
+        if isinstance(usage, dict) and usage:
+            call.usage = Usage(input_tokens=int(usage.get("prompt_tokens") or 0))
+    except BaseException as exc:
+        call._conclude(exc)
+        raise
+    else:
+        call._conclude(None)
         return result
-
-    result: dict[str, Any] = await _attempts(call, model, attempt)
-    usage = result.get("usage") or {}
-    call.first_token_at = time.perf_counter()
-    if usage:
-        call.usage = Usage(input_tokens=int(usage.get("prompt_tokens") or 0))
-    return result
+    finally:
+        call.settle()
 
 
-async def count_tokens(call: Call, model: ModelInfo, request: ChatRequest) -> tuple[int, bool]:
-    """Input tokens of ``request``: the upstream's count when it offers one, else an estimate."""
+async def count_tokens(call: Call) -> tuple[int, bool]:
+    """Input tokens of the call's request: the upstream's count when one can count, else an estimate.
+
+    The key and model are checked, but nothing is reserved against the key's limits
+    and nothing is billed: counting is free, as it is at Anthropic.
+    """
+    request = call.request
+    assert request is not None
+    model = await admit(call, capability="count", reserve=False)
     for choice in model.routes:
         target = choice.target
-        if target.provider_type != "anthropic" or routing.is_open(target.route_id):
+        http_call = target.upstream.build_count_tokens(target, request)
+        if http_call is None or routing.is_open(target.route_id):
             continue
         try:
-            response = await _send(
-                call, anthropic_upstream.build_count_tokens(target, request), target, stream=False
-            )
+            response = await _send(http_call, target, stream=False)
             return int(response.json()["input_tokens"]), False
         except (UpstreamError, ValueError, KeyError, TypeError):
             continue

@@ -1,15 +1,15 @@
 """The public ``/v1`` API: OpenAI- and Anthropic-compatible, async end to end.
 
-Each view authenticates, parses its dialect into canonical types, runs the pipeline
-and renders the result in the same dialect.  Errors are rendered in the dialect's
-own body with the matching status; every response carries ``x-request-id``.
+Each view parses its dialect into a ``Call``, hands it to one pipeline entry point
+(``pipeline.chat``, ``complete``, ``embed``, ``count_tokens``) and renders what
+comes back in the same dialect.  The pipeline admits, routes, calls, records the
+outcome and settles; errors are rendered in the dialect's own body with the
+matching status; every response carries ``x-request-id``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import logging
 import struct
@@ -20,55 +20,57 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import (
-    HttpRequest,
-    HttpResponseBase,
-    JsonResponse,
-    StreamingHttpResponse,
-)
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
-from chatapp.relay import catalog, pipeline, tokens
+from chatapp.relay import catalog, pipeline
+from chatapp.relay.canonical import ChatRequest
+from chatapp.relay.dialects import HTTP_DIALECTS, HttpDialect, detect
 from chatapp.relay.dialects import anthropic as anthropic_dialect
 from chatapp.relay.dialects import openai as openai_dialect
-from chatapp.relay.errors import RelayError, UpstreamError
+from chatapp.relay.errors import RelayError, body_too_large, from_domain
 from chatapp.relay.pipeline import Call
 from keys.auth import Principal, aauthenticate, raw_key_from_headers
+from keys.exceptions import KeyRefused
 
 logger = logging.getLogger(__name__)
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def error_response(error: RelayError, dialect: str, request_id: str) -> JsonResponse:
-    body = (
-        anthropic_dialect.error_body(error)
-        if dialect == "anthropic"
-        else openai_dialect.error_body(error)
+def _stamp(response: HttpResponseBase, dialect: HttpDialect, request_id: str) -> None:
+    for name in dialect.request_id_headers:
+        response[name] = request_id
+
+
+def error_response(error: RelayError, dialect: HttpDialect | str, request_id: str) -> JsonResponse:
+    if isinstance(dialect, str):
+        dialect = HTTP_DIALECTS[dialect]
+    response = JsonResponse(
+        dialect.error_body(error), status=error.status, json_dumps_params={"ensure_ascii": False}
     )
-    response = JsonResponse(body, status=error.status, json_dumps_params={"ensure_ascii": False})
-    for name, value in error.headers.items():
+    headers = {**dialect.rate_headers(error.rate, datetime.now(UTC)), **error.headers}
+    for name, value in headers.items():
         response[name] = value
-    response["x-request-id"] = request_id
-    if dialect == "anthropic":
-        response["request-id"] = request_id
+    _stamp(response, dialect, request_id)
     return response
 
 
-def api_view(dialect: str, *, methods: tuple[str, ...] = ("POST",)) -> Callable[[View], View]:
-    """Authenticate, check method and body size, render ``RelayError`` in the dialect."""
+def api_view(
+    dialect: str | None = None, *, methods: tuple[str, ...] = ("POST",)
+) -> Callable[[View], View]:
+    """Authenticate, check the method, render ``RelayError`` in the dialect.
+
+    ``dialect`` None: the request's own (``/v1/models`` serves both).
+    """
 
     def decorator(view: View) -> View:
         @csrf_exempt
         @wraps(view)
         async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request_id = pipeline.new_request_id()
-            effective = (
-                "anthropic"
-                if dialect == "models" and "anthropic-version" in request.headers
-                else dialect
-            )
+            http = HTTP_DIALECTS[dialect] if dialect else detect(request.path, request.headers)
             try:
                 if request.method not in methods:
                     raise RelayError(
@@ -76,14 +78,17 @@ def api_view(dialect: str, *, methods: tuple[str, ...] = ("POST",)) -> Callable[
                         f"Method {request.method} is not allowed here; use {' or '.join(methods)}.",
                         type="invalid_request_error",
                     )
-                principal = await aauthenticate(
-                    raw_key_from_headers(
-                        request.headers.get("authorization"), request.headers.get("x-api-key")
+                try:
+                    principal = await aauthenticate(
+                        raw_key_from_headers(
+                            request.headers.get("authorization"), request.headers.get("x-api-key")
+                        )
                     )
-                )
-                response = await view(request, principal, request_id, *args, **kwargs)
+                except KeyRefused as exc:
+                    raise from_domain(exc) from None
+                response = await view(request, principal, request_id, http, *args, **kwargs)
             except RelayError as error:
-                return error_response(error, effective, request_id)
+                return error_response(error, http, request_id)
             except RedisError as exc:
                 logger.error("request %s: Redis unavailable: %s", request_id, exc)
                 unavailable = RelayError(
@@ -92,10 +97,8 @@ def api_view(dialect: str, *, methods: tuple[str, ...] = ("POST",)) -> Callable[
                     type="overloaded_error",
                     code="service_unavailable",
                 )
-                return error_response(unavailable, effective, request_id)
-            response["x-request-id"] = request_id
-            if effective == "anthropic":
-                response["request-id"] = request_id
+                return error_response(unavailable, http, request_id)
+            _stamp(response, http, request_id)
             return response
 
         return wrapper
@@ -103,27 +106,15 @@ def api_view(dialect: str, *, methods: tuple[str, ...] = ("POST",)) -> Callable[
     return decorator
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
+def _json_body(request: HttpRequest) -> tuple[dict[str, Any], int]:
+    """The request's JSON object and its size in bytes."""
     limit = settings.SWITCHBOARD_MAX_BODY_BYTES
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RelayError(
-            413,
-            f"The request body is {int(declared)} bytes, over the limit of {limit} bytes.",
-            type="request_too_large",
-        )
     try:
         raw = request.body
     except RequestDataTooBig:
-        raise RelayError(
-            413, f"The request body is over the limit of {limit} bytes.", type="request_too_large"
-        ) from None
+        raise body_too_large(limit) from None
     if len(raw) > limit:
-        raise RelayError(
-            413,
-            f"The request body is {len(raw)} bytes; the limit is {limit} bytes.",
-            type="request_too_large",
-        )
+        raise body_too_large(limit, len(raw))
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -132,264 +123,217 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise RelayError(400, "The request body must be a JSON object.", code="invalid_json")
-    return body
+    return body, len(raw)
 
 
-def _new_call(
-    principal: Principal, request_id: str, endpoint: str, dialect: str, model: str, stream: bool
-) -> Call:
-    return Call(
-        principal=principal,
-        endpoint=endpoint,
-        dialect=dialect,
-        model=model,
-        stream=stream,
-        request_id=request_id,
-    )
-
-
-async def _with_rate_headers(
-    call: Call, dialect: str, work: Coroutine[Any, Any, HttpResponseBase]
-) -> HttpResponseBase:
-    """Put the key's rate-limit headers on the response, or on the error, whichever comes."""
-    try:
-        response = await work
-    except RelayError as error:
-        if call.ticket is not None:
-            error.headers = {**call.ticket.headers(dialect), **error.headers}
-        raise
-    if call.ticket is not None:
-        for name, value in call.ticket.headers(dialect).items():
-            response[name] = value
-    return response
-
-
-async def _relay_chat(call: Call, request: Any, *, dialect: str) -> HttpResponseBase:
-    return await _with_rate_headers(
-        call, dialect, _relay_chat_inner(call, request, dialect=dialect)
-    )
-
-
-async def _relay_chat_inner(call: Call, request: Any, *, dialect: str) -> HttpResponseBase:
-    """Admit, call and render a chat request in ``dialect``; settles on every path."""
-    streaming = False
-    try:
-        call.request = request
-        model = await pipeline.admit(call, request=request)
-        if request.stream:
-            upstream = await pipeline.open_chat(call, model, request)
-            streaming = True
-            return _stream_response(call, upstream, request, dialect)
-        target, body, completion = await pipeline.complete_chat(call, model, request)
-        call.status = "ok"
-        if target.provider_type == dialect:
-            body["model"] = call.model  # same dialect: relay the upstream's body as it is
-            if (
-                dialect == "openai"
-                and isinstance(body.get("usage"), dict)
-                and completion.usage is not None
-            ):
-                body["usage"].setdefault(
-                    "total_tokens", completion.usage.input_tokens + completion.usage.output_tokens
-                )
-            return JsonResponse(body, json_dumps_params={"ensure_ascii": False})
-        if dialect == "anthropic":
-            return JsonResponse(
-                anthropic_dialect.render_message(completion, call.model),
-                json_dumps_params={"ensure_ascii": False},
-            )
-        return JsonResponse(
-            openai_dialect.render_completion(completion, call.model),
-            json_dumps_params={"ensure_ascii": False},
-        )
-    except RelayError as error:
-        call.fail(error)
-        raise
-    finally:
-        if not streaming:
-            call.settle()
-
-
-def _stream_response(
-    call: Call, upstream: pipeline.UpstreamStream, request: Any, dialect: str
-) -> StreamingHttpResponse:
-    same_dialect = upstream.target.provider_type == dialect
-    renderer: Any
-    if dialect == "anthropic":
-        renderer = anthropic_dialect.StreamRenderer(
-            model=call.model, request_id=call.request_id.removeprefix("req_")
-        )
-    else:
-        renderer = openai_dialect.StreamRenderer(
-            model=call.model,
-            request_id=call.request_id.removeprefix("req_"),
-            include_usage=request.include_usage,
-        )
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            opening = len(upstream.opening)
-            async for item in upstream:
-                if opening:
-                    opening -= 1  # observed while the stream was opened
-                else:
-                    call.observe(item.events)
-                if same_dialect:
-                    if dialect == "anthropic":
-                        yield anthropic_dialect.passthrough_event(
-                            item.name, item.raw, model=call.model
-                        )
-                    else:
-                        chunk = openai_dialect.passthrough_chunk(
-                            item.raw, model=call.model, include_usage=request.include_usage
-                        )
-                        if chunk is not None:
-                            yield chunk
-                else:
-                    for event in item.events:
-                        for piece in renderer.render(event):
-                            yield piece
-            if dialect == "openai":
-                yield b"data: [DONE]\n\n"
-            elif not same_dialect:
-                yield b"".join(renderer.done())
-            call.status = "ok"
-        except UpstreamError as exc:
-            error = RelayError(
-                502,
-                f"Upstream error mid-stream: {exc.message}",
-                type="upstream_error",
-                code="upstream_error",
-            )
-            call.fail(error)
-            yield b"".join(renderer.error(error))
-        except (asyncio.CancelledError, GeneratorExit):
-            call.status = "client_disconnected"
-            call.http_status = 499
-            raise
-        finally:
-            # Closing a broken upstream must not mask the outcome being settled.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(upstream.aclose())
-            call.settle()
-
-    source = body()
-    response = StreamingHttpResponse(
-        source, content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
-    )
-    # The lean API app closes this generator when the client goes away, so the
-    # stream settles at once (chatapp.relay.asgi).
-    response.source = source  # type: ignore[attr-defined]
-    return response
-
-
-async def _chat(
+def _parsed_call(
     request: HttpRequest,
     principal: Principal,
     request_id: str,
     *,
     endpoint: str,
-    dialect: str,
-    parse: Callable[[dict[str, Any]], Any],
-) -> HttpResponseBase:
-    body = _json_body(request)
-    model, stream = str(body.get("model") or ""), bool(body.get("stream"))
-    call = _new_call(principal, request_id, endpoint, dialect, model, stream)
+    dialect: HttpDialect,
+    parse: Callable[[dict[str, Any]], ChatRequest],
+) -> Call:
+    """A call from the request's body; a body that cannot be parsed is refused and recorded."""
+    call = Call(
+        principal=principal,
+        endpoint=endpoint,
+        dialect=dialect.name,
+        model="",
+        request_id=request_id,
+    )
     try:
-        parsed = parse(body)
+        body, size = _json_body(request)
+        model = body.get("model")
+        call.model = model if isinstance(model, str) else ""
+        call.stream = body.get("stream") is True
+        call.request = parse(body)
+        call.request.body_size = size
     except RelayError as error:
-        call.fail(error)
-        call.settle()
+        pipeline.refuse(call, error)
         raise
-    return await _relay_chat(call, parsed, dialect=dialect)
+    return call
+
+
+def _with_rate(call: Call, error: RelayError) -> RelayError:
+    if call.ticket is not None and not error.rate:
+        error.rate = call.rate
+    return error
+
+
+def _rate_headers(response: HttpResponseBase, call: Call, dialect: HttpDialect) -> None:
+    for name, value in dialect.rate_headers(call.rate, datetime.now(UTC)).items():
+        response[name] = value
+
+
+async def _relay_chat(call: Call, dialect: HttpDialect) -> HttpResponseBase:
+    assert call.request is not None
+    if call.request.stream:
+        return await _stream(call, dialect)
+    try:
+        reply = await pipeline.complete(call)
+    except RelayError as error:
+        raise _with_rate(call, error) from None
+    response = JsonResponse(
+        dialect.render_reply(
+            reply.body,
+            reply.completion,
+            model=call.model,
+            passthrough=pipeline.passthrough(call, reply.target),
+        ),
+        json_dumps_params={"ensure_ascii": False},
+    )
+    _rate_headers(response, call, dialect)
+    return response
+
+
+async def render_stream(
+    call: Call, dialect: HttpDialect, stream: pipeline.ChatStream
+) -> AsyncIterator[bytes]:
+    """The client's SSE bytes from an open stream (also the golden cases' runner)."""
+    assert call.request is not None
+    renderer = dialect.stream_renderer(
+        model=call.model,
+        request_id=call.request_id.removeprefix("req_"),
+        include_usage=call.request.include_usage,
+    )
+    passthrough = stream.passthrough
+    try:
+        async for item in stream:
+            for piece in renderer.item(item, passthrough=passthrough):
+                yield piece
+    except RelayError as error:
+        # The upstream failed after content reached the client (the pipeline
+        # recorded it): the stream ends with the dialect's in-stream error.
+        for piece in renderer.error(error):
+            yield piece
+        return
+    for piece in renderer.end(passthrough=passthrough):
+        yield piece
+
+
+async def _stream(call: Call, dialect: HttpDialect) -> HttpResponseBase:
+    async def body() -> AsyncIterator[bytes]:
+        async with pipeline.chat(call) as stream:
+            yield b""  # opened: the response can start
+            async for piece in render_stream(call, dialect, stream):
+                yield piece
+
+    source = body()
+    try:
+        # Admission, routing and the upstream's first content happen here, before
+        # the response starts: a refusal is still an HTTP error with its status.
+        await source.__anext__()
+    except RelayError as error:
+        raise _with_rate(call, error) from None
+    response = StreamingHttpResponse(
+        source, content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS
+    )
+    _rate_headers(response, call, dialect)
+    # The lean API app closes this generator when the client goes away, so the
+    # pipeline records the disconnect and settles at once (chatapp.relay.asgi).
+    response.source = source  # type: ignore[attr-defined]
+    return response
 
 
 @api_view("openai")
 async def chat_completions(
-    request: HttpRequest, principal: Principal, request_id: str
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
-    return await _chat(
+    call = _parsed_call(
         request,
         principal,
         request_id,
         endpoint="chat.completions",
-        dialect="openai",
+        dialect=dialect,
         parse=openai_dialect.parse_chat_request,
     )
+    return await _relay_chat(call, dialect)
 
 
 @api_view("anthropic")
-async def messages(request: HttpRequest, principal: Principal, request_id: str) -> HttpResponseBase:
-    return await _chat(
+async def messages(
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
+) -> HttpResponseBase:
+    call = _parsed_call(
         request,
         principal,
         request_id,
         endpoint="messages",
-        dialect="anthropic",
+        dialect=dialect,
         parse=anthropic_dialect.parse_messages_request,
     )
+    return await _relay_chat(call, dialect)
 
 
 @api_view("anthropic")
 async def count_tokens(
-    request: HttpRequest, principal: Principal, request_id: str
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
-    body = _json_body(request)
+    body, _size = _json_body(request)
     parsed = anthropic_dialect.parse_messages_request(body, count_only=True)
-    call = _new_call(principal, request_id, "count_tokens", "anthropic", parsed.model, False)
-    model = await pipeline.admit(call, request=None)
-    count, _estimated = await pipeline.count_tokens(call, model, parsed)
+    call = Call(
+        principal=principal,
+        endpoint="count_tokens",
+        dialect=dialect.name,
+        model=parsed.model,
+        request=parsed,
+        request_id=request_id,
+    )
+    count, _estimated = await pipeline.count_tokens(call)
     return JsonResponse({"input_tokens": count})
 
 
 @api_view("openai")
 async def embeddings(
-    request: HttpRequest, principal: Principal, request_id: str
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
-    body = _json_body(request)
-    call = _new_call(
-        principal, request_id, "embeddings", "openai", str(body.get("model") or ""), False
+    call = Call(
+        principal=principal,
+        endpoint="embeddings",
+        dialect=dialect.name,
+        model="",
+        request_id=request_id,
     )
-    return await _with_rate_headers(call, "openai", _embeddings(call, body))
-
-
-async def _embeddings(call: Call, body: dict[str, Any]) -> HttpResponseBase:
     try:
+        body, _size = _json_body(request)
+        model = body.get("model")
+        call.model = model if isinstance(model, str) else ""
         _model, inputs = openai_dialect.parse_embeddings_request(body)
-        model = await pipeline.admit(
-            call, capability="embeddings", input_estimate=tokens.estimate_inputs(inputs)
-        )
-        wanted = body.get("encoding_format") or "float"
+    except RelayError as error:
+        pipeline.refuse(call, error)
+        raise
+    wanted = body.get("encoding_format") or "float"
+    try:
         # Ask the upstream for floats, then encode for the client: not every
         # OpenAI-compatible server implements base64.
-        result = await pipeline.embeddings(call, model, {**body, "encoding_format": "float"})
-        result["model"] = call.model
-        if wanted == "base64":
-            for item in result["data"]:
-                if isinstance(item.get("embedding"), list):
-                    vector = item["embedding"]
-                    item["embedding"] = base64.b64encode(
-                        struct.pack(f"<{len(vector)}f", *vector)
-                    ).decode()
-        call.status = "ok"
-        return JsonResponse(result)
+        result = await pipeline.embed(call, {**body, "encoding_format": "float"}, inputs)
     except RelayError as error:
-        call.fail(error)
-        raise
-    finally:
-        call.settle()
+        raise _with_rate(call, error) from None
+    result["model"] = call.model
+    if wanted == "base64":
+        for item in result["data"]:
+            if isinstance(item, dict) and isinstance(item.get("embedding"), list):
+                vector = item["embedding"]
+                item["embedding"] = base64.b64encode(
+                    struct.pack(f"<{len(vector)}f", *vector)
+                ).decode()
+    response = JsonResponse(result)
+    _rate_headers(response, call, dialect)
+    return response
 
 
 def _anthropic_time(created: int) -> str:
     return datetime.fromtimestamp(created, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-@api_view("models", methods=("GET",))
+@api_view(methods=("GET",))
 async def models_list(
-    request: HttpRequest, principal: Principal, request_id: str
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
     visible = [model for model in await catalog.alist_models() if principal.may_use(model.name)]
-    if "anthropic-version" in request.headers:
+    if dialect.name == "anthropic":
         data = [
             anthropic_dialect.model_object(
                 model.name, model.display_name, _anthropic_time(model.created)
@@ -412,9 +356,9 @@ async def models_list(
     )
 
 
-@api_view("models", methods=("GET",))
+@api_view(methods=("GET",))
 async def model_detail(
-    request: HttpRequest, principal: Principal, request_id: str, name: str
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect, name: str
 ) -> HttpResponseBase:
     model = await catalog.aget_model(name)
     if model is None or not principal.may_use(name):
@@ -425,7 +369,7 @@ async def model_detail(
             code="model_not_found",
             param="model",
         )
-    if "anthropic-version" in request.headers:
+    if dialect.name == "anthropic":
         return JsonResponse(
             anthropic_dialect.model_object(
                 model.name, model.display_name, _anthropic_time(model.created)
@@ -434,16 +378,16 @@ async def model_detail(
     return JsonResponse(openai_dialect.model_object(model.name, model.created))
 
 
-@csrf_exempt
-async def not_found(request: HttpRequest, path: str) -> HttpResponseBase:
+def unknown_endpoint(request: HttpRequest) -> JsonResponse:
     error = RelayError(
         404,
-        f"Unknown API endpoint: {request.method} /v1/{path}",
+        f"Unknown API endpoint: {request.method} {request.path}",
         type="invalid_request_error",
         code="unknown_url",
     )
-    return error_response(
-        error,
-        "anthropic" if "anthropic-version" in request.headers else "openai",
-        pipeline.new_request_id(),
-    )
+    return error_response(error, detect(request.path, request.headers), pipeline.new_request_id())
+
+
+@csrf_exempt
+async def not_found(request: HttpRequest, path: str) -> HttpResponseBase:
+    return unknown_endpoint(request)

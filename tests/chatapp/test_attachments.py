@@ -10,7 +10,7 @@ import zlib
 import pytest
 from PIL import ExifTags, Image
 
-from chatapp.attachments import (
+from chatapp.chat.attachments import (
     MAX_BYTES,
     MAX_SIDE,
     ImageRejected,

@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from accounts.models import User
-from chatapp.consumers import ChatConsumer
+from chatapp.chat.consumers import ChatConsumer
 from chatapp.models import CatalogModel, Conversation, Message, Provider, Route
 from chatapp.relay import routing
 from keys import ledger

@@ -9,10 +9,10 @@ from django.test import Client
 from PIL import Image
 
 from accounts.models import User
-from chatapp.generation import fit_context
 from chatapp.models import Attachment, CatalogModel, Conversation, Message, Provider, Route
 from chatapp.relay.canonical import ChatRequest, TextPart
 from chatapp.relay.canonical import Message as Turn
+from chatapp.relay.dialects.browser import fit_context
 
 pytestmark = pytest.mark.django_db
 

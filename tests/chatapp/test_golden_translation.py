@@ -4,11 +4,12 @@ A case holds what a client sent, the exact body the upstream must receive, what 
 upstream answered (a JSON body or its stream), and what the client must get back.  The
 expected values follow the OpenAI Chat Completions and Anthropic Messages wire formats.
 
-``relay`` runs a case through the same pure steps as the ``/v1`` views, in-process:
-parse in the client's dialect, build the upstream call, parse the upstream's reply into
-canonical events, then relay it as it is (same dialect: ``_relay_chat`` swaps the model
-of a body; ``_stream_response`` passes chunks and events through) or render it in the
-client's dialect (cross dialect).  No database, no HTTP.
+``relay`` runs a case through the very functions the ``/v1`` views and the pipeline
+use, in-process: the client dialect's parser, the upstream type's ``build_chat`` (from
+the registry), its ``parse_completion`` or its stream decoder fed the case's SSE
+events, ``pipeline.passthrough`` to choose between relaying the upstream's own body
+and rendering the events, and the dialect's ``render_reply`` or the views'
+``render_stream``.  Only the HTTP transport is left out: no database, no sockets.
 
 A case may carry ``"xfail": "<reason>"`` for a known translation bug: it then runs as
 ``xfail(strict=True)``, so fixing the bug turns the suite red until the marker goes.
@@ -16,21 +17,24 @@ A case may carry ``"xfail": "<reason>"`` for a known translation bug: it then ru
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chatapp.relay.canonical import ChatRequest, Completion
+from chatapp.relay import pipeline
+from chatapp.relay.dialects import HTTP_DIALECTS
 from chatapp.relay.dialects import anthropic as anthropic_dialect
 from chatapp.relay.dialects import openai as openai_dialect
 from chatapp.relay.errors import RelayError
-from chatapp.relay.upstreams import Target
-from chatapp.relay.upstreams import anthropic as anthropic_upstream
-from chatapp.relay.upstreams import openai as openai_upstream
+from chatapp.relay.upstreams import Target, UpstreamItem
+from chatapp.relay.views import render_stream
+from tests.sse import has_event_names, parse_sse
 
 GOLDEN = Path(__file__).parent / "golden"
 DIALECTS = ("openai", "anthropic")
@@ -49,6 +53,10 @@ CASE_KEYS = {
     "expected_client_response",
     "expected_client_stream",
     "expected_error",
+}
+PARSERS = {
+    "openai": openai_dialect.parse_chat_request,
+    "anthropic": anthropic_dialect.parse_messages_request,
 }
 
 
@@ -71,7 +79,7 @@ UPSTREAM_URLS = {
 }
 
 
-# --- The relay, as the views run it ---
+# --- The relay, through the functions the views and the pipeline run ---
 
 
 @dataclass
@@ -92,127 +100,84 @@ def _wire(body: Any) -> Any:
 
 def relay(case: dict[str, Any]) -> Outcome:
     client: str = case["client_dialect"]
-    upstream: str = case["upstream_type"]
-    target = target_for(upstream)
+    target = target_for(case["upstream_type"])
     body = copy.deepcopy(case["client_request"])
+    call = pipeline.Call(
+        principal=None,
+        endpoint="golden",
+        dialect=client,
+        model=str(body.get("model") or ""),
+        request_id=f"req_{REQUEST_ID}",
+    )
     try:
-        # views.chat_completions / views.messages, then pipeline._build
-        request = (
-            openai_dialect.parse_chat_request(body)
-            if client == "openai"
-            else anthropic_dialect.parse_messages_request(body)
-        )
-        build = (
-            anthropic_upstream.build_chat if upstream == "anthropic" else openai_upstream.build_chat
-        )
-        call = build(target, request)
+        call.request = PARSERS[client](body)
+        http_call = target.upstream.build_chat(target, call.request)
     except RelayError as error:
         return Outcome(error=error)
-    outcome = Outcome(url=call.url, upstream_request=_wire(call.body))
-    model = str(body.get("model") or "")  # call.model: the name the client asked for
-    if request.stream:
-        outcome.client_stream = _relay_stream(case, request, model)
+    outcome = Outcome(url=http_call.url, upstream_request=_wire(http_call.body))
+    if call.request.stream:
+        outcome.client_stream = asyncio.run(_relay_stream(case, call, target))
     else:
-        outcome.client_response = _wire(_relay_body(case, model))
+        outcome.client_response = _wire(_relay_body(case, call, target))
     return outcome
 
 
-def _relay_body(case: dict[str, Any], model: str) -> dict[str, Any]:
-    """views._relay_chat, non-stream."""
-    client, upstream = case["client_dialect"], case["upstream_type"]
+def _relay_body(case: dict[str, Any], call: pipeline.Call, target: Target) -> dict[str, Any]:
     body: dict[str, Any] = copy.deepcopy(case["upstream_response"])
-    completion: Completion = (
-        anthropic_upstream.parse_completion(body)
-        if upstream == "anthropic"
-        else openai_upstream.parse_completion(body)
+    completion = target.upstream.parse_completion(body)
+    return HTTP_DIALECTS[call.dialect].render_reply(
+        body, completion, model=call.model, passthrough=pipeline.passthrough(call, target)
     )
-    if upstream == client:
-        body["model"] = model
-        if client == "openai" and isinstance(body.get("usage"), dict) and completion.usage:
-            body["usage"].setdefault(
-                "total_tokens", completion.usage.input_tokens + completion.usage.output_tokens
-            )
-        return body
-    if client == "anthropic":
-        return anthropic_dialect.render_message(completion, model)
-    return openai_dialect.render_completion(completion, model)
 
 
-def _relay_stream(case: dict[str, Any], request: ChatRequest, model: str) -> list[Any]:
-    """pipeline._items feeding views._stream_response; returns the client's SSE elements."""
-    client, upstream = case["client_dialect"], case["upstream_type"]
-    same_dialect = client == upstream
-    renderer: Any = (
-        anthropic_dialect.StreamRenderer(model=model, request_id=REQUEST_ID)
-        if client == "anthropic"
-        else openai_dialect.StreamRenderer(
-            model=model, request_id=REQUEST_ID, include_usage=request.include_usage
-        )
-    )
-    parser: Any = (
-        anthropic_upstream.StreamParser()
-        if upstream == "anthropic"
-        else openai_upstream.StreamParser()
-    )
-    out: list[bytes] = []
-    finished = False
+class _Stream:
+    """The upstream's side of a ``pipeline.ChatStream``: items from the real decoder."""
+
+    def __init__(self, call: pipeline.Call, target: Target, items: list[UpstreamItem]) -> None:
+        self.passthrough = pipeline.passthrough(call, target)
+        self.items = items
+
+    async def __aiter__(self) -> AsyncIterator[UpstreamItem]:
+        for item in self.items:
+            yield item
+
+
+def _sse_events(case: dict[str, Any]) -> list[tuple[str, str]]:
+    """The case's upstream stream as (event name, data text), as SSE carries it."""
+    events = []
     for element in copy.deepcopy(case["upstream_stream"]):
-        if upstream == "openai":
-            if element == OPENAI_DONE:
-                finished = True
-                break
-            name, raw = "message", element
-            events = parser.feed(raw)
+        if case["upstream_type"] == "openai":
+            data = element if element == OPENAI_DONE else json.dumps(element)
+            events.append(("message", data))
         else:
             name, raw = element
-            events = parser.feed(name, raw)
-        if same_dialect:
-            if client == "anthropic":
-                out.append(anthropic_dialect.passthrough_event(name, raw, model=model))
-            else:
-                chunk = openai_dialect.passthrough_chunk(
-                    raw, model=model, include_usage=request.include_usage
-                )
-                if chunk is not None:
-                    out.append(chunk)
-        else:
-            for event in events:
-                out.extend(renderer.render(event))
-        if upstream == "anthropic" and raw.get("type") == "message_stop":
-            finished = True
+            events.append((name, json.dumps(raw)))
+    return events
+
+
+async def _relay_stream(case: dict[str, Any], call: pipeline.Call, target: Target) -> list[Any]:
+    decoder = target.upstream.stream_decoder(target)
+    items = []
+    for name, data in _sse_events(case):
+        item = decoder.feed(name, data)
+        if item is not None:
+            items.append(item)
+        if decoder.finished:
             break
-    assert finished, "the golden upstream stream must end ([DONE] or message_stop)"
-    if client == "openai":
-        out.append(b"data: [DONE]\n\n")
-    elif not same_dialect:
-        out.extend(renderer.done())
-    return parse_sse(b"".join(out), client)
+    assert decoder.finished, "the golden upstream stream must end ([DONE] or message_stop)"
+    stream: Any = _Stream(call, target, items)
+    out = [piece async for piece in render_stream(call, HTTP_DIALECTS[call.dialect], stream)]
+    return client_elements(b"".join(out), call.dialect)
 
 
-def parse_sse(data: bytes, dialect: str) -> list[Any]:
+def client_elements(data: bytes, dialect: str) -> list[Any]:
     """SSE bytes → elements: OpenAI chunk objects (and "[DONE]"), Anthropic [event, data]."""
-    text = data.decode()
-    assert text.endswith("\n\n"), f"the stream must end with a blank line: {text[-80:]!r}"
-    elements: list[Any] = []
-    for block in text[:-2].split("\n\n"):
-        name: str | None = None
-        payload: list[str] = []
-        for line in block.split("\n"):
-            key, _, value = line.partition(": ")
-            if key == "event":
-                name = value
-            elif key == "data":
-                payload.append(value)
-            else:
-                raise AssertionError(f"unexpected SSE line {line!r}")
-        data_text = "\n".join(payload)
-        if dialect == "openai":
-            assert name is None, f"OpenAI streams carry no event names, got {name!r}"
-            elements.append(OPENAI_DONE if data_text == OPENAI_DONE else json.loads(data_text))
-        else:
-            assert name is not None, f"an Anthropic event without a name: {data_text!r}"
-            elements.append([name, json.loads(data_text)])
-    return elements
+    events = parse_sse(data, strict=True)
+    if dialect == "openai":
+        assert not has_event_names(data), "OpenAI streams carry no event names"
+        return [payload for _name, payload in events]
+    assert has_event_names(data), "Anthropic names every event"
+    return [[name, payload] for name, payload in events]
 
 
 # --- Normalisation of volatile fields ---

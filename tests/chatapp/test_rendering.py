@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatapp.rendering import pygments_css, render_markdown, sanitize_html
+from chatapp.chat.rendering import pygments_css, render_markdown, sanitize_html
 
 STATIC_CSS = Path(__file__).resolve().parents[2] / "static" / "css" / "highlight.css"
 

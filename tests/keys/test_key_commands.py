@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from accounts.models import User
 from chatapp.models import CatalogModel
-from chatapp.relay.errors import RelayError
 from keys import auth
+from keys.exceptions import KeyRefused
 from keys.models import ApiKey, UsageRecord, hash_key
 
 pytestmark = pytest.mark.django_db
@@ -196,9 +196,9 @@ def test_key_revoke_makes_the_key_fail_with_403(alice: User) -> None:
 
     assert output.strip() == f"revoked key {row['id']} ({row['prefix']}…) of alice@example.com"
     assert ApiKey.objects.get().state == "revoked"
-    with pytest.raises(RelayError) as error:
+    with pytest.raises(KeyRefused) as error:
         asyncio.run(auth.aauthenticate(raw))
-    assert error.value.status == 403
+    assert error.value.reason == "revoked"
 
 
 def test_key_revoke_by_id_says_when_the_key_was_already_revoked(alice: User) -> None:

@@ -219,14 +219,16 @@ def test_a_token_budget_resets_at_the_period_boundary_in_the_time_zone(
     shanghai = ZoneInfo("Asia/Shanghai")
     now = {"value": datetime(2031, 1, 31, 23, 59, 0, tzinfo=shanghai)}
     monkeypatch.setattr(limiter, "clock", lambda: now["value"])
-    do_set_limits(key=key_of(gateway), token_budget=300, budget_period="monthly")
+    # A reservation is the request's upper bound: about 150 tokens for this small prompt
+    # (its JSON body's bytes) plus max_tokens.
+    do_set_limits(key=key_of(gateway), token_budget=400, budget_period="monthly")
     client = gateway.openai()
     gateway.fake.script(Reply(text="x", input_tokens=50, output_tokens=100))
     client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=150)
     gateway.wait_records(1)
     with pytest.raises(
         openai.RateLimitError,
-        match=r"monthly token budget .* 150 of 300 tokens used.*resets at 2031-02-01T00:00:00\+08:00",
+        match=r"monthly token budget .* 150 of 400 tokens used.*resets at 2031-02-01T00:00:00\+08:00",
     ):
         client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=200)
 
@@ -262,7 +264,7 @@ def test_a_reservation_of_a_request_that_never_settles_expires(
 
 def test_budget_counters_are_rebuilt_from_the_ledger_after_a_flush(gateway: Gateway) -> None:
     key = key_of(gateway)
-    do_set_limits(key=key, token_budget=400, budget_period="lifetime")
+    do_set_limits(key=key, token_budget=500, budget_period="lifetime")
     client = gateway.openai()
     gateway.fake.script(Reply(text="x", input_tokens=100, output_tokens=150))
     client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=150)
@@ -276,10 +278,10 @@ def test_budget_counters_are_rebuilt_from_the_ledger_after_a_flush(gateway: Gate
     else:
         limiter.local_backend.drop_spent()
     # ...the 250 tokens already spent are still counted: a 200-token request does not fit.
-    with pytest.raises(openai.RateLimitError, match="250 of 400 tokens used"):
+    with pytest.raises(openai.RateLimitError, match="250 of 500 tokens used"):
         client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=200)
     gateway.fake.script(Reply(text="y", input_tokens=10, output_tokens=10))
-    client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=100)
+    client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=50)
 
 
 def test_new_keys_get_the_default_limits(gateway: Gateway) -> None:

@@ -18,8 +18,9 @@ from chatapp.actions import (
     do_add_provider,
     do_set_provider_enabled,
 )
-from chatapp.models import Provider, ProviderType
+from chatapp.models import Provider
 from chatapp.relay import http as relay_http
+from chatapp.relay import upstreams
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -37,7 +38,7 @@ class Command(BaseCommand):
 
         add = sub.add_parser("add", help="add a provider")
         add.add_argument("name", help="a slug, e.g. openai or local-vllm")
-        add.add_argument("--type", required=True, choices=ProviderType.values)
+        add.add_argument("--type", required=True, choices=list(upstreams.UPSTREAMS))
         add.add_argument(
             "--base-url",
             default="",
@@ -97,7 +98,7 @@ class Command(BaseCommand):
             except OSError as exc:
                 raise CommandError(f"--api-key-file: {exc.strerror}: {exc.filename}") from None
         headers = dict(parse_header(text) for text in options["header"])
-        if options["type"] != ProviderType.LOCAL and not options["base_url"]:
+        if upstreams.get(options["type"]).needs_base_url and not options["base_url"]:
             raise CommandError(f"--base-url is required for {options['type']} providers")
         provider = do_add_provider(
             name=options["name"],
@@ -110,7 +111,7 @@ class Command(BaseCommand):
             model_path=options["model_path"],
         )
         state = "enabled" if provider.enabled else "disabled"
-        if provider.type == ProviderType.LOCAL:
+        if not upstreams.get(provider.type).needs_base_url:
             self.stdout.write(
                 f"added {state} local provider {provider.name} serving {provider.model_path}"
             )

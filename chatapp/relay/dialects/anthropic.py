@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from chatapp.relay.canonical import (
@@ -27,7 +28,8 @@ from chatapp.relay.canonical import (
     Usage,
     UsageEvent,
 )
-from chatapp.relay.errors import RelayError
+from chatapp.relay.errors import ERROR_TYPES, RelayError
+from chatapp.relay.upstreams import UpstreamItem
 from chatapp.relay.validation import (
     bad,
     field,
@@ -37,6 +39,7 @@ from chatapp.relay.validation import (
     number,
     stop_list,
 )
+from keys.exceptions import RateWindow
 
 STOP_REASONS: dict[FinishReason, str] = {
     "stop": "end_turn",
@@ -45,18 +48,6 @@ STOP_REASONS: dict[FinishReason, str] = {
     "tool_calls": "tool_use",
     "content_filter": "refusal",
     "error": "end_turn",
-}
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    502: "upstream_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
 }
 
 
@@ -326,7 +317,8 @@ class StreamRenderer:
     send their usage after the finish reason.
     """
 
-    def __init__(self, *, model: str, request_id: str) -> None:
+    def __init__(self, *, model: str, request_id: str, include_usage: bool = True) -> None:
+        # include_usage: Anthropic streams always carry usage; accepted for a common signature.
         self.model = model
         self.id = f"msg_{request_id}"
         self.started = False
@@ -424,6 +416,16 @@ class StreamRenderer:
     def error(self, error: RelayError) -> list[bytes]:
         return [_sse("error", error_body(error))]
 
+    def item(self, item: UpstreamItem, *, passthrough: bool) -> list[bytes]:
+        """One upstream item: relayed as it is (same dialect) or rendered from its events."""
+        if passthrough:
+            return [passthrough_event(item.name, item.raw, model=self.model)]
+        return [piece for event in item.events for piece in self.render(event)]
+
+    def end(self, *, passthrough: bool) -> list[bytes]:
+        """The closing events; an Anthropic upstream already sent its own."""
+        return [] if passthrough else self.done()
+
     def done(self) -> list[bytes]:
         out = self._start() + self._close_block()
         finish = self.finish or Finish("stop")
@@ -446,6 +448,28 @@ class StreamRenderer:
         )
         out.append(_sse("message_stop", {"type": "message_stop"}))
         return out
+
+
+def render_reply(
+    body: dict[str, Any], completion: Completion, *, model: str, passthrough: bool
+) -> dict[str, Any]:
+    """A whole reply: the upstream's own body (same dialect) or one rendered from the completion."""
+    if not passthrough:
+        return render_message(completion, model)
+    body["model"] = model
+    return body
+
+
+def rate_headers(windows: tuple[RateWindow, ...], now: datetime) -> dict[str, str]:
+    """Anthropic's ``anthropic-ratelimit-*`` headers."""
+    out: dict[str, str] = {}
+    for window in windows:
+        out[f"anthropic-ratelimit-{window.kind}-limit"] = str(window.limit)
+        out[f"anthropic-ratelimit-{window.kind}-remaining"] = str(window.remaining)
+        out[f"anthropic-ratelimit-{window.kind}-reset"] = window.resets_at.astimezone(UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+    return out
 
 
 def error_body(error: RelayError) -> dict[str, Any]:

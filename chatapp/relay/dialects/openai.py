@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 from chatapp.relay.canonical import (
@@ -28,7 +29,9 @@ from chatapp.relay.canonical import (
     UsageEvent,
 )
 from chatapp.relay.errors import RelayError
+from chatapp.relay.upstreams import UpstreamItem
 from chatapp.relay.validation import bad, field, image_from_url, integer, number, stop_list
+from keys.exceptions import RateWindow
 
 FINISH_REASONS = {
     "stop": "stop",
@@ -429,8 +432,50 @@ class StreamRenderer:
     def error(self, error: RelayError) -> list[bytes]:
         return [b"data: " + json.dumps(error_body(error)).encode() + b"\n\n"]
 
-    def done(self) -> list[bytes]:
+    def item(self, item: UpstreamItem, *, passthrough: bool) -> list[bytes]:
+        """One upstream item: relayed as it is (same dialect) or rendered from its events."""
+        if passthrough:
+            chunk = passthrough_chunk(item.raw, model=self.model, include_usage=self.include_usage)
+            return [chunk] if chunk is not None else []
+        return [piece for event in item.events for piece in self.render(event)]
+
+    def end(self, *, passthrough: bool) -> list[bytes]:
         return [b"data: [DONE]\n\n"]
+
+
+def render_reply(
+    body: dict[str, Any], completion: Completion, *, model: str, passthrough: bool
+) -> dict[str, Any]:
+    """A whole reply: the upstream's own body (same dialect) or one rendered from the completion."""
+    if not passthrough:
+        return render_completion(completion, model)
+    body["model"] = model
+    if isinstance(body.get("usage"), dict) and completion.usage is not None:
+        body["usage"].setdefault(
+            "total_tokens", completion.usage.input_tokens + completion.usage.output_tokens
+        )
+    return body
+
+
+def rate_headers(windows: tuple[RateWindow, ...], now: datetime) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers."""
+    out: dict[str, str] = {}
+    for window in windows:
+        out[f"x-ratelimit-limit-{window.kind}"] = str(window.limit)
+        out[f"x-ratelimit-remaining-{window.kind}"] = str(window.remaining)
+        out[f"x-ratelimit-reset-{window.kind}"] = _reset_text(
+            (window.resets_at - now).total_seconds()
+        )
+    return out
+
+
+def _reset_text(seconds: float) -> str:
+    """OpenAI's reset format: 1s, 6m0s, 20ms."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(seconds + 0.999)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def error_body(error: RelayError) -> dict[str, Any]:

@@ -1,17 +1,33 @@
-"""Upstream adapters, one module per provider type.
+"""Upstream types behind one protocol, found through one registry.
 
-Each adapter is pure: it builds the provider's HTTP request from a canonical
-``ChatRequest`` and parses the provider's responses into canonical events.  The
-pipeline does the I/O.
+An upstream type (``openai``, ``anthropic``, ``local``) is a class in a module of
+its own: it builds its provider's HTTP requests from canonical types and decodes
+its provider's answers into canonical events.  The pipeline does the I/O and never
+asks which type it talks to.  Adding a type is one module and one line in
+``UPSTREAMS``, as Django's session backends are added.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.utils.module_loading import import_string
 
 if TYPE_CHECKING:
-    from chatapp.relay.canonical import ChatRequest
+    from chatapp.models import Provider
+    from chatapp.relay.canonical import ChatRequest, Completion, Event
+
+#: provider type → the class that serves it
+UPSTREAMS = {
+    "openai": "chatapp.relay.upstreams.openai.OpenAIUpstream",
+    "anthropic": "chatapp.relay.upstreams.anthropic.AnthropicUpstream",
+    "local": "chatapp.relay.upstreams.local.LocalUpstream",
+}
 
 
 @dataclass(slots=True)
@@ -29,6 +45,10 @@ class Target:
     max_output_tokens: int = 4096
     model_path: str = ""  # local providers: the GGUF file their server loads
 
+    @property
+    def upstream(self) -> Upstream:
+        return get(self.provider_type)
+
 
 @dataclass(slots=True)
 class HttpCall:
@@ -37,19 +57,97 @@ class HttpCall:
     body: dict[str, Any]
 
 
-def check_translatable(request: ChatRequest, provider_type: str) -> None:
+@dataclass(slots=True)
+class UpstreamItem:
+    """One element of an upstream stream: its raw form (for same-dialect relaying) and its events."""
+
+    name: str
+    raw: dict[str, Any]
+    events: list[Event]
+
+
+class StreamDecoder:
+    """Server-sent events of one upstream stream → ``UpstreamItem``s.
+
+    ``feed`` takes one SSE event (its name and data text) and returns the item to
+    relay, or None for a terminator that carries nothing (OpenAI's ``[DONE]``);
+    ``finished`` tells whether the stream ended as its protocol ends a stream.
+    Malformed data raises ``UpstreamError``.
+    """
+
+    finished: bool = False
+
+    def feed(self, name: str, data: str) -> UpstreamItem | None:
+        raise NotImplementedError
+
+
+class Upstream:
+    """The protocol every upstream type implements (defaults: what most types share)."""
+
+    type: ClassVar[str]
+    #: how error messages name it: "an OpenAI-compatible upstream"
+    label: ClassVar[str]
+    #: the client dialect this type speaks natively: a client of that dialect gets
+    #: the upstream's own body and stream, with only the model name swapped
+    dialect: ClassVar[str | None] = None
+    #: whether providers of this type are reached at a base URL
+    needs_base_url: ClassVar[bool] = True
+
+    def build_chat(self, target: Target, request: ChatRequest) -> HttpCall:
+        raise NotImplementedError
+
+    def parse_completion(self, body: dict[str, Any]) -> Completion:
+        raise NotImplementedError
+
+    def stream_decoder(self, target: Target) -> StreamDecoder:
+        raise NotImplementedError
+
+    def build_embeddings(self, target: Target, body: dict[str, Any]) -> HttpCall | None:
+        """The embeddings request, or None when this type has no embeddings API."""
+        return None
+
+    def build_count_tokens(self, target: Target, request: ChatRequest) -> HttpCall | None:
+        """A request that counts input tokens, or None when the type cannot count."""
+        return None
+
+    def error_message(self, text: str) -> str:
+        """The upstream's own reason from its error body."""
+        return error_message(text)
+
+    @contextlib.asynccontextmanager
+    async def connect(self, target: Target) -> AsyncIterator[Target]:
+        """Hold whatever a call needs (a local server's queue slot) for its duration."""
+        yield target
+
+    def clean_provider(self, provider: Provider) -> None:
+        """Type-specific validation of a provider row (``ValidationError`` by field)."""
+
+
+@cache
+def get(provider_type: str) -> Upstream:
+    """The upstream of ``provider_type``; ``LookupError`` when no such type is registered."""
+    try:
+        path = UPSTREAMS[provider_type]
+    except KeyError:
+        raise LookupError(
+            f"unknown provider type {provider_type!r}: expected one of {', '.join(UPSTREAMS)}"
+        ) from None
+    upstream: Upstream = import_string(path)()
+    return upstream
+
+
+def check_translatable(request: ChatRequest, upstream: Upstream) -> None:
     """Refuse, naming it, what cannot cross from the client's dialect to this upstream's."""
     from chatapp.relay.canonical import OpaquePart
     from chatapp.relay.errors import RelayError
 
-    label = "an Anthropic" if provider_type == "anthropic" else "an OpenAI-compatible"
     for message in request.messages:
         for part in message.parts:
             if isinstance(part, OpaquePart):
                 raise RelayError(
                     400,
                     f"{part.where}: '{part.type}' content from a {part.dialect} client cannot be "
-                    f"sent to {label} upstream; this model is served by one.",
+                    f"sent to {upstream.label} upstream; this model is served by one.",
                     param=part.where,
                     code="unsupported_content",
                 )
@@ -58,7 +156,23 @@ def check_translatable(request: ChatRequest, provider_type: str) -> None:
             raise RelayError(
                 400,
                 f"tools[{index}]: the '{tool.opaque_type}' tool '{tool.name}' cannot be sent to "
-                f"{label} upstream; this model is served by one.",
+                f"{upstream.label} upstream; this model is served by one.",
                 param=f"tools[{index}]",
                 code="unsupported_tool",
             )
+
+
+def error_message(text: str) -> str:
+    """The upstream's own reason from its error body, whatever dialect it used."""
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return text[:300]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return text[:300]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from django.core.exceptions import ValidationError
+from django.utils.translation import gettext as _
 
 from chatapp.relay.canonical import (
     ChatRequest,
@@ -26,7 +29,17 @@ from chatapp.relay.canonical import (
     UsageEvent,
 )
 from chatapp.relay.errors import RelayError, UpstreamError
-from chatapp.relay.upstreams import HttpCall, Target, check_translatable
+from chatapp.relay.upstreams import (
+    HttpCall,
+    StreamDecoder,
+    Target,
+    Upstream,
+    UpstreamItem,
+    check_translatable,
+)
+
+if TYPE_CHECKING:
+    from chatapp.models import Provider
 
 API_VERSION = "2023-06-01"
 _INVALID_ID = re.compile(r"[^a-zA-Z0-9_-]")
@@ -129,7 +142,7 @@ def _blocks(parts: list[Part]) -> list[dict[str, Any]]:
 
 
 def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]:
-    check_translatable(request, "anthropic")
+    check_translatable(request, target.upstream)
     if request.n > 1:
         raise RelayError(
             400,
@@ -290,3 +303,59 @@ class StreamParser:
                 retryable=False,
             )
         return []
+
+
+class Decoder(StreamDecoder):
+    """Named SSE events up to ``message_stop``."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.parser = StreamParser()
+        self.finished = False
+
+    def feed(self, name: str, data: str) -> UpstreamItem | None:
+        try:
+            raw = json.loads(data)
+        except json.JSONDecodeError:
+            raise UpstreamError(
+                f"{self.target.provider} sent malformed stream data: {data[:120]!r}",
+                retryable=True,
+            ) from None
+        if not isinstance(raw, dict):
+            raise UpstreamError(
+                f"{self.target.provider} sent unexpected stream data: {data[:120]!r}"
+            )
+        item = UpstreamItem(name, raw, self.parser.feed(name, raw))
+        if raw.get("type") == "message_stop":
+            self.finished = True
+        return item
+
+
+class AnthropicUpstream(Upstream):
+    """Anthropic's Messages API."""
+
+    type = "anthropic"
+    label = "an Anthropic"
+    dialect = "anthropic"
+
+    def build_chat(self, target: Target, request: ChatRequest) -> HttpCall:
+        return build_chat(target, request)
+
+    def parse_completion(self, body: dict[str, Any]) -> Completion:
+        return parse_completion(body)
+
+    def stream_decoder(self, target: Target) -> StreamDecoder:
+        return Decoder(target)
+
+    def build_count_tokens(self, target: Target, request: ChatRequest) -> HttpCall | None:
+        return build_count_tokens(target, request)
+
+    def clean_provider(self, provider: Provider) -> None:
+        if provider.base_url.endswith("/v1"):
+            raise ValidationError(
+                {
+                    "base_url": _(
+                        "Anthropic base URLs stop before /v1, e.g. https://api.anthropic.com."
+                    )
+                }
+            )

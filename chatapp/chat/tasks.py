@@ -28,22 +28,26 @@ def clean_title(text: str) -> str:
     return fallback_title(line)
 
 
-@shared_task(ignore_result=True)
+# The name it had before the chat moved to chatapp.chat: tasks already queued still run.
+@shared_task(name="chatapp.tasks.generate_title", ignore_result=True)
 def generate_title(conversation_id: int) -> None:
     """Title a conversation after its first exchange, with its own model; idempotent."""
     asyncio.run(agenerate_title(conversation_id))
 
 
 async def agenerate_title(conversation_id: int) -> None:
-    from chatapp import generation, hotstore
+    from chatapp import hotstore
+    from chatapp.chat.events import publish
     from chatapp.models import Conversation, Message
     from chatapp.relay import http as relay_http
     from chatapp.relay import pipeline
     from chatapp.relay.canonical import ChatRequest, TextPart
     from chatapp.relay.canonical import Message as Turn
-    from chatapp.relay.errors import RelayError, UpstreamError
+    from chatapp.relay.dialects import browser
+    from chatapp.relay.errors import RelayError
     from keys.actions import do_get_web_key
     from keys.auth import aprincipal, check_principal
+    from keys.exceptions import KeyRefused
 
     def load() -> tuple[Conversation, list[Message], str] | None:
         conversation = (
@@ -65,36 +69,32 @@ async def agenerate_title(conversation_id: int) -> None:
         principal = await aprincipal(key_hash) if settings.SWITCHBOARD_CHAT_TITLES else None
         if principal is not None:
             prompt = TITLE_PROMPT.format(user=first_user[:2000], assistant=first_reply[:1000])
-            request = ChatRequest(
-                model=conversation.model,
-                messages=[Turn("user", [TextPart(prompt)])],
-                max_tokens=24,
-                temperature=0.2,
-                dialect="browser",
-            )
-            call = pipeline.Call(
-                principal=check_principal(principal),
-                endpoint="title",
-                dialect="browser",
-                model=conversation.model,
-                user_id=conversation.owner_id,
-            )
-            call.request = request
             try:
-                model = await pipeline.admit(call, request=request)
-                _target, _body, completion = await pipeline.complete_chat(call, model, request)
-                call.status = "ok"
-                generated = clean_title(completion.choices[0].text if completion.choices else "")
+                call = pipeline.Call(
+                    principal=check_principal(principal),
+                    endpoint="title",
+                    dialect="browser",
+                    model=conversation.model,
+                    user_id=conversation.owner_id,
+                    request=ChatRequest(
+                        model=conversation.model,
+                        messages=[Turn("user", [TextPart(prompt)])],
+                        max_tokens=24,
+                        temperature=0.2,
+                        dialect="browser",
+                    ),
+                )
+                reply = await pipeline.complete(call)
+                choices = reply.completion.choices
+                generated = clean_title(choices[0].text if choices else "")
                 if generated:
                     title = generated
-            except (RelayError, UpstreamError) as exc:
+            except (RelayError, KeyRefused) as exc:
                 logger.info(
                     "title for conversation %s falls back to the first message: %s",
                     conversation_id,
                     exc,
                 )
-            finally:
-                call.settle()
     finally:
         await relay_http.aclose()
 
@@ -107,9 +107,7 @@ async def agenerate_title(conversation_id: int) -> None:
         )
 
     # From a Celery worker the title reaches open tabs through the (Redis) channel
-    # layer; run inline (embedded mode) the tabs pick it up with the sidebar refresh.
+    # layer; run inline (embedded mode) the chat's generation tells the tabs itself.
     if await database_sync_to_async(save)() and not settings.CELERY_TASK_ALWAYS_EAGER:
-        await generation.publish(
-            conversation_id, {"type": "title", "conversation": conversation_id, "title": title}
-        )
+        await publish(conversation_id, browser.title_frame(conversation_id, title))
     await hotstore.aclose()

@@ -30,13 +30,24 @@ message id is looked up among the user's own.
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from chatapp import actions, generation, hotstore
-from chatapp.actions import ChatError
+from chatapp import hotstore
+from chatapp.chat import actions, generation
+from chatapp.chat.actions import ChatError
+from chatapp.chat.events import group_name, snapshot_key
+from chatapp.chat.fragments import render_branch
+from chatapp.models import Conversation
+from chatapp.relay.dialects import browser
+
+logger = logging.getLogger(__name__)
+MAX_FRAME_BYTES = 1_000_000
+ACTIONS = ("open", "send", "edit", "regenerate", "stop")
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -53,33 +64,56 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for group in getattr(self, "groups_joined", set()):
             await self.channel_layer.group_discard(group, self.channel_name)
 
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Any frame gets an answer: a malformed one an error frame, never a closed socket."""
+        if text_data is None:
+            await self.send_json(browser.error_frame("Expected a text frame holding JSON."))
+            return
+        if len(text_data) > MAX_FRAME_BYTES:
+            await self.send_json(
+                browser.error_frame(
+                    f"The frame is {len(text_data):,} characters long; the limit is {MAX_FRAME_BYTES:,}."
+                )
+            )
+            return
+        try:
+            content = json.loads(text_data)
+        except (ValueError, RecursionError) as exc:
+            await self.send_json(browser.error_frame(f"The frame is not valid JSON: {exc}"))
+            return
+        await self.receive_json(content)
+
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if not await database_sync_to_async(actions.check_active)(user_id=self.user_id):
-            await self.send_json({"type": "error", "error": "Your account is disabled."})
+            await self.send_json(browser.error_frame("Your account is disabled."))
             await self.close(code=4403)
             return
         if not isinstance(content, dict):
-            await self.send_json({"type": "error", "error": "Expected a JSON object."})
+            await self.send_json(browser.error_frame("Expected a JSON object."))
             return
         action = content.get("action")
-        client_id = str(content.get("client_id") or "")[:64]
-        handler = (
-            getattr(self, f"do_{action}", None)
-            if action in ("open", "send", "edit", "regenerate", "stop")
-            else None
-        )
+        client_id = content.get("client_id")
+        client_id = client_id[:64] if isinstance(client_id, str) else ""
+        handler = getattr(self, f"do_{action}", None) if action in ACTIONS else None
         if handler is None:
             await self.send_json(
-                {"type": "error", "error": f"Unknown action {action!r}.", "client_id": client_id}
+                browser.error_frame(f"Unknown action {str(action)[:40]!r}.", client_id)
             )
             return
         try:
             await handler(content, client_id)
         except ChatError as exc:
-            await self.send_json({"type": "error", "error": str(exc), "client_id": client_id})
+            await self.send_json(browser.error_frame(str(exc), client_id))
+        except Exception:
+            logger.exception("chat action %s failed", action)
+            await self.send_json(
+                browser.error_frame(
+                    "The server could not carry out this action; nothing was saved.", client_id
+                )
+            )
 
     async def subscribe(self, conversation_id: int) -> None:
-        group = generation.group_name(conversation_id)
+        group = group_name(conversation_id)
         if group not in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
             self.groups_joined.add(group)
@@ -92,14 +126,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # (the client drops deltas whose seq its snapshot already covers).
         await self.subscribe(conversation_id)
         await self.send_json({"type": "opened", "conversation": conversation_id})
+        await generation.recover(conversation_id)
         for message_id in await database_sync_to_async(actions.streaming_message_ids)(
             conversation_id=conversation_id
         ):
-            snapshot = await hotstore.aget(generation.snapshot_key(message_id))
-            seq, text = snapshot if snapshot else (0, "")
-            await self.send_json(
-                {"type": "snapshot", "message": message_id, "seq": seq, "text": text}
-            )
+            snapshot = await hotstore.aget(snapshot_key(message_id))
+            await self.send_json(browser.snapshot_frame(message_id, snapshot))
 
     async def _started(self, result: actions.Started, client_id: str) -> None:
         await self.subscribe(result.conversation_id)
@@ -111,17 +143,36 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "url": f"/chat/{result.conversation_id}/",
                 }
             )
+        # Rendered after the action's transaction committed: no row lock held meanwhile.
+        html = await database_sync_to_async(_render_branch)(result.conversation_id)
         await self.send_json(
             {
                 "type": "messages",
                 "conversation": result.conversation_id,
                 "client_id": client_id,
-                "html": result.html,
+                "html": html,
             }
         )
         generation.start(result.reply_id)
 
+    async def _recover(self, *, conversation: Any = None, message: Any = None) -> None:
+        """Interrupted replies of the conversation acted on are saved before the action."""
+        if message is not None:
+            message_id = await database_sync_to_async(actions.check_message_id)(
+                user_id=self.user_id, message_id=message
+            )
+            conversation = await database_sync_to_async(actions.conversation_of_message)(
+                message_id=message_id
+            )
+        elif conversation in (None, ""):
+            return
+        conversation_id = await database_sync_to_async(actions.check_conversation_id)(
+            user_id=self.user_id, conversation_id=conversation
+        )
+        await generation.recover(conversation_id)
+
     async def do_send(self, content: dict[str, Any], client_id: str) -> None:
+        await self._recover(conversation=content.get("conversation"))
         result = await database_sync_to_async(actions.do_send_message)(
             user_id=self.user_id,
             conversation_id=content.get("conversation"),
@@ -132,12 +183,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._started(result, client_id)
 
     async def do_edit(self, content: dict[str, Any], client_id: str) -> None:
+        await self._recover(message=content.get("message"))
         result = await database_sync_to_async(actions.do_edit_message)(
             user_id=self.user_id, message_id=content.get("message"), text=content.get("text")
         )
         await self._started(result, client_id)
 
     async def do_regenerate(self, content: dict[str, Any], client_id: str) -> None:
+        await self._recover(message=content.get("message"))
         result = await database_sync_to_async(actions.do_regenerate)(
             user_id=self.user_id, message_id=content.get("message")
         )
@@ -148,6 +201,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             user_id=self.user_id, message_id=content.get("message")
         )
         await generation.request_stop(message_id)
+        await self._recover(message=message_id)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Deltas arrive many times a second per reply and touch no database: skip
@@ -159,3 +213,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         await self.send_json(event["payload"])
+
+
+def _render_branch(conversation_id: int) -> str:
+    return render_branch(Conversation.objects.get(pk=conversation_id))

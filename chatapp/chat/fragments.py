@@ -1,0 +1,73 @@
+"""HTML fragments of the chat page, rendered on the server.
+
+A branch renders in a fixed number of queries whatever its length: every message
+of the conversation and their attachments are fetched in two, siblings (the
+versions of a turn) are found in memory.  Nothing here is called inside a
+transaction: rendering markdown under a row lock (the database-wide write lock on
+SQLite) would hold every other writer up.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from django.conf import settings
+from django.template.loader import render_to_string
+
+from chatapp.chat.rendering import render_markdown
+from chatapp.models import Conversation, Message
+
+
+def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
+    index = next((number for number, sibling in enumerate(siblings) if sibling.pk == message.pk), 0)
+    return {
+        "message": message,
+        "html": render_markdown(message.content) if message.role == "assistant" else "",
+        "attachments": list(message.attachments.all()),
+        "version": index + 1,
+        "versions": len(siblings),
+        "previous_version": siblings[index - 1].pk if index > 0 else None,
+        "next_version": siblings[index + 1].pk if index + 1 < len(siblings) else None,
+        "show_cost": settings.SWITCHBOARD_SHOW_COST,
+        "currency": settings.SWITCHBOARD_CURRENCY,
+    }
+
+
+def branch_items(conversation: Conversation) -> list[dict[str, Any]]:
+    """The displayed branch, oldest first, with each message's versions."""
+    if conversation.current_leaf_id is None:
+        return []
+    messages = list(
+        Message.objects.filter(conversation_id=conversation.pk)
+        .prefetch_related("attachments")
+        .order_by("created_at", "id")
+    )
+    by_id = {message.pk: message for message in messages}
+    versions: dict[tuple[int | None, str], list[Message]] = defaultdict(list)
+    for message in messages:
+        versions[(message.parent_id, message.role)].append(message)
+    path: list[Message] = []
+    node = by_id.get(conversation.current_leaf_id)
+    while node is not None:
+        path.append(node)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    path.reverse()
+    return [_item(message, versions[(message.parent_id, message.role)]) for message in path]
+
+
+def render_branch(conversation: Conversation) -> str:
+    return render_to_string(
+        "chatapp/chat.html#messages",
+        {"items": branch_items(conversation), "conversation": conversation},
+    )
+
+
+def render_message(message: Message) -> str:
+    """One message as it stands (a reply that just ended)."""
+    siblings = list(
+        Message.objects.filter(
+            conversation_id=message.conversation_id, parent_id=message.parent_id, role=message.role
+        ).order_by("created_at", "id")
+    )
+    return render_to_string("chatapp/chat.html#message-item", {"item": _item(message, siblings)})

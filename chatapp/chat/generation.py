@@ -1,0 +1,324 @@
+"""Browser-chat replies: generated on the server, detached from any socket.
+
+A reply is an asyncio task in the process that received the message.  It is one
+more transport into the relay pipeline: the browser dialect builds the request
+from the conversation (``chatapp.relay.dialects.browser``), ``pipeline.chat``
+admits it on the user's web key, routes, calls, records and settles, and this
+module only publishes what comes back to the conversation's channel-layer group,
+so every open tab — on any Daphne process, with the Redis layer — sees it.
+Closing the tab does not stop it; the reply is saved when it ends.
+
+While it streams, the reply keeps a heartbeat in the hot store
+(``chatapp.chat.events``).  A reply whose process died has none, and is saved as
+interrupted when its conversation is next opened, sent to or stopped
+(``recover``).  On SIGTERM the running replies are cancelled, so their
+``finally`` saves and settles them before the process exits (``shutdown``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import transaction
+
+from chatapp import hotstore
+from chatapp.chat import actions
+from chatapp.chat.events import (
+    HEARTBEAT_EVERY,
+    HEARTBEAT_TTL,
+    SNAPSHOT_TTL,
+    alive_key,
+    publish,
+    snapshot_key,
+    stop_key,
+)
+from chatapp.chat.fragments import render_message
+from chatapp.chat.rendering import render_markdown
+from chatapp.models import Conversation, Message, MessageStatus
+from chatapp.relay import catalog, pipeline
+from chatapp.relay.dialects import browser
+from chatapp.relay.errors import RelayError, from_domain
+from keys.auth import aprincipal, check_principal
+from keys.exceptions import KeyRefused
+
+logger = logging.getLogger(__name__)
+
+RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while streaming
+STOP_CHECK_EVERY = 0.25  # seconds between looks at the shared stop flag
+SHUTDOWN_GRACE = 10.0  # seconds SIGTERM waits for cancelled replies to be saved
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def start(message_id: int) -> asyncio.Task[None]:
+    """Generate the reply for assistant message ``message_id`` in the background."""
+    loop = asyncio.get_running_loop()
+    _install_shutdown(loop)
+    task = loop.create_task(run(message_id))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+async def request_stop(message_id: int) -> None:
+    # A flag in the hot store reaches the task whichever process runs it.
+    await hotstore.aset(stop_key(message_id), True, 600)
+
+
+async def wait_all() -> None:
+    """Wait for the replies being generated in this process (tests, shutdown)."""
+    if _tasks:
+        await asyncio.wait(list(_tasks))
+
+
+async def shutdown(grace: float = SHUTDOWN_GRACE) -> None:
+    """Cancel every reply of this process and wait until each is saved and settled."""
+    tasks = list(_tasks)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace)
+
+
+_installed: set[int] = set()
+
+
+def _install_shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    """Chain a SIGTERM handler that saves running replies before the server stops.
+
+    Daphne's reactor (and uvicorn) stop the event loop on SIGTERM, which would drop
+    the replies' tasks mid-flight; this handler first cancels them and waits up to
+    ``SHUTDOWN_GRACE`` for their ``finally`` (save, settle), then hands the signal on.
+    """
+    if id(loop) in _installed or not _in_main_thread():
+        return
+    _installed.add(id(loop))
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def hand_on(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not _tasks:
+            hand_on(signum, frame)
+            return
+
+        async def drain() -> None:
+            await shutdown()
+            hand_on(signum, frame)
+
+        loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+async def recover(conversation_id: int) -> None:
+    """Save as interrupted every reply of the conversation that no live process writes."""
+    for message_id in await database_sync_to_async(actions.streaming_message_ids)(
+        conversation_id=conversation_id
+    ):
+        if await hotstore.aget(alive_key(message_id)):
+            continue
+        snapshot = await hotstore.aget(snapshot_key(message_id))
+        text = snapshot[1] if snapshot else ""
+        message = await database_sync_to_async(actions.do_mark_interrupted)(
+            message_id=message_id, text=text
+        )
+        if message is not None:
+            logger.warning("reply %s had no live writer: saved as interrupted", message_id)
+            html = await database_sync_to_async(render_message)(message)
+            await publish(
+                conversation_id,
+                browser.done_frame(message_id, MessageStatus.INTERRUPTED, html),
+            )
+
+
+class _Heartbeat:
+    """Refreshes the reply's ``alive`` key while it streams."""
+
+    def __init__(self, message_id: int) -> None:
+        self.key = alive_key(message_id)
+        self.last = 0.0
+
+    async def beat(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= HEARTBEAT_EVERY:
+            self.last = now
+            await hotstore.aset(self.key, True, HEARTBEAT_TTL)
+
+    async def stop(self) -> None:
+        await hotstore.aset(self.key, None, 1)
+
+
+async def run(message_id: int) -> None:
+    status: str = MessageStatus.FAILED
+    error = ""
+    writer = browser.ReplyWriter(message_id)
+    call: pipeline.Call | None = None
+    conversation_id = 0
+    left_out = 0
+    started = time.perf_counter()
+    heartbeat = _Heartbeat(message_id)
+    try:
+        await heartbeat.beat(force=True)
+        prepared = await database_sync_to_async(browser.prepare)(message_id)
+        conversation_id = prepared.conversation_id
+        try:
+            principal = await aprincipal(prepared.key_hash)
+            if principal is None:
+                raise KeyRefused("unknown", "Your chat key could not be found.")
+            principal = check_principal(principal)
+        except KeyRefused as exc:
+            raise from_domain(exc) from None
+        request = prepared.request
+        model = await catalog.aget_model(request.model)
+        if model is not None:
+            left_out = browser.fit_context(request, model.context_window, model.max_output_tokens)
+            if left_out:
+                await publish(conversation_id, browser.left_out_frame(message_id, left_out))
+        call = pipeline.Call(
+            principal=principal,
+            endpoint="browser",
+            dialect="browser",
+            model=request.model,
+            stream=True,
+            request=request,
+            user_id=prepared.user_id,
+            on_cancel=pipeline.INTERRUPTED,
+        )
+        async with pipeline.chat(call) as stream:
+            status = await _relay(stream, writer, conversation_id, heartbeat)
+    except RelayError as exc:
+        status, error = MessageStatus.FAILED, exc.message
+    except asyncio.CancelledError:
+        status = MessageStatus.INTERRUPTED
+        raise
+    except Exception as exc:
+        logger.exception("reply %s failed", message_id)
+        status = MessageStatus.FAILED
+        error = f"Internal error while generating the reply ({type(exc).__name__})."
+    finally:
+        await asyncio.shield(
+            _finish(
+                message_id, conversation_id, call, status, error, writer.text, left_out, started
+            )
+        )
+        with contextlib.suppress(Exception):
+            await asyncio.shield(heartbeat.stop())
+
+
+async def _relay(
+    stream: pipeline.ChatStream,
+    writer: browser.ReplyWriter,
+    conversation_id: int,
+    heartbeat: _Heartbeat,
+) -> str:
+    last_render = time.monotonic()
+    last_stop_check = 0.0
+    async for item in stream:
+        for frame in writer.item(item):
+            await hotstore.aset(snapshot_key(writer.message_id), writer.snapshot, SNAPSHOT_TTL)
+            await publish(conversation_id, frame)
+        now = time.monotonic()
+        await heartbeat.beat()
+        if now - last_render >= RENDER_EVERY and writer.text:
+            last_render = now
+            await publish(conversation_id, writer.render_frame(render_markdown(writer.text)))
+        if now - last_stop_check >= STOP_CHECK_EVERY:
+            last_stop_check = now
+            if await hotstore.aget(stop_key(writer.message_id)):
+                stream.stop()
+                return MessageStatus.STOPPED
+    return MessageStatus.COMPLETE
+
+
+async def _finish(
+    message_id: int,
+    conversation_id: int,
+    call: pipeline.Call | None,
+    status: str,
+    error: str,
+    text: str,
+    left_out: int,
+    started: float,
+) -> None:
+    """Save the reply (the pipeline has settled it), tell every tab, title the conversation."""
+    usage = call.final_usage if call is not None else None
+    fields: dict[str, Any] = {
+        "content": text,
+        "status": status,
+        "error": error,
+        "left_out": left_out,
+        "latency_ms": int((time.perf_counter() - started) * 1000),
+        "input_tokens": usage.input_tokens if usage else 0,
+        "output_tokens": usage.output_tokens if usage else 0,
+        "cost": call.cost if call is not None else 0,
+        "request_id": call.request_id if call is not None else "",
+    }
+    try:
+        message = await database_sync_to_async(_save)(message_id, fields)
+    except Exception:
+        logger.exception("saving reply %s failed", message_id)
+        return
+    await hotstore.aset(snapshot_key(message_id), None, 1)
+    html = await database_sync_to_async(render_message)(message)
+    await publish(message.conversation_id, browser.done_frame(message_id, status, html))
+    if status in (MessageStatus.COMPLETE, MessageStatus.STOPPED) and await database_sync_to_async(
+        _needs_title
+    )(message.conversation_id):
+        await _title(message.conversation_id)
+
+
+def _save(message_id: int, fields: dict[str, Any]) -> Message:
+    from django.utils import timezone
+
+    Message.objects.filter(pk=message_id).update(**fields)
+    message = Message.objects.select_related("conversation").get(pk=message_id)
+    Conversation.objects.filter(pk=message.conversation_id).update(updated_at=timezone.now())
+    return message
+
+
+def _needs_title(conversation_id: int) -> bool:
+    conversation = Conversation.objects.get(pk=conversation_id)
+    return not conversation.title_generated and not conversation.title
+
+
+async def _title(conversation_id: int) -> None:
+    # Not on the shared sync thread: in the embedded mode the task runs inline.
+    await sync_to_async(_queue_title, thread_sensitive=False)(conversation_id)
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        # Run inline, the task could not reach this loop's channel layer: tell the tabs here.
+        title = (
+            await Conversation.objects.filter(pk=conversation_id)
+            .values_list("title", flat=True)
+            .afirst()
+        )
+        if title:
+            await publish(conversation_id, browser.title_frame(conversation_id, title))
+
+
+def _queue_title(conversation_id: int) -> None:
+    from chatapp.chat.tasks import generate_title
+
+    enqueue: Callable[[], Any] = lambda: generate_title.delay(conversation_id)  # noqa: E731
+    transaction.on_commit(enqueue)

@@ -1,0 +1,167 @@
+"""Replies whose writer is gone: a process that died, a server shutting down.
+
+A reply marked streaming with no live writer must not lock its conversation: it is
+saved as interrupted, with what was produced, the next time anyone opens, sends to
+or stops that conversation; a shutdown saves and settles running replies itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from accounts.models import User
+from chatapp import hotstore
+from chatapp.chat import generation
+from chatapp.chat.events import alive_key, snapshot_key
+from chatapp.chat.fragments import render_branch
+from chatapp.models import Conversation, Message, MessageStatus
+from keys import ledger
+from keys.models import UsageRecord
+from tests.chatapp.test_chat_consumer import connect, receive_until, upstream  # noqa: F401
+from tests.conftest import make_user
+from tests.fake_upstream import FakeUpstream, Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _orphan(user: User, text_so_far: str) -> tuple[int, int]:
+    """A conversation whose last reply was being written by a process that died."""
+    conversation = Conversation.objects.create(owner=user, model="chat-model")
+    question = Message.objects.create(conversation=conversation, role="user", content="Hi")
+    reply = Message.objects.create(
+        conversation=conversation,
+        parent=question,
+        role="assistant",
+        model="chat-model",
+        status=MessageStatus.STREAMING,
+    )
+    conversation.current_leaf = reply
+    conversation.save()
+    return conversation.pk, reply.pk
+
+
+async def test_a_reply_whose_writer_died_is_saved_as_interrupted_on_open(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    conversation_id, reply_id = await database_sync_to_async(_orphan)(alice, "")
+    # Given the dead process left its text so far, and no heartbeat...
+    await hotstore.aset(snapshot_key(reply_id), (3, "Half a rep"), 60)
+    await hotstore.aset(alive_key(reply_id), None, 1)
+    ws = await connect(alice)
+
+    # ...opening the conversation saves the reply as interrupted, with that text.
+    await ws.send_json_to({"action": "open", "conversation": conversation_id})
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "interrupted"
+    assert "Half a rep" in events[-1]["html"]
+    reply = await Message.objects.aget(pk=reply_id)
+    assert (reply.status, reply.content) == ("interrupted", "Half a rep")
+
+    # And the conversation takes new messages again.
+    upstream.script(Reply(text="Back again."))
+    await ws.send_json_to(
+        {"action": "send", "conversation": conversation_id, "text": "Still there?"}
+    )
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "complete"
+    await ws.disconnect()
+
+
+async def test_sending_to_a_conversation_with_a_dead_reply_works_at_once(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    conversation_id, reply_id = await database_sync_to_async(_orphan)(alice, "")
+    upstream.script(Reply(text="Fresh answer."))
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": conversation_id, "text": "Again"})
+    events = await receive_until(ws, "done")
+    assert not [event for event in events if event["type"] == "error"], events
+    assert events[-1]["status"] == "complete"
+    assert (await Message.objects.aget(pk=reply_id)).status == "interrupted"
+    await ws.disconnect()
+
+
+async def test_a_live_reply_is_not_taken_for_a_dead_one(upstream: FakeUpstream) -> None:  # noqa: F811
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text=" ".join(f"w{i}" for i in range(40)), chunk_delay=0.03))
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Count"})
+    events = await receive_until(ws, "delta")
+    conversation_id = events[0]["conversation"]
+
+    other_tab = await connect(alice)
+    await other_tab.send_json_to({"action": "open", "conversation": conversation_id})
+    await receive_until(other_tab, "snapshot")
+    done = await receive_until(ws, "done")
+    assert done[-1]["status"] == "complete"
+    await ws.disconnect()
+    await other_tab.disconnect()
+
+
+async def test_a_shutdown_saves_running_replies_and_bills_what_they_produced(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text=" ".join(f"w{i}" for i in range(200)), chunk_delay=0.02))
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Count"})
+    await receive_until(ws, "delta")
+    await asyncio.sleep(0.2)
+
+    # When the server is told to stop (what SIGTERM runs)...
+    await generation.shutdown()
+
+    # ...the reply is saved as interrupted with its text, and metered once.
+    done = await receive_until(ws, "done")
+    assert done[-1]["status"] == "interrupted"
+    reply = await Message.objects.aget(role="assistant")
+    assert reply.status == "interrupted"
+    assert reply.content.startswith("w0 w1")
+    await asyncio.to_thread(ledger.flush)
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert record.status == "interrupted"
+    assert record.output_tokens > 0
+    await ws.disconnect()
+
+
+def _long_conversation(user: User, turns: int) -> Conversation:
+    conversation = Conversation.objects.create(owner=user, model="chat-model")
+    parent = None
+    for number in range(turns):
+        role = "user" if number % 2 == 0 else "assistant"
+        parent = Message.objects.create(
+            conversation=conversation, parent=parent, role=role, content=f"**turn** {number}"
+        )
+        if role == "assistant" and number % 4 == 1:
+            # A second version of some replies: siblings to count.
+            Message.objects.create(
+                conversation=conversation,
+                parent=parent.parent,
+                role="assistant",
+                content="another version",
+            )
+    conversation.current_leaf = parent
+    conversation.save()
+    return conversation
+
+
+def _queries_to_render(conversation: Conversation) -> tuple[int, str]:
+    with CaptureQueriesContext(connection) as queries:
+        html = render_branch(Conversation.objects.get(pk=conversation.pk))
+    return len(queries), html
+
+
+@pytest.mark.parametrize("turns", [4, 40])
+def test_a_branch_renders_in_a_fixed_number_of_queries(alice: Any, turns: int) -> None:
+    count, html = _queries_to_render(_long_conversation(alice, turns))
+    assert count <= 3, f"{count} queries for {turns} messages"
+    assert html.count('class="msg ') == turns
+    assert "1/2" in html or turns < 2
