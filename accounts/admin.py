@@ -6,6 +6,11 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts.forms import UserChangeForm, UserCreationForm
 from accounts.models import User
+from accounts.views import admin_login
+
+# One sign-in page and one throttle: the admin's own login form would be a second,
+# unthrottled way to guess passwords.  The admin sends visitors here with ``next``.
+admin.site.login = admin_login  # type: ignore[method-assign]
 
 
 @admin.register(User)

@@ -15,18 +15,19 @@ from chatapp.startup import load_settings_or_exit  # noqa: E402
 
 load_settings_or_exit()
 
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
+from chatapp.staticfiles import StaticFilesHandler  # noqa: E402
+
 # Django must be set up before anything imports models (the routing below does).
-django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
+django_asgi_app = StaticFilesHandler(get_asgi_application())
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from chatapp.chat.routing import websocket_urlpatterns  # noqa: E402
 from chatapp.relay.asgi import api_app  # noqa: E402
-from chatapp.routing import websocket_urlpatterns  # noqa: E402
+from chatapp.security import SameOriginValidator  # noqa: E402
 
 
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -39,8 +40,6 @@ async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

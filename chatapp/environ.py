@@ -8,6 +8,7 @@ path of a file holding the value (Docker/Kubernetes secrets).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import zoneinfo
 from collections.abc import Mapping
@@ -119,6 +120,19 @@ class Env:
                     f"{name}: {origin!r} is not an origin: expected scheme://host[:port], e.g. https://chat.example.com"
                 )
         return origins
+
+    def networks(self, name: str) -> list[str]:
+        """Comma-separated IP addresses and CIDR networks, e.g. ``127.0.0.1,10.0.0.0/8``."""
+        networks = []
+        for item in self.csv(name, []):
+            try:
+                networks.append(str(ipaddress.ip_network(item)))
+            except ValueError as exc:
+                raise ImproperlyConfigured(
+                    f"{name}: {item!r} is not an IP address or network ({exc}): "
+                    "expected comma-separated addresses or CIDRs such as 127.0.0.1,10.0.0.0/8"
+                ) from None
+        return networks
 
     def database(self, name: str) -> dict[str, Any] | None:
         """``postgres://user:pass@host:port/db`` (or ``sqlite:///path``) as a DATABASES entry."""

@@ -6,22 +6,46 @@ sync client in a thread).  Without Redis (the single-process embedded mode) it i
 a plain in-process dictionary.  Writes from synchronous code (signals, commands)
 use a synchronous client.
 
+In the embedded mode other processes (``manage.py key revoke``, ``model disable``…)
+cannot reach the server's dictionary, so they announce their changes through a
+version file in the data directory instead: a synchronous ``set`` or ``delete`` of
+a key under ``SHARED_PREFIXES`` replaces it once the transaction commits, and every
+read of such a key first compares the file's ``os.stat`` with the last one seen
+(under two microseconds).  When it changed, the process drops its own entries under
+those prefixes — cached principals, the catalog version — and reloads them from the
+database; other entries (chat stream snapshots, stop flags) are this process's
+alone and stay.
+
 Values are pickled: only this process family writes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import pickle
+import tempfile
 import threading
 import time
 import weakref
+from contextvars import ContextVar
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 
 PREFIX = "switchboard:hot:"
 MAX_CONNECTIONS = 50  # per process and event loop
+
+# Keys that processes other than the server change (keys.auth's principals, the
+# catalog version of chatapp.relay.catalog); in the embedded mode their sync writes
+# bump VERSION_FILE (in settings.DATA_DIR) and readers drop them when it changed.
+SHARED_PREFIXES = ("apikey:", "catalog:")
+VERSION_FILE = "hotstore.version"
+
+# The shared key this task last missed, and the generation it missed it in (see add).
+_missed: ContextVar[tuple[str, int] | None] = ContextVar("hotstore_missed", default=None)
 
 
 class _Local:
@@ -30,6 +54,33 @@ class _Local:
     def __init__(self) -> None:
         self.data: dict[str, tuple[float | None, Any]] = {}
         self.lock = threading.Lock()
+        # The version file's (inode, mtime) when last looked at, and how many times
+        # it was seen to change: another process's change drops the shared keys.
+        self.stamp: tuple[int, int] | None = None
+        self.generation = 0
+        self.data_dir: Any = None
+        self.version_path = ""
+
+    def sync_shared(self) -> None:
+        """Drop the shared keys if another process changed them since the last look."""
+        # Joined once: this runs on every request, where each microsecond shows.
+        if settings.DATA_DIR is not self.data_dir:
+            self.data_dir = settings.DATA_DIR
+            self.version_path = os.path.join(self.data_dir, VERSION_FILE)
+        try:
+            st = os.stat(self.version_path)
+        except FileNotFoundError:
+            return  # nothing was ever changed outside this process
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp == self.stamp:
+            return
+        with self.lock:
+            self.stamp = stamp
+            self.generation += 1
+            # list(): a consistent copy of the keys even while other threads write.
+            for key in list(self.data):
+                if key.startswith(SHARED_PREFIXES):
+                    self.data.pop(key, None)
 
     def get(self, key: str) -> Any:
         entry = self.data.get(key)
@@ -45,7 +96,14 @@ class _Local:
         self.data[key] = (time.monotonic() + ttl if ttl else None, value)
 
     def add(self, key: str, value: Any, ttl: float | None) -> None:
+        missed = _missed.get()
         with self.lock:
+            # A reader that missed this key, then loaded it from the database while
+            # another process committed a change and this process dropped the shared
+            # keys, holds a value that may predate the change: it must not cache it
+            # (Redis closes the same race with the writer's fresh write after commit).
+            if missed is not None and missed[0] == key and missed[1] != self.generation:
+                return
             if self.get(key) is None:
                 self.set(key, value, ttl)
 
@@ -106,9 +164,48 @@ def sync_client() -> Any:
     return _sync_client
 
 
+def _bump_version() -> None:
+    """Tell the other processes that shared keys changed: a new version file.
+
+    Written aside and renamed over the old one (readers never see it half-done; it
+    only needs the data directory writable, not ownership of the old file), with an
+    mtime set strictly after the previous one: two bumps within one tick of the
+    kernel's file clock must still look different.
+    """
+    path = os.path.join(settings.DATA_DIR, VERSION_FILE)
+    try:
+        previous = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        previous = 0
+    stamp = max(time.time_ns(), previous + 1)
+    fd, temp = tempfile.mkstemp(dir=settings.DATA_DIR, prefix=f".{VERSION_FILE}.")
+    try:
+        with open(fd, "wb") as handle:
+            handle.write(b"%d\n" % stamp)
+        os.utime(temp, ns=(stamp, stamp))
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _changed_shared(keys: tuple[str, ...]) -> None:
+    if any(key.startswith(SHARED_PREFIXES) for key in keys):
+        # After commit: a process that reloads on the bump must find the new rows.
+        # (Outside a transaction, and in on_commit callbacks, this bumps at once.)
+        transaction.on_commit(_bump_version)
+
+
 async def aget(key: str) -> Any:
     if _redis_url() is None:
-        return _local.get(key)
+        if not key.startswith(SHARED_PREFIXES):
+            return _local.get(key)
+        _local.sync_shared()
+        value = _local.get(key)
+        if value is None:
+            _missed.set((key, _local.generation))
+        return value
     raw = await async_client().get(PREFIX + key)
     return None if raw is None else pickle.loads(raw)
 
@@ -133,6 +230,7 @@ async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
 def set(key: str, value: Any, ttl: float | None = None) -> None:  # noqa: A001 - mirrors aset
     if _redis_url() is None:
         _local.set(key, value, ttl)
+        _changed_shared((key,))
         return
     sync_client().set(PREFIX + key, pickle.dumps(value), ex=int(ttl) if ttl else None)
 
@@ -142,6 +240,7 @@ def delete(*keys: str) -> None:
         return
     if _redis_url() is None:
         _local.delete(list(keys))
+        _changed_shared(keys)
         return
     sync_client().delete(*(PREFIX + key for key in keys))
 

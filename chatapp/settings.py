@@ -189,9 +189,11 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-# Failed sign-ins allowed per email and per client address before a pause.
+# Sign-in throttling (accounts/throttle.py): failures per email and address before a pause.
 LOGIN_FAILURE_LIMIT = env.integer("SWITCHBOARD_LOGIN_FAILURE_LIMIT", 5, minimum=1)
 LOGIN_FAILURE_WINDOW = env.integer("SWITCHBOARD_LOGIN_FAILURE_WINDOW", 900, minimum=1)
+# Reverse proxies whose X-Forwarded-For is believed for the sign-in throttle's client address.
+SWITCHBOARD_TRUSTED_PROXIES = env.networks("SWITCHBOARD_TRUSTED_PROXIES")
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_SECURE = env.flag("SESSION_COOKIE_SECURE", False)
@@ -220,6 +222,10 @@ SWITCHBOARD_MAX_BODY_BYTES = env.integer(
     "SWITCHBOARD_MAX_BODY_BYTES", 50 * 1024 * 1024, minimum=1024
 )
 DATA_UPLOAD_MAX_MEMORY_SIZE = SWITCHBOARD_MAX_BODY_BYTES
+# Image URLs naming a private, loopback or link-local host (or a name resolving to one)
+# are refused: an upstream that fetches URLs itself (vLLM, Ollama) would fetch them
+# from inside the network.  Turn on only when every upstream is trusted with that.
+SWITCHBOARD_ALLOW_PRIVATE_IMAGE_URLS = env.flag("SWITCHBOARD_ALLOW_PRIVATE_IMAGE_URLS", False)
 # The one currency prices and money budgets are in (ISO 4217 code).
 SWITCHBOARD_CURRENCY = env.string("SWITCHBOARD_CURRENCY", "USD").upper()
 if not (len(SWITCHBOARD_CURRENCY) == 3 and SWITCHBOARD_CURRENCY.isalpha()):
