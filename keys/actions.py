@@ -12,8 +12,8 @@ from django.utils import timezone
 
 from accounts.models import User
 from chatapp.models import CatalogModel
-from keys.limiter import MAX_MONEY_BUDGET
-from keys.models import ApiKey, BudgetPeriod, ModelPrice
+from keys.forms import LIMIT_FIELDS, KeyCreateForm, LimitsForm, PriceForm, describe
+from keys.models import ApiKey, ModelPrice
 
 
 class KeyActionError(Exception):
@@ -28,11 +28,21 @@ def do_create_key(
     expires_at: datetime | None = None,
     is_web_key: bool = False,
 ) -> tuple[ApiKey, str]:
-    """Issue a key; returns it with the full secret, which is shown once and never stored."""
-    if expires_at is not None and expires_at <= timezone.now():
-        raise KeyActionError(f"expiry {expires_at.isoformat()} is in the past")
-    if not user.is_active:
-        raise KeyActionError(f"user {user.email} is disabled")
+    """Issue a key; returns it with the full secret, which is shown once and never stored.
+
+    Checked by ``keys.forms.KeyCreateForm`` (an active owner, an expiry in the
+    future, known models), as the admin and the console check it.
+    """
+    form = KeyCreateForm(
+        data={
+            "user": user.pk,
+            "name": name,
+            "expires_at": expires_at,
+            "allowed_models": sorted(set(models or [])),
+        }
+    )
+    if not form.is_valid():
+        raise KeyActionError(describe(form.errors))
     defaults = {field: value or None for field, value in settings.SWITCHBOARD_KEY_DEFAULTS.items()}
     return ApiKey.issue(
         user=user,
@@ -56,48 +66,35 @@ def do_revoke_key(*, key: ApiKey) -> ApiKey:
     return locked
 
 
-LIMIT_FIELDS = ("rpm", "rpd", "tpm", "tpd", "concurrency", "token_budget", "max_output_tokens")
+INTEGER_LIMITS = ("rpm", "rpd", "tpm", "tpd", "concurrency", "token_budget", "max_output_tokens")
 
 
 def do_set_limits(*, key: ApiKey, **changes: Any) -> ApiKey:
     """Change a key's limits; ``None`` (or 0) clears one.
 
     Accepted: rpm, rpd, tpm, tpd, concurrency, token_budget, max_output_tokens
-    (integers), money_budget (Decimal), budget_period, clamp_max_tokens.
+    (integers), money_budget (Decimal), budget_period, clamp_max_tokens — checked
+    by ``keys.forms.LimitsForm``, the rules the admin and the console apply too.
     """
-    updates: dict[str, Any] = {}
+    unknown = sorted(set(changes) - set(LIMIT_FIELDS))
+    if unknown:
+        raise KeyActionError(f"unknown limit {unknown[0]!r}")
     for name, value in changes.items():
-        if name in LIMIT_FIELDS:
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise KeyActionError(
-                    f"{name}: expected a whole number of at least 0, got {value!r}"
-                )
-            updates[name] = value or None
-        elif name == "money_budget":
-            if value is not None and (
-                not isinstance(value, Decimal) or not value.is_finite() or value < 0
-            ):
-                raise KeyActionError(
-                    f"money_budget: expected an amount of at least 0, got {value!r}"
-                )
-            if value is not None and value > MAX_MONEY_BUDGET:
-                raise KeyActionError(
-                    f"money_budget: at most {MAX_MONEY_BUDGET} {settings.SWITCHBOARD_CURRENCY}"
-                )
-            updates[name] = value or None
-        elif name == "budget_period":
-            if value not in BudgetPeriod.values:
-                raise KeyActionError(
-                    f"budget_period: expected one of {', '.join(BudgetPeriod.values)}"
-                )
-            updates[name] = value
-        elif name == "clamp_max_tokens":
-            updates[name] = bool(value)
-        else:
-            raise KeyActionError(f"unknown limit {name!r}")
-    for name, value in updates.items():
-        setattr(key, name, value)
-    key.save(update_fields=[*updates])  # the save invalidates the cached principal
+        if (
+            name in INTEGER_LIMITS
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int) or value < 0)
+        ):
+            raise KeyActionError(f"{name}: expected a whole number of at least 0, got {value!r}")
+    data = {name: getattr(key, name) for name in LIMIT_FIELDS}
+    data.update(changes)
+    form = LimitsForm(data=data, instance=key)
+    if not form.is_valid():
+        raise KeyActionError(describe(form.errors))
+    # Only the fields given change: a concurrent edit of another limit is kept.
+    for name in changes:
+        setattr(key, name, form.cleaned_data[name])
+    key.save(update_fields=[*changes])  # the save invalidates the cached principal
     return key
 
 
@@ -115,18 +112,28 @@ def do_set_price(
         ("output", output_price),
         ("cached-input", cached_input_price),
     ):
-        if value is not None and (not value.is_finite() or value < 0):
+        if value is not None and not value.is_finite():
             raise KeyActionError(f"--{name}: expected a price of at least 0, got {value}")
         if value is not None and value.as_tuple().exponent < -12:  # type: ignore[operator]
             raise KeyActionError(f"--{name}: at most 12 decimal places, got {value}")
-    return ModelPrice.objects.create(
-        model=model,
-        input_per_mtok=input_price,
-        output_per_mtok=output_price,
-        cached_input_per_mtok=cached_input_price,
-        currency=settings.SWITCHBOARD_CURRENCY,
-        effective_from=effective_from or timezone.now(),
+    form = PriceForm(
+        data={
+            "model": model.pk,
+            "input_per_mtok": input_price,
+            "output_per_mtok": output_price,
+            "cached_input_per_mtok": cached_input_price,
+            "effective_from": effective_from or timezone.now(),
+        }
     )
+    if not form.is_valid():
+        flags = {
+            "input_per_mtok": "--input",
+            "output_per_mtok": "--output",
+            "cached_input_per_mtok": "--cached-input",
+        }
+        errors = {flags.get(name, name): messages for name, messages in form.errors.items()}
+        raise KeyActionError(describe(errors))
+    return form.save()
 
 
 def do_get_web_key(*, user: User) -> ApiKey:

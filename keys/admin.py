@@ -11,72 +11,21 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from chatapp.actions import CatalogError, check_model_names
 from keys.actions import do_create_key, do_revoke_key
+from keys.forms import KeyCreateForm, KeyForm, PriceForm
 from keys.models import ApiKey, ModelPrice, UsageRecord
-
-
-class ApiKeyForm(forms.ModelForm):
-    class Meta:
-        model = ApiKey
-        fields = [
-            "user",
-            "name",
-            "enabled",
-            "expires_at",
-            "allowed_models",
-            "rpm",
-            "rpd",
-            "tpm",
-            "tpd",
-            "concurrency",
-            "token_budget",
-            "money_budget",
-            "budget_period",
-            "max_output_tokens",
-            "clamp_max_tokens",
-        ]
-
-    def clean_allowed_models(self) -> list[str]:
-        value = self.cleaned_data.get("allowed_models") or []
-        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-            raise ValidationError(_('Enter a list of model names, e.g. ["gpt-4o", "claude"].'))
-        try:
-            return check_model_names(names=value)
-        except CatalogError as exc:
-            raise ValidationError(str(exc)) from None
-
-
-class ApiKeyAddForm(ApiKeyForm):
-    """The same rules ``do_create_key`` enforces, as form errors instead of a crash."""
-
-    class Meta(ApiKeyForm.Meta):
-        fields = ["user", "name", "expires_at", "allowed_models"]
-
-    def clean_user(self) -> Any:
-        user = self.cleaned_data["user"]
-        if not user.is_active:
-            raise ValidationError(_("This user is disabled."))
-        return user
-
-    def clean_expires_at(self) -> Any:
-        expires_at = self.cleaned_data.get("expires_at")
-        if expires_at is not None and expires_at <= timezone.now():
-            raise ValidationError(_("This time is in the past."))
-        return expires_at
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    form = ApiKeyForm
-    add_form = ApiKeyAddForm
+    # The rules of keys.forms, as the commands and the console apply them.
+    form = KeyForm
+    add_form = KeyCreateForm
     list_display = ["prefix", "name", "user", "state", "created_at", "last_used_at"]
     list_filter = ["enabled", "is_web_key", ("revoked_at", admin.EmptyFieldListFilter)]
     list_select_related = ["user"]
@@ -211,6 +160,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
 class ModelPriceAdmin(admin.ModelAdmin):
     """Prices are history: add a new row to change a price, never edit an old one."""
 
+    form = PriceForm
     list_display = [
         "model",
         "input_per_mtok",

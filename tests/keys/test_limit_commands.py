@@ -105,7 +105,7 @@ def test_key_limits_sets_and_clears(key: ApiKey) -> None:
 def test_key_limits_refuses_junk(key: ApiKey) -> None:
     with pytest.raises(CommandError, match="expected a whole number, 0 or none"):
         run("key", "limits", key.prefix, "--rpm", "lots")
-    with pytest.raises(CommandError, match="money_budget: at most 9000000"):
+    with pytest.raises(CommandError, match="money_budget: At most 9,000,000 USD"):
         run("key", "limits", key.prefix, "--money-budget", "10000000")
     with pytest.raises(CommandError, match="no key with id 999"):
         run("key", "limits", "999", "--rpm", "1")
@@ -155,3 +155,36 @@ def test_the_admin_shows_limits_and_prices(client, carol: User, key: ApiKey) -> 
     )
     assert response.status_code == 302
     assert ModelPrice.objects.get().currency == "USD"
+
+
+def test_the_admin_applies_the_same_rules_as_the_commands(client, carol: User, key: ApiKey) -> None:  # type: ignore[no-untyped-def]
+    # Given an admin editing a key in Django's admin...
+    client.force_login(carol)
+    form = {
+        "name": key.name,
+        "enabled": "on",
+        "allowed_models": "[]",
+        "budget_period": "monthly",
+        "money_budget": "9000001",
+    }
+    # ...a money budget past the limiter's exact range is refused, as `key limits` refuses it.
+    response = client.post(f"/admin/keys/apikey/{key.pk}/change/", form)
+    assert response.status_code == 200
+    assert "At most 9,000,000 USD" in response.content.decode()
+    key.refresh_from_db()
+    assert key.money_budget is None
+    # And a negative price is refused there as `price set` refuses it.
+    CatalogModel.objects.create(name="gpt-y")
+    response = client.post(
+        "/admin/keys/modelprice/add/",
+        {
+            "model": CatalogModel.objects.get(name="gpt-y").pk,
+            "input_per_mtok": "-1",
+            "output_per_mtok": "1",
+            "effective_from_0": "2030-01-01",
+            "effective_from_1": "00:00:00",
+        },
+    )
+    assert response.status_code == 200
+    assert "A price cannot be negative." in response.content.decode()
+    assert not ModelPrice.objects.filter(model__name="gpt-y").exists()

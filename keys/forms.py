@@ -1,0 +1,143 @@
+"""The one place a key's and a price's rules are written.
+
+The admin, the management commands (through ``keys.actions``) and the console use
+these forms, so no path can store what another would refuse: a money budget past
+the limiter's exact range, a negative limit, an expiry in the past, an unknown model.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from keys.limiter import MAX_MONEY_BUDGET
+from keys.models import ApiKey, ModelPrice
+
+LIMIT_FIELDS = [
+    "rpm",
+    "rpd",
+    "tpm",
+    "tpd",
+    "concurrency",
+    "token_budget",
+    "money_budget",
+    "budget_period",
+    "max_output_tokens",
+    "clamp_max_tokens",
+]
+
+
+def describe(errors: dict[str, Any]) -> str:
+    """A form's errors as one line naming each field: ``money_budget: Ensure ...``."""
+    parts = []
+    for field, messages in errors.items():
+        text = " ".join(str(message) for message in messages)
+        parts.append(text if field == "__all__" else f"{field}: {text}")
+    return "; ".join(parts)
+
+
+class LimitsForm(forms.ModelForm):
+    """A key's rate limits and budgets; 0 clears a limit like an empty field."""
+
+    class Meta:
+        model = ApiKey
+        fields = LIMIT_FIELDS
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        for name in LIMIT_FIELDS:
+            if name not in ("budget_period", "clamp_max_tokens") and cleaned.get(name) == 0:
+                cleaned[name] = None
+        money = cleaned.get("money_budget")
+        if money is not None and money > MAX_MONEY_BUDGET:
+            # Budgets are counted in integer nano-units inside the limiter (exact up to
+            # 2**53): past this they would round.
+            self.add_error(
+                "money_budget",
+                _("At most %(limit)s %(currency)s: larger budgets cannot be counted exactly.")
+                % {"limit": f"{MAX_MONEY_BUDGET:,}", "currency": settings.SWITCHBOARD_CURRENCY},
+            )
+        return cleaned
+
+
+class AllowedModelsMixin(forms.ModelForm):
+    def clean_allowed_models(self) -> list[str]:
+        from chatapp.actions import CatalogError, check_model_names
+
+        value = self.cleaned_data.get("allowed_models") or []
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise ValidationError(_('Enter a list of model names, e.g. ["gpt-4o", "claude"].'))
+        try:
+            return check_model_names(names=value)
+        except CatalogError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class KeyCreateForm(AllowedModelsMixin):
+    """What issuing a key needs: an active owner, an expiry in the future, known models."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["user", "name", "expires_at", "allowed_models"]
+
+    def clean_user(self) -> Any:
+        user = self.cleaned_data["user"]
+        if not user.is_active:
+            raise ValidationError(_("%(email)s is disabled.") % {"email": user.email})
+        return user
+
+    def clean_expires_at(self) -> Any:
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            raise ValidationError(_("%(time)s is in the past.") % {"time": expires_at.isoformat()})
+        return expires_at
+
+
+class KeyForm(AllowedModelsMixin, LimitsForm):
+    """Everything an admin may change on an issued key."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["name", "enabled", "expires_at", "allowed_models", *LIMIT_FIELDS]
+
+
+class PriceForm(forms.ModelForm):
+    """A new price of a model, per 1M tokens, from a moment on."""
+
+    class Meta:
+        model = ModelPrice
+        fields = [
+            "model",
+            "input_per_mtok",
+            "output_per_mtok",
+            "cached_input_per_mtok",
+            "effective_from",
+        ]
+
+    def _price(self, name: str) -> Decimal | None:
+        value: Decimal | None = self.cleaned_data.get(name)
+        if value is not None and value < 0:
+            raise ValidationError(_("A price cannot be negative."))
+        return value
+
+    def clean_input_per_mtok(self) -> Decimal | None:
+        return self._price("input_per_mtok")
+
+    def clean_output_per_mtok(self) -> Decimal | None:
+        return self._price("output_per_mtok")
+
+    def clean_cached_input_per_mtok(self) -> Decimal | None:
+        return self._price("cached_input_per_mtok")
+
+    def save(self, commit: bool = True) -> ModelPrice:
+        price: ModelPrice = super().save(commit=False)
+        price.currency = settings.SWITCHBOARD_CURRENCY
+        if commit:
+            price.save()
+        return price
