@@ -28,6 +28,23 @@ def _fast_hasher(settings) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _public_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This sandbox has no DNS: image hosts in tests (example.com...) resolve to a public address.
+
+    Tests of the resolution rules set their own resolver (tests/chatapp/test_image_urls.py).
+    """
+    from chatapp.relay import validation
+
+    async def public(host: str) -> list[str]:
+        return ["93.184.215.14"]
+
+    monkeypatch.setattr(validation, "resolve_host", public)
+    validation.forget_resolved()
+    yield
+    validation.forget_resolved()
+
+
+@pytest.fixture(autouse=True)
 def _clean_cache() -> Iterator[None]:
     cache.clear()
     hotstore.clear()

@@ -10,6 +10,10 @@ throughput of the full handler on the same views (README, "Benchmarks").
 
 Client disconnects are handled as Django does: a disconnect cancels the response
 task, and a streaming body is closed so its ``finally`` (settlement) runs at once.
+
+A body over ``SWITCHBOARD_MAX_BODY_BYTES`` is refused with 413 (and
+``Connection: close``) without reading it: at once when its ``Content-Length`` says
+so, as soon as it passes the limit when it comes chunked.
 """
 
 from __future__ import annotations
@@ -38,11 +42,19 @@ class _Disconnected(Exception):
     pass
 
 
-async def _read_body(receive: Receive, limit: int) -> tuple[BytesIO, bool]:
-    """The request body, and whether it went over ``limit`` (then it is not kept)."""
+def _declared_length(scope: Scope) -> int | None:
+    """The request's ``Content-Length``, when it has a usable one."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> BytesIO | None:
+    """The request body, or None as soon as it goes over ``limit`` (the rest is not read)."""
     body = BytesIO()
     size = 0
-    too_large = False
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -50,13 +62,12 @@ async def _read_body(receive: Receive, limit: int) -> tuple[BytesIO, bool]:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            too_large = True
-        elif chunk:
-            body.write(chunk)
+            return None
+        body.write(chunk)
         if not message.get("more_body", False):
             break
     body.seek(0)
-    return body, too_large
+    return body
 
 
 def _headers(response: HttpResponseBase) -> list[tuple[bytes, bytes]]:
@@ -102,27 +113,47 @@ async def _close_source(response: Any) -> None:
             await source.aclose()
 
 
+def _dialect(scope: Scope) -> str:
+    """Whose error body to answer with, before the view (which knows for sure) runs."""
+    path: str = scope["path"]
+    anthropic = path.startswith("/v1/messages") or any(
+        name.lower() == b"anthropic-version" for name, _value in scope.get("headers", ())
+    )
+    return "anthropic" if anthropic else "openai"
+
+
+async def _send_too_large(send: Send, scope: Scope, message: str) -> None:
+    from chatapp.relay.pipeline import new_request_id
+    from chatapp.relay.views import error_response
+
+    error = RelayError(413, message, type="request_too_large")
+    response = error_response(error, _dialect(scope), new_request_id())
+    response["Connection"] = "close"
+    await _send_plain(send, response)
+
+
 async def api_app(scope: Scope, receive: Receive, send: Send) -> None:
     from chatapp.relay.pipeline import new_request_id
     from chatapp.relay.views import error_response
 
     limit = settings.SWITCHBOARD_MAX_BODY_BYTES
+    # A declared length over the limit is refused before a byte of the body is read;
+    # a chunked body (no length) as soon as it passes the limit.  Either way the 413
+    # asks the server to close the connection rather than drain the rest.
+    declared = _declared_length(scope)
+    if declared is not None and declared > limit:
+        message = f"The request body is {declared} bytes, over the limit of {limit} bytes."
+        await _send_too_large(send, scope, message)
+        return
     try:
-        body, too_large = await _read_body(receive, limit)
+        body = await _read_body(receive, limit)
     except _Disconnected:
         return
-    request = ASGIRequest(scope, body)
-    dialect = (
-        "anthropic"
-        if "anthropic-version" in request.headers or request.path.startswith("/v1/messages")
-        else "openai"
-    )
-    if too_large:
-        error = RelayError(
-            413, f"The request body is over the limit of {limit} bytes.", type="request_too_large"
-        )
-        await _send_plain(send, error_response(error, dialect, new_request_id()))
+    if body is None:
+        await _send_too_large(send, scope, f"The request body is over the limit of {limit} bytes.")
         return
+    request = ASGIRequest(scope, body)
+    dialect = _dialect(scope)
     try:
         match = resolve(request.path_info)
         response = await match.func(request, *match.args, **match.kwargs)

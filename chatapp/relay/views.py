@@ -10,7 +10,6 @@ matching status; every response carries ``x-request-id``.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -25,12 +24,14 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from chatapp.relay import catalog, pipeline
+from chatapp.relay.bodies import load_json
 from chatapp.relay.canonical import ChatRequest
 from chatapp.relay.dialects import HTTP_DIALECTS, HttpDialect, detect
 from chatapp.relay.dialects import anthropic as anthropic_dialect
 from chatapp.relay.dialects import openai as openai_dialect
 from chatapp.relay.errors import RelayError, body_too_large, from_domain
 from chatapp.relay.pipeline import Call
+from chatapp.relay.validation import acheck_image_hosts
 from keys.auth import Principal, aauthenticate, raw_key_from_headers
 from keys.exceptions import KeyRefused
 
@@ -115,18 +116,12 @@ def _json_body(request: HttpRequest) -> tuple[dict[str, Any], int]:
         raise body_too_large(limit) from None
     if len(raw) > limit:
         raise body_too_large(limit, len(raw))
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RelayError(
-            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise RelayError(400, "The request body must be a JSON object.", code="invalid_json")
-    return body, len(raw)
+    # Hostile JSON (deep nesting, huge integers, NUL or lone surrogates in strings)
+    # is a 400 naming the problem, never a 500 or a record the ledger cannot store.
+    return load_json(raw), len(raw)
 
 
-def _parsed_call(
+async def _parsed_call(
     request: HttpRequest,
     principal: Principal,
     request_id: str,
@@ -150,6 +145,8 @@ def _parsed_call(
         call.stream = body.get("stream") is True
         call.request = parse(body)
         call.request.body_size = size
+        # An upstream that fetches image URLs itself must not be sent to our network.
+        await acheck_image_hosts(call.request)
     except RelayError as error:
         pipeline.refuse(call, error)
         raise
@@ -241,7 +238,7 @@ async def _stream(call: Call, dialect: HttpDialect) -> HttpResponseBase:
 async def chat_completions(
     request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
-    call = _parsed_call(
+    call = await _parsed_call(
         request,
         principal,
         request_id,
@@ -256,7 +253,7 @@ async def chat_completions(
 async def messages(
     request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
-    call = _parsed_call(
+    call = await _parsed_call(
         request,
         principal,
         request_id,
@@ -271,15 +268,13 @@ async def messages(
 async def count_tokens(
     request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
 ) -> HttpResponseBase:
-    body, _size = _json_body(request)
-    parsed = anthropic_dialect.parse_messages_request(body, count_only=True)
-    call = Call(
-        principal=principal,
+    call = await _parsed_call(
+        request,
+        principal,
+        request_id,
         endpoint="count_tokens",
-        dialect=dialect.name,
-        model=parsed.model,
-        request=parsed,
-        request_id=request_id,
+        dialect=dialect,
+        parse=lambda body: anthropic_dialect.parse_messages_request(body, count_only=True),
     )
     count, _estimated = await pipeline.count_tokens(call)
     return JsonResponse({"input_tokens": count})
