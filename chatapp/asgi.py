@@ -28,6 +28,10 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from chatapp.chat.routing import websocket_urlpatterns  # noqa: E402
 from chatapp.relay.asgi import api_app  # noqa: E402
 from chatapp.security import SameOriginValidator  # noqa: E402
+from keys import ledger  # noqa: E402
+
+# Replay the usage journals of processes that died on this host before serving.
+ledger.start()
 
 
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

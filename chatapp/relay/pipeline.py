@@ -54,7 +54,7 @@ from chatapp.relay.canonical import (
 )
 from chatapp.relay.catalog import ModelInfo
 from chatapp.relay.errors import RelayError, UpstreamError, from_domain
-from chatapp.relay.upstreams import HttpCall, Target, UpstreamItem
+from chatapp.relay.upstreams import HttpCall, StreamDecoder, Target, UpstreamItem
 from keys import ledger, limiter
 from keys.auth import Principal
 from keys.exceptions import LimiterUnavailable, LimitExceeded, RateWindow
@@ -628,7 +628,7 @@ CONTENT_EVENTS = (TextDelta, ToolCallStart, ToolCallDelta, Finish, UsageEvent)
 
 
 async def _items(
-    target: Target, response: httpx.Response, decoder: Any
+    target: Target, response: httpx.Response, decoder: StreamDecoder
 ) -> AsyncIterator[UpstreamItem]:
     try:
         async for name, data in sse.events(response):
@@ -655,8 +655,9 @@ class ChatStream:
     Iterating yields the upstream's items.  The first items were read while the
     stream was opened (so a route that dies before any content can fail over); they
     come first.  When the upstream ends the stream, the call is settled at once —
-    before the transport writes its last bytes — so a client that got the whole
-    answer always has a usage record.
+    before its last element is handed to the transport, and before the transport
+    writes its own closing bytes — so a client that got the whole answer always has
+    a journaled usage record (``keys.ledger``).
     """
 
     def __init__(
@@ -667,8 +668,10 @@ class ChatStream:
         items: AsyncIterator[UpstreamItem],
         opening: list[UpstreamItem],
         connection: contextlib.AbstractAsyncContextManager[Target],
+        decoder: StreamDecoder,
     ) -> None:
         self.call = call
+        self.decoder = decoder
         self.target = target
         self.response = response
         self.items = items
@@ -680,16 +683,26 @@ class ChatStream:
         return passthrough(self.call, self.target)
 
     async def __aiter__(self) -> AsyncIterator[UpstreamItem]:
-        for item in self.opening:
+        for number, item in enumerate(self.opening, 1):
+            if number == len(self.opening) and self.decoder.finished:
+                self._ended()
             yield item
         try:
             async for item in self.items:
                 self.call.observe(item.events)
+                if self.decoder.finished:
+                    # The upstream's last element (Anthropic's message_stop): settle
+                    # before it reaches the client.
+                    self._ended()
                 yield item
         except UpstreamError as exc:
             error = mid_stream_error(exc)
             self.call._fail(error)
             raise error from None
+        self._ended()
+
+    def _ended(self) -> None:
+        """The upstream ended the stream: record the outcome now, before the client's last bytes."""
         self.call._conclude(None)
         self.call.settle()
 
@@ -723,7 +736,8 @@ async def _open(call: Call, targets: list[Target], request: ChatRequest) -> Chat
         except BaseException:
             await connection.__aexit__(None, None, None)
             raise
-        items = _items(target, response, upstream.stream_decoder(target))
+        decoder = upstream.stream_decoder(target)
+        items = _items(target, response, decoder)
         opening: list[UpstreamItem] = []
         try:
             async for item in items:
@@ -736,7 +750,7 @@ async def _open(call: Call, targets: list[Target], request: ChatRequest) -> Chat
             raise
         for item in opening:
             call.observe(item.events)
-        return ChatStream(call, target, response, items, opening, connection)
+        return ChatStream(call, target, response, items, opening, connection, decoder)
 
     return await _attempts(call, targets, attempt)
 
@@ -810,19 +824,29 @@ async def count_tokens(call: Call) -> tuple[int, bool]:
     """Input tokens of the call's request: the upstream's count when one can count, else an estimate.
 
     The key and model are checked, but nothing is reserved against the key's limits
-    and nothing is billed: counting is free, as it is at Anthropic.
+    and nothing is billed (counting is free, as it is at Anthropic); the call still
+    leaves a usage record, with no tokens, so every request is in the ledger.
     """
     request = call.request
     assert request is not None
-    model = await admit(call, capability="count", reserve=False)
-    for choice in model.routes:
-        target = choice.target
-        http_call = target.upstream.build_count_tokens(target, request)
-        if http_call is None or routing.is_open(target.route_id):
-            continue
-        try:
-            response = await _send(http_call, target, stream=False)
-            return int(response.json()["input_tokens"]), False
-        except (UpstreamError, ValueError, KeyError, TypeError):
-            continue
-    return tokens.estimate_request(request), True
+    try:
+        model = await admit(call, capability="count", reserve=False)
+        call.usage = Usage()
+        for choice in model.routes:
+            target = choice.target
+            http_call = target.upstream.build_count_tokens(target, request)
+            if http_call is None or routing.is_open(target.route_id):
+                continue
+            call.target = target
+            try:
+                response = await _send(http_call, target, stream=False)
+                return int(response.json()["input_tokens"]), False
+            except (UpstreamError, ValueError, KeyError, TypeError):
+                continue
+        return tokens.estimate_request(request), True
+    except BaseException as exc:
+        call._conclude(exc)
+        raise
+    finally:
+        call._conclude(None)
+        call.settle()

@@ -146,3 +146,86 @@ def test_an_upstream_that_never_answers_times_out_and_is_recorded(gateway: Gatew
     assert json.loads(response.text)["error"]["type"] == "timeout_error"
     (record,) = gateway.records()
     assert (record.status, record.http_status) == ("error", 504)
+
+
+HOSTILE = {
+    "deep nesting": b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "a 5,000-digit integer": b'{"model": "m", "max_tokens": ' + b"9" * 5000 + b"}",
+    "a lone surrogate": b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+    "a NUL": b'{"model": "gpt-fake", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+}
+ENDPOINTS = ["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/embeddings"]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("what", list(HOSTILE))
+def test_hostile_json_is_a_400_naming_the_problem_and_is_recorded(
+    gateway: Gateway, endpoint: str, what: str
+) -> None:
+    response = httpx.post(
+        gateway.url + endpoint,
+        headers={
+            "authorization": f"Bearer {gateway.key}",
+            "anthropic-version": "2023-06-01",
+            "content-type": "application/json",
+        },
+        content=HOSTILE[what],
+    )
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    expected = {
+        "deep nesting": "nest",
+        "a 5,000-digit integer": "integer too long",
+        "a lone surrogate": "surrogate",
+        "a NUL": "NUL",
+    }[what]
+    assert expected in message
+    (record,) = gateway.records()
+    assert (record.status, record.http_status) == ("error", 400)
+    assert expected in record.error_message
+    # The ledger went on writing: the next request is recorded too.
+    gateway.fake.script(Reply(text="ok"))
+    gateway.openai().chat.completions.create(model="gpt-fake", messages=USER)  # type: ignore[arg-type]
+    assert len(gateway.records()) == 2
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_a_stream_is_recorded_before_its_last_element_reaches_the_transport(
+    gateway: Gateway, dialect: str
+) -> None:
+    # A client that received the whole answer has a usage record, whatever happens to
+    # the worker afterwards: the pipeline settles (journals the record) before it hands
+    # the upstream's last element to the transport that writes it.
+    from chatapp.relay import pipeline
+    from chatapp.relay.canonical import ChatRequest, TextPart
+    from chatapp.relay.canonical import Message as Turn
+
+    model = "claude-fake" if dialect == "anthropic" else "gpt-fake"
+    gateway.fake.script(Reply(text="one two three"))
+    call = pipeline.Call(
+        principal=None,
+        endpoint="test",
+        dialect=dialect,
+        model=model,
+        stream=True,
+        request=ChatRequest(
+            model=model,
+            messages=[Turn("user", [TextPart("hi")])],
+            max_tokens=50,
+            stream=True,
+            include_usage=True,
+            dialect=dialect,
+        ),
+    )
+    settled_at_last: list[bool] = []
+    async with pipeline.chat(call) as stream:
+        async for _item in stream:
+            settled_at_last.append(call.settled)
+        assert call.status == "ok"
+    if dialect == "anthropic":
+        # message_stop is the upstream's (and the client's) last element.
+        assert settled_at_last[-1] is True
+    else:
+        # OpenAI's last element is [DONE], which the transport writes after the loop.
+        assert call.settled
+    assert settled_at_last.count(True) <= 1
