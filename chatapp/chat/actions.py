@@ -85,6 +85,14 @@ def _check_text(text: Any, *, required: bool) -> str:
     if not isinstance(text, str):
         raise ChatError("The message must be text.")
     text = text.strip()
+    if "\x00" in text:
+        raise ChatError("The message contains a NUL character (\\u0000), which cannot be stored.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatError(
+            "The message contains a lone UTF-16 surrogate (half of an emoji?), which cannot be stored."
+        ) from None
     if len(text) > MAX_MESSAGE_CHARS:
         raise ChatError(
             f"The message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."
@@ -133,7 +141,13 @@ def do_send_message(
     """A user turn at the end of the displayed branch, and its reply (to be generated)."""
 
     user = User.objects.get(pk=user_id)
-    if not isinstance(attachment_ids, list) or len(attachment_ids) > MAX_ATTACHMENTS:
+    if model is not None and not isinstance(model, str):
+        raise ChatError("The model must be given by its name.")
+    if not isinstance(attachment_ids, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) for item in attachment_ids
+    ):
+        raise ChatError("Attachments must be a list of uploaded image ids.")
+    if len(attachment_ids) > MAX_ATTACHMENTS:
         raise ChatError(f"At most {MAX_ATTACHMENTS} images per message.")
     text = _check_text(text, required=not attachment_ids)
     # Lock the conversation row: two tabs sending at once must not both append to

@@ -177,7 +177,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             user_id=self.user_id,
             conversation_id=content.get("conversation"),
             text=content.get("text"),
-            attachment_ids=content.get("attachments") or [],
+            attachment_ids=content.get("attachments", []),
             model=content.get("model"),
         )
         await self._started(result, client_id)
