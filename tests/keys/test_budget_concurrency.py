@@ -161,3 +161,48 @@ def test_the_budget_holds_across_two_server_processes_sharing_redis(gateway: Gat
             server.terminate()
         for server in servers:
             server.wait(10)
+
+
+DENSE = "".join(chr(33 + (number * 7919) % 94) for number in range(2000))  # ASCII punctuation soup
+
+
+async def fire_dense(url: str, key: str, count: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    url + "/v1/chat/completions",
+                    headers={"authorization": f"Bearer {key}"},
+                    json={
+                        "model": "gpt-fake",
+                        "messages": [{"role": "user", "content": DENSE}],
+                        "max_tokens": 10,
+                    },
+                )
+                for _ in range(count)
+            )
+        )
+
+
+def test_token_dense_prompts_cannot_overdraw_a_token_budget(gateway: Gateway) -> None:
+    # Given prompts whose every byte is a token (the worst a byte-level tokenizer does,
+    # four times the characters ÷ 4 estimate) and a token budget that affords ten...
+    cost_each = len(DENSE) + 10
+    budget = 10 * cost_each + cost_each // 2
+    key = ApiKey.objects.get(user=gateway.user, name="tests")
+    do_set_limits(key=key, token_budget=budget, budget_period="monthly")
+    Provider.objects.filter(pk=gateway.openai_provider.pk).update(timeout=60)
+    Provider.objects.get(pk=gateway.openai_provider.pk).save()
+    gateway.fake.script(
+        *[Reply(text="x", input_tokens=len(DENSE), output_tokens=10, delay=1.0)] * REQUESTS
+    )
+
+    # ...200 of them at once never spend more than the budget.
+    responses = asyncio.run(fire_dense(gateway.url, gateway.key, REQUESTS))
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 429}, [r.text[:200] for r in responses if r.status_code >= 500]
+    records = gateway.wait_records(REQUESTS, timeout=30)
+    spent = sum(record.input_tokens + record.output_tokens for record in records)
+    assert spent <= budget, f"spent {spent} of a {budget}-token budget ({spent / budget:.0%})"
+    assert statuses.count(200) >= 5  # the bound is tight enough to use most of the budget
