@@ -26,6 +26,7 @@ from tests.fake_upstream import (
     estimate_input_tokens,
 )
 from tests.fake_upstream import fake_upstream as fake_upstream  # the fixture, used at the end
+from tests.sse import has_event_names, parse_sse
 
 WEATHER_CALL = {"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}
 PROMPT = "Say hello to the whole wide world"
@@ -63,22 +64,6 @@ def claude(fake: FakeUpstream) -> Iterator[anthropic.Anthropic]:
         base_url=fake.anthropic_base_url, api_key="sk-ant-test", max_retries=0
     ) as client:
         yield client
-
-
-def sse_events(raw: str) -> list[tuple[str | None, str]]:
-    """(event name, data) pairs of an SSE body."""
-    events = []
-    for block in raw.split("\n\n"):
-        if not block:
-            continue
-        name, data = None, ""
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = line.removeprefix("data: ")
-        events.append((name, data))
-    return events
 
 
 def collect(pieces: Iterable[str], into: list[str]) -> None:
@@ -161,12 +146,12 @@ def test_openai_stream_wire_format_and_chunking(fake: FakeUpstream) -> None:
             arrivals.append(time.monotonic())
             raw += piece
 
-    assert raw.endswith("data: [DONE]\n\n")
+    events = parse_sse(raw, strict=True)
+    assert events[-1] == ("message", "[DONE]")
     assert len(arrivals) > 3  # chunks arrive one by one, spread over time
     assert arrivals[-1] - arrivals[0] >= 0.2
-    events = sse_events(raw)
-    assert all(name is None for name, _ in events)
-    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert not has_event_names(raw)
+    chunks = [chunk for _, chunk in events[:-1]]
     assert all("usage" not in c for c in chunks)  # only sent when stream_options asks for it
     assert chunks[0]["choices"][0] == {
         "index": 0,
@@ -355,9 +340,9 @@ def test_anthropic_stream_wire_format(fake: FakeUpstream) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
 
-    events = sse_events(raw)
+    events = parse_sse(raw, strict=True)
     for name, data in events:
-        assert json.loads(data)["type"] == name
+        assert data["type"] == name
     assert [name for name, _ in events] == [
         "message_start",
         "content_block_start",
@@ -373,7 +358,7 @@ def test_anthropic_stream_wire_format(fake: FakeUpstream) -> None:
         "message_delta",
         "message_stop",
     ]
-    payloads = [json.loads(data) for _, data in events]
+    payloads = [data for _, data in events]
     start = payloads[0]["message"]
     assert start["content"] == []
     assert start["stop_reason"] is None
@@ -564,8 +549,8 @@ def test_drop_mid_stream_with_httpx(fake: FakeUpstream) -> None:
         assert response.status_code == 200
         with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
             collect(response.iter_text(), received)
-    events = sse_events("".join(received))
-    contents = [json.loads(data)["choices"][0]["delta"]["content"] for _, data in events]
+    events = parse_sse("".join(received))
+    contents = [chunk["choices"][0]["delta"]["content"] for _, chunk in events]
     assert contents == ["", "one", " two"]
 
 

@@ -8,6 +8,7 @@ import httpx
 
 from tests.fake_upstream import Reply
 from tests.gateway import UPSTREAM_KEY, Gateway
+from tests.sse import parse_sse
 
 USER = [{"role": "user", "content": "Say hello"}]
 WEATHER_TOOL = {
@@ -169,10 +170,9 @@ def test_raw_stream_has_ping_and_named_events(gateway: Gateway) -> None:
         headers={"x-api-key": gateway.key, "anthropic-version": "2023-06-01"},
         json={"model": "claude-fake", "max_tokens": 20, "messages": USER, "stream": True},
     ) as response:
-        body = response.read().decode()
-    names = [
-        line.removeprefix("event: ") for line in body.splitlines() if line.startswith("event: ")
-    ]
+        events = parse_sse(response.read(), strict=True)
+    assert all(data["type"] == name for name, data in events)
+    names = [name for name, _data in events]
     assert names[:3] == ["message_start", "content_block_start", "ping"]
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
 

@@ -13,6 +13,7 @@ from chatapp.relay import routing
 from chatapp.relay.tokens import estimate_text
 from tests.fake_upstream import DropMidStream, Fail, FakeUpstream, Hang, Malformed, Reply
 from tests.gateway import Gateway
+from tests.sse import iter_sse
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -147,8 +148,9 @@ def test_a_client_that_disconnects_mid_stream_is_billed_for_what_was_generated(
         json={"model": "gpt-fake", "messages": USER, "stream": True},
     ) as response:
         seen = 0
-        for line in response.iter_lines():
-            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+        for _name, chunk in iter_sse(response.iter_lines()):
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if choices and choices[0]["delta"].get("content"):
                 seen += 1
                 if seen == 5:
                     break

@@ -12,6 +12,7 @@ import pytest
 
 from tests.fake_upstream import Reply, embedding_for
 from tests.gateway import UPSTREAM_KEY, Gateway
+from tests.sse import has_event_names, parse_sse
 
 USER = [{"role": "user", "content": "Say hello"}]
 
@@ -118,9 +119,12 @@ def test_the_raw_stream_ends_with_done(gateway: Gateway) -> None:
         json={"model": "gpt-fake", "messages": USER, "stream": True},
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        body = response.read().decode()
-    assert body.rstrip().endswith("data: [DONE]")
-    assert body.count("data: ") >= 4
+        body = response.read()
+    events = parse_sse(body, strict=True)
+    assert not has_event_names(body)
+    assert events[-1] == ("message", "[DONE]")
+    assert len(events) >= 4
+    assert all(chunk["object"] == "chat.completion.chunk" for _name, chunk in events[:-1])
 
 
 def test_tool_calls_round_trip(gateway: Gateway) -> None:

@@ -17,8 +17,9 @@ Seed files (cited in each test as ``seed NNN``):
 - 004: "free LLM API" page template (openai SDK basic + streaming, curl, retry helper)
 
 Models: "gpt-fake" is served by an OpenAI upstream, "claude-fake" by an Anthropic one (so every
-chat sample that loops over ``CHAT_MODELS`` exercises both the pass-through and the translated
-path), "embed-fake" serves embeddings.
+chat sample parametrized over ``CHAT_MODELS`` exercises both the pass-through and the translated
+path, and a failure names the model, and the case where there are several, in its test id),
+"embed-fake" serves embeddings.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import base64
 import json
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -42,9 +44,13 @@ from openai import OpenAI
 from keys.models import ApiKey
 from tests.fake_upstream import EMBEDDING_DIMENSIONS, Fail, Reply, embedding_for
 from tests.gateway import Gateway
+from tests.sse import has_event_names, parse_sse
 
 CHAT_MODELS = ("gpt-fake", "claude-fake")
 TEXT = "Hello from the fake upstream."
+
+#: One test per chat model, named in its id: ``test_...[gpt-fake]``, ``test_...[claude-fake]``.
+each_chat_model = pytest.mark.parametrize("model", CHAT_MODELS)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -73,22 +79,6 @@ def sent(gateway: Gateway) -> dict[str, Any]:
     body = gateway.fake.requests[-1].json
     assert isinstance(body, dict)
     return body
-
-
-def sse_events(text: str) -> list[tuple[str | None, str]]:
-    """``(event name or None, data)`` for each server-sent event of a body."""
-    events: list[tuple[str | None, str]] = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        name: str | None = None
-        data: list[str] = []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[len("event:") :].strip()
-            elif line.startswith("data:"):
-                data.append(line[len("data:") :].strip())
-        if name is not None or data:
-            events.append((name, "\n".join(data)))
-    return events
 
 
 def assert_chat_completion_shape(body: dict[str, Any], model: str) -> None:
@@ -139,16 +129,18 @@ def fail_every_attempt(gateway: Gateway, status: int) -> None:
 # -- seed 000: m9ai API 集成开发指南 -------------------------------------------------------------
 
 
-def test_m9ai_curl_chat_completion_returns_the_documented_shape(gateway: Gateway) -> None:
+@each_chat_model
+def test_m9ai_curl_chat_completion_returns_the_documented_shape(
+    gateway: Gateway, model: str
+) -> None:
     # seed 000, 快速开始 › 基础请求示例 › cURL, and API 参考 › 对话补全 › 响应格式
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/chat/completions",
-            headers=bearer(gateway),
-            json={"model": model, "messages": [{"role": "user", "content": "你好!"}]},
-        )
-        assert response.status_code == 200
-        assert_chat_completion_shape(response.json(), model)
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=bearer(gateway),
+        json={"model": model, "messages": [{"role": "user", "content": "你好!"}]},
+    )
+    assert response.status_code == 200
+    assert_chat_completion_shape(response.json(), model)
 
 
 def test_m9ai_python_quickstart_prints_the_reply(
@@ -174,21 +166,21 @@ def test_m9ai_embeddings_sample_returns_a_vector(gateway: Gateway) -> None:
     assert embedding == pytest.approx(embedding_for("要嵌入的文本"), rel=1e-6)
 
 
+@each_chat_model
 def test_m9ai_streaming_sample_prints_the_story_chunk_by_chunk(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 000, API 参考 › 流式输出: the loop indexes choices[0] of every chunk, so no chunk
     # may come without choices (a usage-only chunk would raise IndexError here).
     client = sample_openai(gateway)
-    for model in CHAT_MODELS:
-        response = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "讲个故事"}], stream=True
-        )
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "讲个故事"}], stream=True
+    )
 
-        for chunk in response:
-            if chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="")  # noqa: T201
-        assert capsys.readouterr().out == TEXT
+    for chunk in response:
+        if chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="")  # noqa: T201
+    assert capsys.readouterr().out == TEXT
 
 
 WEATHER_TOOLS: list[dict[str, Any]] = [
@@ -214,8 +206,9 @@ WEATHER_TOOLS: list[dict[str, Any]] = [
 ]
 
 
+@each_chat_model
 def test_m9ai_function_calling_sample_calls_get_weather(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 000, 高级用法 › 函数调用 (the sample uses json without importing it: imported above)
     client = sample_openai(gateway)
@@ -225,41 +218,42 @@ def test_m9ai_function_calling_sample_calls_get_weather(
         return {"temperature": 25, "condition": "sunny"}
 
     tools = WEATHER_TOOLS
-    for model in CHAT_MODELS:
-        gateway.fake.script(
-            Reply(
-                text="",
-                tool_calls=[
-                    {"id": "call_w1", "name": "get_weather", "arguments": {"location": "北京"}}
-                ],
-            )
+    gateway.fake.script(
+        Reply(
+            text="",
+            tool_calls=[
+                {"id": "call_w1", "name": "get_weather", "arguments": {"location": "北京"}}
+            ],
         )
-        response = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "北京今天天气怎么样?"}],
-            tools=tools,
-            tool_choice="auto",
-        )
+    )
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "北京今天天气怎么样?"}],
+        tools=tools,
+        tool_choice="auto",
+    )
 
-        # 处理函数调用
-        assert response.choices[0].finish_reason == "tool_calls"
-        if response.choices[0].finish_reason == "tool_calls":
-            tool_call = response.choices[0].message.tool_calls[0]
-            function_name = tool_call.function.name
-            arguments = json.loads(tool_call.function.arguments)
+    # 处理函数调用
+    assert response.choices[0].finish_reason == "tool_calls"
+    if response.choices[0].finish_reason == "tool_calls":
+        tool_call = response.choices[0].message.tool_calls[0]
+        function_name = tool_call.function.name
+        arguments = json.loads(tool_call.function.arguments)
 
-            if function_name == "get_weather":
-                result = get_weather(**arguments)
-                print(result)  # noqa: T201
-        assert capsys.readouterr().out == "{'temperature': 25, 'condition': 'sunny'}\n"
+        if function_name == "get_weather":
+            result = get_weather(**arguments)
+            print(result)  # noqa: T201
+    assert capsys.readouterr().out == "{'temperature': 25, 'condition': 'sunny'}\n"
 
-    # Both upstreams were offered the tool, each in its own format.
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert openai_body["tools"] == WEATHER_TOOLS
-    assert openai_body["tool_choice"] == "auto"
-    assert anthropic_body["tools"][0]["name"] == "get_weather"
-    assert anthropic_body["tools"][0]["input_schema"]["required"] == ["location"]
-    assert anthropic_body["tool_choice"] == {"type": "auto"}
+    # The upstream was offered the tool in its own format.
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert body["tools"] == WEATHER_TOOLS
+        assert body["tool_choice"] == "auto"
+    else:
+        assert body["tools"][0]["name"] == "get_weather"
+        assert body["tools"][0]["input_schema"]["required"] == ["location"]
+        assert body["tool_choice"] == {"type": "auto"}
 
 
 def test_m9ai_error_handling_sample_catches_auth_rate_limit_and_api_errors(
@@ -353,43 +347,49 @@ def test_m9ai_request_timeout_option_is_accepted(gateway: Gateway) -> None:
 # -- seed 001: MegaLLM 基础用法 ------------------------------------------------------------------
 
 
+@each_chat_model
 def test_megallm_basic_usage_with_a_system_message(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 001, 基础用法 › Python
     client = OpenAI(base_url=gateway.base_url, api_key=gateway.key)
-    for model in CHAT_MODELS:
-        response = client.chat.completions.create(
-            model=model,
-            messages=[
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "What's the weather like?"},
-            ],
-            temperature=0.7,
-            max_tokens=150,
-        )
+    response = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What's the weather like?"},
+        ],
+        temperature=0.7,
+        max_tokens=150,
+    )
 
-        print(response.choices[0].message.content)  # noqa: T201
-        assert capsys.readouterr().out == TEXT + "\n"
-        body = sent(gateway)
-        assert (body["temperature"], body["max_tokens"]) == (0.7, 150)
-    assert sent(gateway)["system"] == "You are a helpful assistant."  # the Anthropic upstream
+    print(response.choices[0].message.content)  # noqa: T201
+    assert capsys.readouterr().out == TEXT + "\n"
+    body = sent(gateway)
+    assert (body["temperature"], body["max_tokens"]) == (0.7, 150)
+    if model == "gpt-fake":
+        assert body["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
+    else:
+        assert body["system"] == "You are a helpful assistant."  # the Anthropic upstream
 
 
-def test_megallm_temperature_presets(gateway: Gateway) -> None:
+@pytest.mark.parametrize("temperature", [0.2, 0.5, 0.9], ids=lambda t: f"temperature-{t}")
+@each_chat_model
+def test_megallm_temperature_presets(gateway: Gateway, model: str, temperature: float) -> None:
     # seed 001, 高级功能 › 温度控制 (`messages=[...]` filled in)
     client = sample_openai(gateway)
     messages = [{"role": "user", "content": "写一句口号"}]
-    for temperature in (0.2, 0.5, 0.9):
-        for model in CHAT_MODELS:
-            response = client.chat.completions.create(
-                model=model, messages=messages, temperature=temperature
-            )
-            assert response.choices[0].message.content == TEXT
-            assert sent(gateway)["temperature"] == temperature
+    response = client.chat.completions.create(
+        model=model, messages=messages, temperature=temperature
+    )
+    assert response.choices[0].message.content == TEXT
+    assert sent(gateway)["temperature"] == temperature
 
 
-def test_megallm_multi_turn_conversation_reaches_the_upstream_whole(gateway: Gateway) -> None:
+@each_chat_model
+def test_megallm_multi_turn_conversation_reaches_the_upstream_whole(
+    gateway: Gateway, model: str
+) -> None:
     # seed 001, 高级功能 › 多轮对话
     client = sample_openai(gateway)
     messages = [
@@ -399,72 +399,76 @@ def test_megallm_multi_turn_conversation_reaches_the_upstream_whole(gateway: Gat
         {"role": "user", "content": "现在把它除以 6"},
     ]
 
-    for model in CHAT_MODELS:
-        response = client.chat.completions.create(model=model, messages=messages)
-        assert response.choices[0].message.content == TEXT
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert openai_body["messages"] == messages
-    assert anthropic_body["system"] == "你是一个数学导师。"
-    assert [(m["role"], m["content"][0]["text"]) for m in anthropic_body["messages"]] == [
-        ("user", "15 * 12 是多少?"),
-        ("assistant", "15 * 12 = 180"),
-        ("user", "现在把它除以 6"),
-    ]
+    response = client.chat.completions.create(model=model, messages=messages)
+    assert response.choices[0].message.content == TEXT
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert body["messages"] == messages
+    else:
+        assert body["system"] == "你是一个数学导师。"
+        assert [(m["role"], m["content"][0]["text"]) for m in body["messages"]] == [
+            ("user", "15 * 12 是多少?"),
+            ("assistant", "15 * 12 = 180"),
+            ("user", "现在把它除以 6"),
+        ]
 
 
-def test_megallm_vision_image_url_with_high_detail(gateway: Gateway) -> None:
+@each_chat_model
+def test_megallm_vision_image_url_with_high_detail(gateway: Gateway, model: str) -> None:
     # seed 001, 高级功能 › 视觉支持 (model "gpt-4-vision" → ours)
     client = sample_openai(gateway)
-    for model in CHAT_MODELS:
-        response = client.chat.completions.create(
-            model=model,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": "这张图片里有什么?"},
-                        {
-                            "type": "image_url",
-                            "image_url": {
-                                "url": "https://example.com/image.jpg",
-                                "detail": "high",  # "low", "high", 或 "auto"
-                            },
+    response = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "这张图片里有什么?"},
+                    {
+                        "type": "image_url",
+                        "image_url": {
+                            "url": "https://example.com/image.jpg",
+                            "detail": "high",  # "low", "high", 或 "auto"
                         },
-                    ],
-                }
-            ],
-            max_tokens=300,
-        )
-        assert response.choices[0].message.content == TEXT
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert openai_body["messages"][0]["content"][1]["image_url"] == {
-        "url": "https://example.com/image.jpg",
-        "detail": "high",
-    }
-    assert anthropic_body["messages"][0]["content"][1] == {
-        "type": "image",
-        "source": {"type": "url", "url": "https://example.com/image.jpg"},
-    }
+                    },
+                ],
+            }
+        ],
+        max_tokens=300,
+    )
+    assert response.choices[0].message.content == TEXT
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert body["messages"][0]["content"][1]["image_url"] == {
+            "url": "https://example.com/image.jpg",
+            "detail": "high",
+        }
+    else:
+        assert body["messages"][0]["content"][1] == {
+            "type": "image",
+            "source": {"type": "url", "url": "https://example.com/image.jpg"},
+        }
 
 
-def test_megallm_finish_reasons_stop_length_tool_calls_content_filter(gateway: Gateway) -> None:
+@pytest.mark.parametrize("finish", ["stop", "length", "tool_calls", "content_filter"])
+@each_chat_model
+def test_megallm_finish_reasons_stop_length_tool_calls_content_filter(
+    gateway: Gateway, model: str, finish: str
+) -> None:
     # seed 001, 响应格式 › 结束原因 (and seed 003, finish_reason 取值)
     client = sample_openai(gateway)
-    for model in CHAT_MODELS:
-        for finish in ("stop", "length", "tool_calls", "content_filter"):
-            calls = [{"name": "get_weather", "arguments": {"location": "巴黎"}}]
-            gateway.fake.script(
-                Reply(finish=finish, tool_calls=calls if finish == "tool_calls" else None)
-            )
-            response = client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": "法国的首都是什么?"}],
-                tools=WEATHER_TOOLS,
-            )
-            assert response.choices[0].finish_reason == finish, (model, finish)
+    calls = [{"name": "get_weather", "arguments": {"location": "巴黎"}}]
+    gateway.fake.script(Reply(finish=finish, tool_calls=calls if finish == "tool_calls" else None))
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "法国的首都是什么?"}],
+        tools=WEATHER_TOOLS,
+    )
+    assert response.choices[0].finish_reason == finish
 
 
-def test_megallm_tool_role_carries_a_function_result_back(gateway: Gateway) -> None:
+@each_chat_model
+def test_megallm_tool_role_carries_a_function_result_back(gateway: Gateway, model: str) -> None:
     # seed 001, 高级功能 › 消息角色: system, user, assistant and tool (工具/函数结果)
     client = sample_openai(gateway)
     messages: list[dict[str, Any]] = [
@@ -483,18 +487,17 @@ def test_megallm_tool_role_carries_a_function_result_back(gateway: Gateway) -> N
         },
         {"role": "tool", "tool_call_id": "call_w1", "content": '{"temperature": 25}'},
     ]
-    for model in CHAT_MODELS:
-        response = client.chat.completions.create(
-            model=model, messages=messages, tools=WEATHER_TOOLS
-        )
-        assert response.choices[0].message.content == TEXT
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert openai_body["messages"] == messages
-    assert anthropic_body["messages"][-1]["content"][0] == {
-        "type": "tool_result",
-        "tool_use_id": "call_w1",
-        "content": [{"type": "text", "text": '{"temperature": 25}'}],
-    }
+    response = client.chat.completions.create(model=model, messages=messages, tools=WEATHER_TOOLS)
+    assert response.choices[0].message.content == TEXT
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert body["messages"] == messages
+    else:
+        assert body["messages"][-1]["content"][0] == {
+            "type": "tool_result",
+            "tool_use_id": "call_w1",
+            "content": [{"type": "text", "text": '{"temperature": 25}'}],
+        }
 
 
 def test_megallm_error_handling_sample_reports_an_upstream_rate_limit(
@@ -524,49 +527,49 @@ def test_megallm_error_handling_sample_reports_an_upstream_rate_limit(
     assert capsys.readouterr().out.startswith("API 错误:Error code: 429")
 
 
+@each_chat_model
 def test_megallm_common_patterns_summary_classification_code_generation(
-    gateway: Gateway,
+    gateway: Gateway, model: str
 ) -> None:
     # seed 001, 常见模式: 摘要生成, 分类 and 代码生成 (one section, three snippets)
     client = sample_openai(gateway)
     long_text = "人工智能是计算机科学的一个分支。" * 40
-    for model in CHAT_MODELS:
-        # 摘要生成
-        response = client.chat.completions.create(
-            model=model,
-            messages=[
-                {"role": "system", "content": "你是一个摘要专家。"},
-                {"role": "user", "content": f"用 3 个要点总结这段文字:{long_text}"},
-            ],
-            temperature=0.3,
-            max_tokens=150,
-        )
-        assert response.choices[0].message.content == TEXT
+    # 摘要生成
+    response = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "你是一个摘要专家。"},
+            {"role": "user", "content": f"用 3 个要点总结这段文字:{long_text}"},
+        ],
+        temperature=0.3,
+        max_tokens=150,
+    )
+    assert response.choices[0].message.content == TEXT
 
-        # 分类
-        response = client.chat.completions.create(
-            model=model,
-            messages=[
-                {"role": "system", "content": "将情感分类为积极、消极或中性。"},
-                {"role": "user", "content": "我喜欢这个产品!它运行得很好。"},
-            ],
-            temperature=0.0,
-            max_tokens=10,
-        )
-        assert response.choices[0].message.content == TEXT
-        assert sent(gateway)["temperature"] == 0.0
+    # 分类
+    response = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "将情感分类为积极、消极或中性。"},
+            {"role": "user", "content": "我喜欢这个产品!它运行得很好。"},
+        ],
+        temperature=0.0,
+        max_tokens=10,
+    )
+    assert response.choices[0].message.content == TEXT
+    assert sent(gateway)["temperature"] == 0.0
 
-        # 代码生成
-        response = client.chat.completions.create(
-            model=model,
-            messages=[
-                {"role": "system", "content": "你是一个 Python 专家。"},
-                {"role": "user", "content": "编写一个计算斐波那契数的函数"},
-            ],
-            temperature=0.2,
-            max_tokens=500,
-        )
-        assert response.choices[0].message.content == TEXT
+    # 代码生成
+    response = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "你是一个 Python 专家。"},
+            {"role": "user", "content": "编写一个计算斐波那契数的函数"},
+        ],
+        temperature=0.2,
+        max_tokens=500,
+    )
+    assert response.choices[0].message.content == TEXT
 
 
 def test_megallm_client_side_rate_limiter_paces_requests(gateway: Gateway) -> None:
@@ -608,107 +611,119 @@ def test_megallm_client_side_rate_limiter_paces_requests(gateway: Gateway) -> No
 # -- seed 002: 小艾引擎 API 开发文档 ---------------------------------------------------------------
 
 
-def test_xiaoai_both_auth_headers_work_on_every_endpoint(gateway: Gateway) -> None:
+@pytest.mark.parametrize("auth", [x_api_key, bearer], ids=["x-api-key", "bearer"])
+def test_xiaoai_both_auth_headers_work_on_every_endpoint(
+    gateway: Gateway, auth: Callable[[Gateway], dict[str, str]]
+) -> None:
     # seed 002, 2. 认证: "X-Api-Key: sk-gw-..." or "Authorization: Bearer sk-gw-..."
-    for headers in (x_api_key(gateway), bearer(gateway)):
-        chat = httpx.post(
-            gateway.base_url + "/chat/completions",
-            headers=headers,
-            json={"model": "gpt-fake", "messages": [{"role": "user", "content": "你好"}]},
-        )
-        assert chat.status_code == 200, chat.text
-        messages = httpx.post(
-            gateway.base_url + "/messages",
-            headers=headers,
-            json={
-                "model": "claude-fake",
-                "max_tokens": 1024,
-                "messages": [{"role": "user", "content": "你好"}],
-            },
-        )
-        assert messages.status_code == 200, messages.text
-        embeddings = httpx.post(
-            gateway.base_url + "/embeddings",
-            headers=headers,
-            json={"model": "embed-fake", "input": "你好"},
-        )
-        assert embeddings.status_code == 200, embeddings.text
-        models = httpx.get(gateway.base_url + "/models", headers=headers)
-        assert models.status_code == 200, models.text
+    headers = auth(gateway)
+    chat = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=headers,
+        json={"model": "gpt-fake", "messages": [{"role": "user", "content": "你好"}]},
+    )
+    assert chat.status_code == 200, chat.text
+    messages = httpx.post(
+        gateway.base_url + "/messages",
+        headers=headers,
+        json={
+            "model": "claude-fake",
+            "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "你好"}],
+        },
+    )
+    assert messages.status_code == 200, messages.text
+    embeddings = httpx.post(
+        gateway.base_url + "/embeddings",
+        headers=headers,
+        json={"model": "embed-fake", "input": "你好"},
+    )
+    assert embeddings.status_code == 200, embeddings.text
+    models = httpx.get(gateway.base_url + "/models", headers=headers)
+    assert models.status_code == 200, models.text
 
 
-def test_xiaoai_messages_parameters_response_fields_and_stop_reasons(gateway: Gateway) -> None:
+@each_chat_model
+def test_xiaoai_messages_parameters_and_response_fields(gateway: Gateway, model: str) -> None:
     # seed 002, 3.1 对话补全(Messages): every parameter of the table, the messages format
-    # example, the response fields and the stop_reason values
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/messages",
-            headers=x_api_key(gateway),
-            json={
-                "model": model,
-                "max_tokens": 1024,
-                "stream": False,
-                "temperature": 0.5,
-                "top_p": 0.9,
-                "stop_sequences": ["\n\n"],
-                "system": "你是小艾引擎。",
-                "messages": [
-                    {"role": "user", "content": "你好,请介绍一下你自己"},
-                    {"role": "assistant", "content": "你好!我是小艾引擎..."},
-                    {"role": "user", "content": "你能做什么?"},
-                ],
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert_message_shape(response.json(), model)
-        body = sent(gateway)
-        assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.5, 0.9, 1024)
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert openai_body["stop"] == ["\n\n"]
-    assert openai_body["messages"][0] == {"role": "system", "content": "你是小艾引擎。"}
-    assert anthropic_body["stop_sequences"] == ["\n\n"]
-    assert anthropic_body["system"] == "你是小艾引擎。"
-
-    # 响应字段说明: stop_reason is end_turn, max_tokens or stop_sequence
-    for model in CHAT_MODELS:
-        for finish, stop_reason in (
-            ("stop", "end_turn"),
-            ("length", "max_tokens"),
-            ("stop_sequence", "stop_sequence"),
-        ):
-            if model == "gpt-fake" and finish == "stop_sequence":
-                # OpenAI upstreams report a stop-sequence hit as plain "stop": no way to tell
-                stop_reason = "end_turn"
-            gateway.fake.script(Reply(finish=finish))
-            response = httpx.post(
-                gateway.base_url + "/messages",
-                headers=x_api_key(gateway),
-                json={
-                    "model": model,
-                    "max_tokens": 1024,
-                    "stop_sequences": ["。"],
-                    "messages": [{"role": "user", "content": "你好"}],
-                },
-            )
-            assert response.json()["stop_reason"] == stop_reason, (model, finish)
+    # example and the response fields
+    response = httpx.post(
+        gateway.base_url + "/messages",
+        headers=x_api_key(gateway),
+        json={
+            "model": model,
+            "max_tokens": 1024,
+            "stream": False,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "stop_sequences": ["\n\n"],
+            "system": "你是小艾引擎。",
+            "messages": [
+                {"role": "user", "content": "你好,请介绍一下你自己"},
+                {"role": "assistant", "content": "你好!我是小艾引擎..."},
+                {"role": "user", "content": "你能做什么?"},
+            ],
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert_message_shape(response.json(), model)
+    body = sent(gateway)
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.5, 0.9, 1024)
+    if model == "gpt-fake":
+        assert body["stop"] == ["\n\n"]
+        assert body["messages"][0] == {"role": "system", "content": "你是小艾引擎。"}
+    else:
+        assert body["stop_sequences"] == ["\n\n"]
+        assert body["system"] == "你是小艾引擎。"
 
 
-def test_xiaoai_chat_completions_response_fields(gateway: Gateway) -> None:
+@pytest.mark.parametrize(
+    ("model", "finish", "stop_reason"),
+    [
+        ("gpt-fake", "stop", "end_turn"),
+        ("gpt-fake", "length", "max_tokens"),
+        # OpenAI upstreams report a stop-sequence hit as plain "stop": no way to tell
+        ("gpt-fake", "stop_sequence", "end_turn"),
+        ("claude-fake", "stop", "end_turn"),
+        ("claude-fake", "length", "max_tokens"),
+        ("claude-fake", "stop_sequence", "stop_sequence"),
+    ],
+)
+def test_xiaoai_messages_stop_reasons(
+    gateway: Gateway, model: str, finish: str, stop_reason: str
+) -> None:
+    # seed 002, 3.1 对话补全(Messages) › 响应字段说明: stop_reason is end_turn, max_tokens or
+    # stop_sequence
+    gateway.fake.script(Reply(finish=finish))
+    response = httpx.post(
+        gateway.base_url + "/messages",
+        headers=x_api_key(gateway),
+        json={
+            "model": model,
+            "max_tokens": 1024,
+            "stop_sequences": ["。"],
+            "messages": [{"role": "user", "content": "你好"}],
+        },
+    )
+    assert response.json()["stop_reason"] == stop_reason
+
+
+@each_chat_model
+def test_xiaoai_chat_completions_response_fields(gateway: Gateway, model: str) -> None:
     # seed 002, 3.2 对话补全(Chat Completions,OpenAI 兼容): parameters and response example
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/chat/completions",
-            headers=bearer(gateway),
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": "你好"}],
-                "max_tokens": 100,
-                "stream": False,
-                "temperature": 1.5,
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert_chat_completion_shape(response.json(), model)
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=bearer(gateway),
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "你好"}],
+            "max_tokens": 100,
+            "stream": False,
+            "temperature": 1.5,
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert_chat_completion_shape(response.json(), model)
 
 
 def test_xiaoai_embeddings_string_array_and_base64(gateway: Gateway) -> None:
@@ -741,33 +756,35 @@ def test_xiaoai_embeddings_string_array_and_base64(gateway: Gateway) -> None:
     assert list(vector) == pytest.approx(embedding_for("你好"), rel=1e-6)
 
 
-def test_xiaoai_messages_stream_sends_the_documented_sse_events(gateway: Gateway) -> None:
+@each_chat_model
+def test_xiaoai_messages_stream_sends_the_documented_sse_events(
+    gateway: Gateway, model: str
+) -> None:
     # seed 002, 4. 流式输出: event: message_start / content_block_delta (text_delta) /
-    # message_stop, every data line starting "data: "
-    for model in CHAT_MODELS:
-        with httpx.stream(
-            "POST",
-            gateway.base_url + "/messages",
-            headers=x_api_key(gateway),
-            json={
-                "model": model,
-                "max_tokens": 1024,
-                "stream": True,
-                "messages": [{"role": "user", "content": "你好"}],
-            },
-        ) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            events = sse_events(response.read().decode())
-        names = [name for name, _data in events]
-        assert names[0] == "message_start", (model, names)
-        assert names[-1] == "message_stop", (model, names)
-        datas = [json.loads(data) for _name, data in events]
-        assert all(data["type"] == name for (name, _), data in zip(events, datas, strict=True))
-        assert datas[0]["message"]["model"] == model
-        deltas = [d["delta"] for d in datas if d["type"] == "content_block_delta"]
-        assert all(delta["type"] == "text_delta" for delta in deltas)
-        assert "".join(delta["text"] for delta in deltas) == TEXT
+    # message_stop, every data line starting "data: " (what ``strict`` checks)
+    with httpx.stream(
+        "POST",
+        gateway.base_url + "/messages",
+        headers=x_api_key(gateway),
+        json={
+            "model": model,
+            "max_tokens": 1024,
+            "stream": True,
+            "messages": [{"role": "user", "content": "你好"}],
+        },
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(response.read(), strict=True)
+    names = [name for name, _data in events]
+    assert names[0] == "message_start", names
+    assert names[-1] == "message_stop", names
+    datas = [data for _name, data in events]
+    assert all(data["type"] == name for name, data in events)
+    assert datas[0]["message"]["model"] == model
+    deltas = [d["delta"] for d in datas if d["type"] == "content_block_delta"]
+    assert all(delta["type"] == "text_delta" for delta in deltas)
+    assert "".join(delta["text"] for delta in deltas) == TEXT
 
 
 def test_xiaoai_error_table_on_messages_and_chat_completions(gateway: Gateway) -> None:
@@ -867,68 +884,71 @@ def test_xiaoai_suggested_retry_strategy_backs_off_on_429_and_502(gateway: Gatew
     assert response.json()["content"][0]["text"] == TEXT
 
 
+@each_chat_model
 def test_xiaoai_python_anthropic_sdk_messages_create(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 002, 6.1 Python — 对话补全 (base_url without /v1, as in the guide)
-    for model in CHAT_MODELS:
-        client = anthropic.Anthropic(api_key=gateway.key, base_url=gateway.url)
+    client = anthropic.Anthropic(api_key=gateway.key, base_url=gateway.url)
 
-        response = client.messages.create(
-            model=model,
-            max_tokens=1024,
-            messages=[{"role": "user", "content": "请用三句话介绍人工智能"}],
-        )
-        print(response.content[0].text)  # noqa: T201
-        assert capsys.readouterr().out == TEXT + "\n"
+    response = client.messages.create(
+        model=model,
+        max_tokens=1024,
+        messages=[{"role": "user", "content": "请用三句话介绍人工智能"}],
+    )
+    print(response.content[0].text)  # noqa: T201
+    assert capsys.readouterr().out == TEXT + "\n"
 
 
+@each_chat_model
 def test_xiaoai_python_anthropic_sdk_text_stream(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 002, 6.2 Python — 流式输出
-    for model in CHAT_MODELS:
-        client = anthropic.Anthropic(api_key=gateway.key, base_url=gateway.url)
+    client = anthropic.Anthropic(api_key=gateway.key, base_url=gateway.url)
 
-        with client.messages.stream(
-            model=model,
-            max_tokens=1024,
-            messages=[{"role": "user", "content": "写一首关于春天的诗"}],
-        ) as stream:
-            for text in stream.text_stream:
-                print(text, end="", flush=True)  # noqa: T201
-        assert capsys.readouterr().out == TEXT
-    assert [record.stream for record in gateway.wait_records(2)] == [True, True]
+    with client.messages.stream(
+        model=model,
+        max_tokens=1024,
+        messages=[{"role": "user", "content": "写一首关于春天的诗"}],
+    ) as stream:
+        for text in stream.text_stream:
+            print(text, end="", flush=True)  # noqa: T201
+    assert capsys.readouterr().out == TEXT
+    [record] = gateway.wait_records(1)
+    assert record.stream is True
 
 
+@each_chat_model
 def test_xiaoai_python_openai_compatible_mode(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 002, 6.3 Python — OpenAI 兼容模式
     client = OpenAI(api_key=gateway.key, base_url=gateway.base_url)
 
-    for model in CHAT_MODELS:
-        response = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "什么是机器学习?"}]
-        )
-        print(response.choices[0].message.content)  # noqa: T201
-        assert capsys.readouterr().out == TEXT + "\n"
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "什么是机器学习?"}]
+    )
+    print(response.choices[0].message.content)  # noqa: T201
+    assert capsys.readouterr().out == TEXT + "\n"
 
 
-def test_xiaoai_curl_messages_with_x_api_key_and_no_anthropic_version(gateway: Gateway) -> None:
+@each_chat_model
+def test_xiaoai_curl_messages_with_x_api_key_and_no_anthropic_version(
+    gateway: Gateway, model: str
+) -> None:
     # seed 002, 6.5 cURL: no anthropic-version header, X-Api-Key auth
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.url + "/v1/messages",
-            headers={"Content-Type": "application/json", "X-Api-Key": gateway.key},
-            json={
-                "model": model,
-                "max_tokens": 1024,
-                "messages": [{"role": "user", "content": "你好"}],
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert_message_shape(response.json(), model)
+    response = httpx.post(
+        gateway.url + "/v1/messages",
+        headers={"Content-Type": "application/json", "X-Api-Key": gateway.key},
+        json={
+            "model": model,
+            "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "你好"}],
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert_message_shape(response.json(), model)
 
 
 def test_xiaoai_embeddings_sample_prints_the_vector_dimension(
@@ -942,7 +962,8 @@ def test_xiaoai_embeddings_sample_prints_the_vector_dimension(
     assert capsys.readouterr().out == f"向量维度: {EMBEDDING_DIMENSIONS}\n"
 
 
-def test_xiaoai_multi_turn_messages(gateway: Gateway) -> None:
+@each_chat_model
+def test_xiaoai_multi_turn_messages(gateway: Gateway, model: str) -> None:
     # seed 002, 7. 多轮对话
     client = sample_anthropic(gateway)
     messages: list[Any] = [
@@ -950,97 +971,105 @@ def test_xiaoai_multi_turn_messages(gateway: Gateway) -> None:
         {"role": "assistant", "content": "你好小明!很高兴认识你。"},
         {"role": "user", "content": "我叫什么名字?"},
     ]
-    for model in CHAT_MODELS:
-        response = client.messages.create(model=model, max_tokens=256, messages=messages)
-        # 模型会回答"你叫小明"
-        assert response.content[0].text == TEXT
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert anthropic_body["messages"] == messages
-    assert [m["role"] for m in openai_body["messages"]] == ["user", "assistant", "user"]
+    response = client.messages.create(model=model, max_tokens=256, messages=messages)
+    # 模型会回答"你叫小明"
+    assert response.content[0].text == TEXT
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    else:
+        assert body["messages"] == messages
 
 
-def test_xiaoai_system_prompt(gateway: Gateway) -> None:
+@each_chat_model
+def test_xiaoai_system_prompt(gateway: Gateway, model: str) -> None:
     # seed 002, 8. 系统提示词
     client = sample_anthropic(gateway)
     system = "你是一位专业的法律顾问,用通俗易懂的语言解答法律问题。"
-    for model in CHAT_MODELS:
-        response = client.messages.create(
-            model=model,
-            max_tokens=1024,
-            system=system,
-            messages=[{"role": "user", "content": "租房合同到期后房东不退押金怎么办?"}],
-        )
-        assert response.content[0].text == TEXT
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert anthropic_body["system"] == system
-    assert openai_body["messages"][0] == {"role": "system", "content": system}
+    response = client.messages.create(
+        model=model,
+        max_tokens=1024,
+        system=system,
+        messages=[{"role": "user", "content": "租房合同到期后房东不退押金怎么办?"}],
+    )
+    assert response.content[0].text == TEXT
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert body["messages"][0] == {"role": "system", "content": system}
+    else:
+        assert body["system"] == system
 
 
-def test_xiaoai_base64_image_block_in_a_multi_megabyte_body(gateway: Gateway) -> None:
+@each_chat_model
+def test_xiaoai_base64_image_block_in_a_multi_megabyte_body(gateway: Gateway, model: str) -> None:
     # seed 002, 9. 使用限制 (单次请求体大小 50 MB, 支持图片 base64) and 11. 常见问题
     # (content 中使用 image 类型的内容块, 传入 base64 编码的图片)
     assert settings.SWITCHBOARD_MAX_BODY_BYTES == 50 * 1024 * 1024
     image = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * (3 * 1024 * 1024)).decode()
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/messages",
-            headers=x_api_key(gateway),
-            json={
-                "model": model,
-                "max_tokens": 256,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "image",
-                                "source": {
-                                    "type": "base64",
-                                    "media_type": "image/png",
-                                    "data": image,
-                                },
+    response = httpx.post(
+        gateway.base_url + "/messages",
+        headers=x_api_key(gateway),
+        json={
+            "model": model,
+            "max_tokens": 256,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {
+                                "type": "base64",
+                                "media_type": "image/png",
+                                "data": image,
                             },
-                            {"type": "text", "text": "这张图片里有什么?"},
-                        ],
-                    }
-                ],
-            },
-            timeout=30,
-        )
-        assert response.status_code == 200, response.text[:500]
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert openai_body["messages"][0]["content"][0]["image_url"]["url"] == (
-        f"data:image/png;base64,{image}"
+                        },
+                        {"type": "text", "text": "这张图片里有什么?"},
+                    ],
+                }
+            ],
+        },
+        timeout=30,
     )
-    assert anthropic_body["messages"][0]["content"][0]["source"]["data"] == image
+    assert response.status_code == 200, response.text[:500]
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert body["messages"][0]["content"][0]["image_url"]["url"] == (
+            f"data:image/png;base64,{image}"
+        )
+    else:
+        assert body["messages"][0]["content"][0]["source"]["data"] == image
 
 
 # -- seed 003: API易 Chat Completions ------------------------------------------------------------
 
 
-def test_apiyi_curl_chat_with_system_prompt_returns_the_documented_fields(gateway: Gateway) -> None:
+@each_chat_model
+def test_apiyi_curl_chat_with_system_prompt_returns_the_documented_fields(
+    gateway: Gateway, model: str
+) -> None:
     # seed 003, 请求示例 (curl) and 响应格式 › 标准响应 / 响应字段说明
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/chat/completions",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {gateway.key}"},
-            json={
-                "model": model,
-                "messages": [
-                    {"role": "system", "content": "你是一个专业的AI助手,请用中文回答问题。"},
-                    {"role": "user", "content": "请介绍一下API易平台的特色功能"},
-                ],
-                "temperature": 0.7,
-                "max_tokens": 500,
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert_chat_completion_shape(response.json(), model)
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {gateway.key}"},
+        json={
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "你是一个专业的AI助手,请用中文回答问题。"},
+                {"role": "user", "content": "请介绍一下API易平台的特色功能"},
+            ],
+            "temperature": 0.7,
+            "max_tokens": 500,
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert_chat_completion_shape(response.json(), model)
 
 
-def test_apiyi_every_optional_parameter_is_accepted(gateway: Gateway) -> None:
+@each_chat_model
+def test_apiyi_every_optional_parameter_is_accepted(gateway: Gateway, model: str) -> None:
     # seed 003, 请求参数 › 可选参数: temperature, max_tokens, top_p, frequency_penalty,
-    # presence_penalty, stop, stream, n, user
+    # presence_penalty, stop, stream, n (the next test), user
     parameters = {
         "temperature": 1.0,
         "max_tokens": 200,
@@ -1051,17 +1080,22 @@ def test_apiyi_every_optional_parameter_is_accepted(gateway: Gateway) -> None:
         "stream": False,
         "user": "user-42",
     }
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/chat/completions",
-            headers=bearer(gateway),
-            json={"model": model, "messages": [{"role": "user", "content": "你好"}], **parameters},
-        )
-        assert response.status_code == 200, response.text
-    openai_body, anthropic_body = (request.json for request in gateway.fake.requests[-2:])
-    assert {name: openai_body[name] for name in parameters} == parameters
-    assert anthropic_body["stop_sequences"] == ["6."]
-    assert anthropic_body["metadata"] == {"user_id": "user-42"}
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=bearer(gateway),
+        json={"model": model, "messages": [{"role": "user", "content": "你好"}], **parameters},
+    )
+    assert response.status_code == 200, response.text
+    body = sent(gateway)
+    if model == "gpt-fake":
+        assert {name: body[name] for name in parameters} == parameters
+    else:
+        assert body["stop_sequences"] == ["6."]
+        assert body["metadata"] == {"user_id": "user-42"}
+
+
+def test_apiyi_n_gives_several_choices_from_an_openai_upstream(gateway: Gateway) -> None:
+    # seed 003, 请求参数 › 可选参数 › n
     # n: several choices where the upstream can give them (OpenAI models)
     several = httpx.post(
         gateway.base_url + "/chat/completions",
@@ -1104,79 +1138,88 @@ def test_apiyi_function_and_tool_roles_reach_an_openai_upstream(gateway: Gateway
     assert sent(gateway)["messages"] == messages
 
 
-def test_apiyi_image_messages_with_and_without_detail(gateway: Gateway) -> None:
+@pytest.mark.parametrize(
+    "image_url",
+    [
+        {"url": "https://example.com/image.jpg"},
+        {"url": "https://example.com/image.jpg", "detail": "high"},
+    ],
+    ids=["no-detail", "detail-high"],
+)
+@each_chat_model
+def test_apiyi_image_messages_with_and_without_detail(
+    gateway: Gateway, model: str, image_url: dict[str, str]
+) -> None:
     # seed 003, 消息格式 › 多模态消息格式 and 不同模型的特殊用法 › GPT-4o Vision (图像理解)
-    for model in CHAT_MODELS:
-        for image_url in (
-            {"url": "https://example.com/image.jpg"},
-            {"url": "https://example.com/image.jpg", "detail": "high"},
-        ):
-            response = httpx.post(
-                gateway.base_url + "/chat/completions",
-                headers=bearer(gateway),
-                json={
-                    "model": model,
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "text", "text": "描述这张图片的内容"},
-                                {"type": "image_url", "image_url": image_url},
-                            ],
-                        }
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=bearer(gateway),
+        json={
+            "model": model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "描述这张图片的内容"},
+                        {"type": "image_url", "image_url": image_url},
                     ],
-                },
-            )
-            assert response.status_code == 200, response.text
-            assert response.json()["choices"][0]["message"]["content"] == TEXT
+                }
+            ],
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == TEXT
 
 
-def test_apiyi_curl_stream_sends_chunks_then_done(gateway: Gateway) -> None:
+@each_chat_model
+def test_apiyi_curl_stream_sends_chunks_then_done(gateway: Gateway, model: str) -> None:
     # seed 003, 流式响应 (curl) and 流式响应格式: data: {chat.completion.chunk} ... data: [DONE]
-    for model in CHAT_MODELS:
-        with httpx.stream(
-            "POST",
-            gateway.base_url + "/chat/completions",
-            headers=bearer(gateway),
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": "写一首关于AI的诗"}],
-                "stream": True,
-            },
-        ) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            events = sse_events(response.read().decode())
-        assert all(name is None for name, _data in events)
-        assert events[-1][1] == "[DONE]"
-        chunks = [json.loads(data) for _name, data in events[:-1]]
-        assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
-        assert all(chunk["model"] == model for chunk in chunks)
-        assert len({chunk["id"] for chunk in chunks}) == 1
-        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-        text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
-        assert text == TEXT
-        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream(
+        "POST",
+        gateway.base_url + "/chat/completions",
+        headers=bearer(gateway),
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "写一首关于AI的诗"}],
+            "stream": True,
+        },
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read()
+    events = parse_sse(body, strict=True)
+    assert not has_event_names(body)
+    assert events[-1] == ("message", "[DONE]")
+    chunks = [chunk for _name, chunk in events[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert all(chunk["model"] == model for chunk in chunks)
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert text == TEXT
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_apiyi_claude_native_format_with_bearer_and_anthropic_version(gateway: Gateway) -> None:
+@each_chat_model
+def test_apiyi_claude_native_format_with_bearer_and_anthropic_version(
+    gateway: Gateway, model: str
+) -> None:
     # seed 003, 不同模型的特殊用法 › Claude 原生格式 (curl to /v1/messages)
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/messages",
-            headers={
-                "Content-Type": "application/json",
-                "Authorization": f"Bearer {gateway.key}",
-                "anthropic-version": "2023-06-01",
-            },
-            json={
-                "model": model,
-                "max_tokens": 1000,
-                "messages": [{"role": "user", "content": "Hello, Claude!"}],
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert_message_shape(response.json(), model)
+    response = httpx.post(
+        gateway.base_url + "/messages",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {gateway.key}",
+            "anthropic-version": "2023-06-01",
+        },
+        json={
+            "model": model,
+            "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "Hello, Claude!"}],
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert_message_shape(response.json(), model)
 
 
 def test_apiyi_o1_style_request_with_only_a_user_message(gateway: Gateway) -> None:
@@ -1198,10 +1241,10 @@ def test_apiyi_o1_style_request_with_only_a_user_message(gateway: Gateway) -> No
     assert set(sent(gateway)) == {"model", "messages"}
 
 
-def test_apiyi_usage_tips_prompt_length_and_stop_words(gateway: Gateway) -> None:
-    # seed 003, 使用技巧 › 2. 优化提示词 (temperature 0.3), 3. 控制输出长度 (max_tokens 150),
-    # 4. 使用停止词 (stop ["6."])
-    bodies: list[dict[str, Any]] = [
+# seed 003, 使用技巧 › 2. 优化提示词 (temperature 0.3), 3. 控制输出长度 (max_tokens 150),
+# 4. 使用停止词 (stop ["6."])
+USAGE_TIPS: list[Any] = [
+    pytest.param(
         {
             "messages": [
                 {
@@ -1213,20 +1256,34 @@ def test_apiyi_usage_tips_prompt_length_and_stop_words(gateway: Gateway) -> None
             ],
             "temperature": 0.3,
         },
+        id="tip-2-prompt",
+    ),
+    pytest.param(
         {
             "messages": [{"role": "user", "content": "用100字以内总结人工智能的发展历程"}],
             "max_tokens": 150,
         },
+        id="tip-3-length",
+    ),
+    pytest.param(
         {"messages": [{"role": "user", "content": "列出前5个最大的城市:"}], "stop": ["6."]},
-    ]
-    for body in bodies:
-        for model in CHAT_MODELS:
-            response = httpx.post(
-                gateway.base_url + "/chat/completions",
-                headers=bearer(gateway),
-                json={"model": model, **body},
-            )
-            assert response.status_code == 200, response.text
+        id="tip-4-stop-words",
+    ),
+]
+
+
+@pytest.mark.parametrize("body", USAGE_TIPS)
+@each_chat_model
+def test_apiyi_usage_tips_prompt_length_and_stop_words(
+    gateway: Gateway, model: str, body: dict[str, Any]
+) -> None:
+    # seed 003, 使用技巧 › 2. 优化提示词, 3. 控制输出长度, 4. 使用停止词 (USAGE_TIPS above)
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=bearer(gateway),
+        json={"model": model, **body},
+    )
+    assert response.status_code == 200, response.text
 
 
 def test_apiyi_error_codes_and_the_model_not_found_body(gateway: Gateway) -> None:
@@ -1277,85 +1334,89 @@ def test_apiyi_error_codes_and_the_model_not_found_body(gateway: Gateway) -> Non
 # -- seed 004: "free LLM API" page template ------------------------------------------------------
 
 
+@each_chat_model
 def test_template_python_basic_usage_prints_reply_and_token_count(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
 ) -> None:
     # seed 004, 代码示例 › Python 示例 › 基本使用 (model "model-name" → ours)
     # 初始化客户端(请替换为您的 API 密钥)
     client = OpenAI(base_url=gateway.base_url, api_key=gateway.key)
 
-    for model in CHAT_MODELS:
-        gateway.fake.script(Reply(input_tokens=20, output_tokens=5))
-        # 发送请求
-        response = client.chat.completions.create(
-            model=model,
-            messages=[
+    gateway.fake.script(Reply(input_tokens=20, output_tokens=5))
+    # 发送请求
+    response = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "你好,请介绍一下自己。"},
+        ],
+        max_tokens=1000,
+        temperature=0.7,
+    )
+
+    # 打印响应
+    print(response.choices[0].message.content)  # noqa: T201
+
+    # 查看 Token 使用情况
+    print(f"\n使用 Tokens: {response.usage.total_tokens}")  # noqa: T201
+    assert capsys.readouterr().out == f"{TEXT}\n\n使用 Tokens: 25\n"
+
+
+@each_chat_model
+def test_template_python_streaming(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    # seed 004, 代码示例 › Python 示例 › 流式输出
+    client = sample_openai(gateway)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "写一首关于 AI 的诗"}], stream=True
+    )
+
+    for chunk in stream:
+        if chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="")  # noqa: T201
+    assert capsys.readouterr().out == TEXT
+
+
+@each_chat_model
+def test_template_curl_basic_request(gateway: Gateway, model: str) -> None:
+    # seed 004, cURL 示例 › 基本请求
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {gateway.key}"},
+        json={
+            "model": model,
+            "messages": [
                 {"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "你好,请介绍一下自己。"},
             ],
-            max_tokens=1000,
-            temperature=0.7,
-        )
-
-        # 打印响应
-        print(response.choices[0].message.content)  # noqa: T201
-
-        # 查看 Token 使用情况
-        print(f"\n使用 Tokens: {response.usage.total_tokens}")  # noqa: T201
-        assert capsys.readouterr().out == f"{TEXT}\n\n使用 Tokens: 25\n"
+            "max_tokens": 1000,
+            "temperature": 0.7,
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert_chat_completion_shape(response.json(), model)
 
 
-def test_template_python_streaming(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
-    # seed 004, 代码示例 › Python 示例 › 流式输出
-    client = sample_openai(gateway)
-    for model in CHAT_MODELS:
-        stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "写一首关于 AI 的诗"}], stream=True
-        )
-
-        for chunk in stream:
-            if chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="")  # noqa: T201
-        assert capsys.readouterr().out == TEXT
-
-
-def test_template_curl_basic_request(gateway: Gateway) -> None:
-    # seed 004, cURL 示例 › 基本请求
-    for model in CHAT_MODELS:
-        response = httpx.post(
-            gateway.base_url + "/chat/completions",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {gateway.key}"},
-            json={
-                "model": model,
-                "messages": [
-                    {"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": "你好,请介绍一下自己。"},
-                ],
-                "max_tokens": 1000,
-                "temperature": 0.7,
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert_chat_completion_shape(response.json(), model)
-
-
-def test_template_curl_streaming_request(gateway: Gateway) -> None:
-    # seed 004, cURL 示例 › 流式输出
-    for model in CHAT_MODELS:
-        with httpx.stream(
-            "POST",
-            gateway.base_url + "/chat/completions",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {gateway.key}"},
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": "你好"}],
-                "stream": True,
-            },
-        ) as response:
-            assert response.status_code == 200
-            body = response.read().decode()
-        assert body.rstrip().endswith("data: [DONE]")
-        assert all(line.startswith("data: ") for line in body.splitlines() if line)
+@each_chat_model
+def test_template_curl_streaming_request(gateway: Gateway, model: str) -> None:
+    # seed 004, cURL 示例 › 流式输出: what curl prints is "data: {...}" lines ending with
+    # "data: [DONE]" (``strict`` checks the "data: " and the blank line after each event)
+    with httpx.stream(
+        "POST",
+        gateway.base_url + "/chat/completions",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {gateway.key}"},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "你好"}],
+            "stream": True,
+        },
+    ) as response:
+        assert response.status_code == 200
+        body = response.read()
+    events = parse_sse(body, strict=True)
+    assert not has_event_names(body)
+    assert events[-1] == ("message", "[DONE]")
 
 
 def test_template_call_api_with_retry_recovers_from_a_rate_limit(
