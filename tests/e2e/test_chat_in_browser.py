@@ -475,3 +475,63 @@ def test_a_reload_mid_reply_and_a_failing_upstream(page: Page, fake: FakeUpstrea
     assert reply.locator(".body").inner_text().strip() == "Back again."
     assert time.monotonic() - started < 10
     console.assert_clean()
+
+
+def test_a_reply_whose_server_died_shows_as_interrupted_and_the_chat_goes_on(
+    page: Page, browser: Browser, fake: FakeUpstream, artifacts: Path
+) -> None:
+    from accounts.models import User
+    from chatapp import hotstore
+    from chatapp.chat.events import snapshot_key
+    from chatapp.models import Conversation
+
+    console = open_chat(page, "carol@example.com")
+    # Given a reply that was being written by a server process that then died: its
+    # row says streaming, its text so far is in the hot store, no heartbeat is left...
+    carol = User.objects.get(email="carol@example.com")
+    conversation = Conversation.objects.create(owner=carol, model="chat-model", title="Lost")
+    question = Message.objects.create(
+        conversation=conversation, role="user", content="Tell me a long story"
+    )
+    reply = Message.objects.create(
+        conversation=conversation,
+        parent=question,
+        role="assistant",
+        model="chat-model",
+        status="streaming",
+    )
+    conversation.current_leaf = reply
+    conversation.save()
+    hotstore.set(snapshot_key(reply.pk), (5, "Once upon a time, a"), 600)
+
+    # ...opening the conversation saves it as interrupted, with what it had written.
+    page.goto(f"/chat/{conversation.pk}/")
+    wait_for_socket(page)
+    article = page.locator(f"#m{reply.pk}")
+    poll(lambda: article.get_attribute("data-status") == "interrupted", "the interrupted reply")
+    assert "Once upon a time" in article.inner_text()
+    assert "Interrupted" in article.locator(".note").inner_text()
+    page.screenshot(path=str(artifacts / "chat-interrupted.png"), full_page=True)
+
+    # And the conversation takes a new message at once.
+    fake.script(Reply(text="Here is the end of it."))
+    answer = wait_for_reply(page, send(page, "Please finish it"))
+    assert answer.locator(".body").inner_text().strip() == "Here is the end of it."
+
+    # On a phone, and in Chinese.
+    phone = browser.new_context(
+        base_url=page.url.split("/chat/")[0],
+        viewport={"width": 375, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        storage_state=page.context.storage_state(),
+    )
+    small = phone.new_page()
+    small.goto(f"/chat/{conversation.pk}/")
+    small.select_option("#language", "zh-hans")
+    small.wait_for_selector("html[lang=zh-hans]")
+    small.locator(f"#m{reply.pk}").scroll_into_view_if_needed()
+    assert "已中断" in small.locator(f"#m{reply.pk} .note").inner_text()
+    small.screenshot(path=str(artifacts / "chat-interrupted-phone-zh-hans.png"))
+    phone.close()
+    console.assert_clean()
