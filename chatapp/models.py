@@ -203,11 +203,16 @@ class Conversation(models.Model):
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
 
-    def branch(self) -> list[Message]:
-        """The messages on display, oldest first: the current leaf and its ancestors."""
+    def branch(self, messages: list[Message] | None = None) -> list[Message]:
+        """The messages on display, oldest first: the current leaf and its ancestors.
+
+        ``messages``: the conversation's messages when the caller has them already.
+        """
         if self.current_leaf_id is None:
             return []
-        by_id = {message.pk: message for message in self.messages.all()}
+        if messages is None:
+            messages = list(self.messages.all())
+        by_id = {message.pk: message for message in messages}
         path: list[Message] = []
         node = by_id.get(self.current_leaf_id)
         while node is not None:

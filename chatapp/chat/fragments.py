@@ -43,17 +43,13 @@ def branch_items(conversation: Conversation) -> list[dict[str, Any]]:
         .prefetch_related("attachments")
         .order_by("created_at", "id")
     )
-    by_id = {message.pk: message for message in messages}
     versions: dict[tuple[int | None, str], list[Message]] = defaultdict(list)
     for message in messages:
         versions[(message.parent_id, message.role)].append(message)
-    path: list[Message] = []
-    node = by_id.get(conversation.current_leaf_id)
-    while node is not None:
-        path.append(node)
-        node = by_id.get(node.parent_id) if node.parent_id is not None else None
-    path.reverse()
-    return [_item(message, versions[(message.parent_id, message.role)]) for message in path]
+    return [
+        _item(message, versions[(message.parent_id, message.role)])
+        for message in conversation.branch(messages)
+    ]
 
 
 def render_branch(conversation: Conversation) -> str:

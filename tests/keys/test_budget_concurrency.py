@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +24,7 @@ from keys.actions import do_set_limits, do_set_price
 from keys.models import ApiKey, UsageRecord
 from tests.fake_upstream import Reply
 from tests.gateway import Gateway
-from tests.live import free_port
+from tests.live import free_port, start_uvicorn
 from tests.services import USING_POSTGRES, USING_REDIS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,34 +111,9 @@ def test_the_budget_holds_across_two_server_processes_sharing_redis(gateway: Gat
         "LOG_LEVEL": "WARNING",
     }
     ports = [free_port(), free_port()]
-    servers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "chatapp.asgi:application",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-        )
-        for port in ports
-    ]
+    servers = [start_uvicorn(port, env, ROOT) for port in ports]
     try:
         urls = [f"http://127.0.0.1:{port}" for port in ports]
-        deadline = time.monotonic() + 30
-        for url in urls:
-            while True:
-                try:
-                    httpx.get(url + "/healthz", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    assert time.monotonic() < deadline, "the server processes did not start"
-                    time.sleep(0.2)
         responses = asyncio.run(fire(urls, gateway.key))
         # Both processes admitted some of the ten, and refused the rest.
         ok_per_server = [

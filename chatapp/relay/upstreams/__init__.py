@@ -66,6 +66,21 @@ class UpstreamItem:
     events: list[Event]
 
 
+def stream_json(target: Target, data: str) -> dict[str, Any]:
+    """One SSE data of an upstream stream as a JSON object, or an ``UpstreamError``."""
+    from chatapp.relay.errors import UpstreamError
+
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError:
+        raise UpstreamError(
+            f"{target.provider} sent malformed stream data: {data[:120]!r}", retryable=True
+        ) from None
+    if not isinstance(raw, dict):
+        raise UpstreamError(f"{target.provider} sent unexpected stream data: {data[:120]!r}")
+    return raw
+
+
 class StreamDecoder:
     """Server-sent events of one upstream stream → ``UpstreamItem``s.
 

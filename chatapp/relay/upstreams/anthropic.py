@@ -36,6 +36,7 @@ from chatapp.relay.upstreams import (
     Upstream,
     UpstreamItem,
     check_translatable,
+    stream_json,
 )
 
 if TYPE_CHECKING:
@@ -314,17 +315,7 @@ class Decoder(StreamDecoder):
         self.finished = False
 
     def feed(self, name: str, data: str) -> UpstreamItem | None:
-        try:
-            raw = json.loads(data)
-        except json.JSONDecodeError:
-            raise UpstreamError(
-                f"{self.target.provider} sent malformed stream data: {data[:120]!r}",
-                retryable=True,
-            ) from None
-        if not isinstance(raw, dict):
-            raise UpstreamError(
-                f"{self.target.provider} sent unexpected stream data: {data[:120]!r}"
-            )
+        raw = stream_json(self.target, data)
         item = UpstreamItem(name, raw, self.parser.feed(name, raw))
         if raw.get("type") == "message_stop":
             self.finished = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 from chatapp.relay.canonical import (
@@ -33,6 +32,7 @@ from chatapp.relay.upstreams import (
     UpstreamItem,
     check_translatable,
     error_message,
+    stream_json,
 )
 
 FINISH: dict[str, FinishReason] = {
@@ -271,17 +271,7 @@ class Decoder(StreamDecoder):
         if data.strip() == "[DONE]":
             self.finished = True
             return None
-        try:
-            raw = json.loads(data)
-        except json.JSONDecodeError:
-            raise UpstreamError(
-                f"{self.target.provider} sent malformed stream data: {data[:120]!r}",
-                retryable=True,
-            ) from None
-        if not isinstance(raw, dict):
-            raise UpstreamError(
-                f"{self.target.provider} sent unexpected stream data: {data[:120]!r}"
-            )
+        raw = stream_json(self.target, data)
         if "error" in raw and "choices" not in raw:
             raise UpstreamError(
                 f"{self.target.provider} reported an error mid-stream: {error_message(data)}",
