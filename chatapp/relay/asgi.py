@@ -29,7 +29,8 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase
 from django.urls import Resolver404, resolve
 
-from chatapp.relay.errors import RelayError
+from chatapp.relay.dialects import HttpDialect, detect
+from chatapp.relay.errors import RelayError, body_too_large
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +114,20 @@ async def _close_source(response: Any) -> None:
             await source.aclose()
 
 
-def _dialect(scope: Scope) -> str:
+def _dialect(scope: Scope) -> HttpDialect:
     """Whose error body to answer with, before the view (which knows for sure) runs."""
-    path: str = scope["path"]
-    anthropic = path.startswith("/v1/messages") or any(
-        name.lower() == b"anthropic-version" for name, _value in scope.get("headers", ())
-    )
-    return "anthropic" if anthropic else "openai"
+    headers = {
+        name.decode("latin1").lower(): value.decode("latin1")
+        for name, value in scope.get("headers", ())
+    }
+    return detect(scope["path"], headers)
 
 
-async def _send_too_large(send: Send, scope: Scope, message: str) -> None:
+async def _send_too_large(send: Send, scope: Scope, size: int | None) -> None:
     from chatapp.relay.pipeline import new_request_id
     from chatapp.relay.views import error_response
 
-    error = RelayError(413, message, type="request_too_large")
+    error = body_too_large(settings.SWITCHBOARD_MAX_BODY_BYTES, size)
     response = error_response(error, _dialect(scope), new_request_id())
     response["Connection"] = "close"
     await _send_plain(send, response)
@@ -134,7 +135,7 @@ async def _send_too_large(send: Send, scope: Scope, message: str) -> None:
 
 async def api_app(scope: Scope, receive: Receive, send: Send) -> None:
     from chatapp.relay.pipeline import new_request_id
-    from chatapp.relay.views import error_response
+    from chatapp.relay.views import error_response, unknown_endpoint
 
     limit = settings.SWITCHBOARD_MAX_BODY_BYTES
     # A declared length over the limit is refused before a byte of the body is read;
@@ -142,15 +143,14 @@ async def api_app(scope: Scope, receive: Receive, send: Send) -> None:
     # asks the server to close the connection rather than drain the rest.
     declared = _declared_length(scope)
     if declared is not None and declared > limit:
-        message = f"The request body is {declared} bytes, over the limit of {limit} bytes."
-        await _send_too_large(send, scope, message)
+        await _send_too_large(send, scope, declared)
         return
     try:
         body = await _read_body(receive, limit)
     except _Disconnected:
         return
     if body is None:
-        await _send_too_large(send, scope, f"The request body is over the limit of {limit} bytes.")
+        await _send_too_large(send, scope, None)
         return
     request = ASGIRequest(scope, body)
     dialect = _dialect(scope)
@@ -158,16 +158,7 @@ async def api_app(scope: Scope, receive: Receive, send: Send) -> None:
         match = resolve(request.path_info)
         response = await match.func(request, *match.args, **match.kwargs)
     except Resolver404:
-        response = error_response(
-            RelayError(
-                404,
-                f"Unknown API endpoint: {request.path}",
-                type="invalid_request_error",
-                code="unknown_url",
-            ),
-            dialect,
-            new_request_id(),
-        )
+        response = unknown_endpoint(request)
     except Exception:
         logger.exception("unhandled error in %s", request.path)
         response = error_response(

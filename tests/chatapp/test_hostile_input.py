@@ -240,7 +240,7 @@ async def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read(s
     assert headers[b"connection"] == b"close"
     assert body["error"]["type"] == "request_too_large"
     assert body["error"]["message"] == (
-        "The request body is 2049 bytes, over the limit of 2048 bytes."
+        "The request body (2049 bytes) is over the limit of 2048 bytes (SWITCHBOARD_MAX_BODY_BYTES)."
     )
     await communicator.wait(timeout=1)
 
@@ -267,7 +267,9 @@ async def test_a_chunked_body_is_413_as_soon_as_it_passes_the_limit(settings) ->
     status, headers, body = await response_of(communicator)
     assert status == 413
     assert headers[b"connection"] == b"close"
-    assert body["error"]["message"] == "The request body is over the limit of 2048 bytes."
+    assert body["error"]["message"] == (
+        "The request body is over the limit of 2048 bytes (SWITCHBOARD_MAX_BODY_BYTES)."
+    )
     await communicator.wait(timeout=1)
 
 
