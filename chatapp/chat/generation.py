@@ -75,12 +75,6 @@ async def request_stop(message_id: int) -> None:
     await hotstore.aset(stop_key(message_id), True, 600)
 
 
-async def wait_all() -> None:
-    """Wait for the replies being generated in this process (tests, shutdown)."""
-    if _tasks:
-        await asyncio.wait(list(_tasks))
-
-
 async def shutdown(grace: float = SHUTDOWN_GRACE) -> None:
     """Cancel every reply of this process and wait until each is saved and settled."""
     tasks = list(_tasks)

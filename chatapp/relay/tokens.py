@@ -40,21 +40,6 @@ def estimate_request(request: ChatRequest) -> int:
     return total
 
 
-def estimate_inputs(inputs: str | list[str] | list[int] | list[list[int]]) -> int:
-    """Embedding inputs: text is estimated, token arrays are counted."""
-    if isinstance(inputs, str):
-        return estimate_text(inputs)
-    total = 0
-    for item in inputs:
-        if isinstance(item, str):
-            total += estimate_text(item)
-        elif isinstance(item, list):
-            total += len(item)
-        else:
-            total += 1
-    return total
-
-
 # --- Upper bounds, for reservations ---
 
 #: Tokens an image can cost at most, whatever its size: OpenAI's high detail tops out
