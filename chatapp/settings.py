@@ -251,6 +251,8 @@ SWITCHBOARD_CHAT_TITLES = env.flag("SWITCHBOARD_CHAT_TITLES", True)
 SWITCHBOARD_SHOW_COST = env.flag("SWITCHBOARD_SHOW_COST", False)
 # A reservation of a request that never settled (its worker died) is released after this.
 SWITCHBOARD_RESERVATION_TTL = env.integer("SWITCHBOARD_RESERVATION_TTL", 900, minimum=10)
+# With Redis: a worker that stops refreshing its lease this long is dead (keys/leases.py).
+SWITCHBOARD_LEASE_SECONDS = env.integer("SWITCHBOARD_LEASE_SECONDS", 10, minimum=1)
 
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True

@@ -10,14 +10,35 @@ step, so two concurrent requests can never both pass on the same remaining budge
   lifetime): spent + reserved + this request's worst case must fit.
 
 Settlement replaces the reservation by the actual usage.  A reservation whose
-request never settles (its worker was killed) expires after
-``SWITCHBOARD_RESERVATION_TTL`` and is released by the next admission.
+request never settles expires after ``SWITCHBOARD_RESERVATION_TTL`` and is
+released by the next admission (a backstop: with Redis, a dead worker's
+reservations go with its lease, ``keys.leases``).
 
 With ``REDIS_URL`` the counters live in Redis and both steps are Lua scripts
 (atomic across every worker process and machine).  Without Redis an in-process
-twin with one lock serves the single-process embedded mode.  The database stays
-the record of truth: a period's spent counters are rebuilt from the usage ledger
-whenever they are missing (first use, a Redis restart or flush).
+twin with one lock serves the single-process embedded mode.
+
+When Redis loses the counters (flushed, restarted without its data), nothing may
+be let through that the lost counters would have refused.  Two sources rebuild
+them: the usage ledger (the database, the record of truth) for what has settled,
+and the workers themselves for what is in flight: each one keeps its live
+tickets, and publishes their reservations again.  Rebuilding was chosen over
+refusing every key with limits until the in-flight requests end (they may be
+long streams: minutes of 503s on every key) — but rebuilding alone would let an
+admission race the workers that have not published yet, so admissions wait
+while a short recovery is open (``keys.leases``: until every worker has
+answered, milliseconds after a flush; at most ``SWITCHBOARD_LEASE_SECONDS``).
+Then, per key and only once per store:
+
+- budgets: spent = the ledger's sum for the period (plus the requests settled
+  while the counter was missing, whose records may not be written yet);
+  reserved = the reservations published again;
+- rate windows (``ep`` marks a key whose windows are counted in this store): the
+  ledger's requests and tokens since the start of the minute and the day, added
+  to the reservations published again (each counted in its windows).  A record's
+  time is its settlement, so a request admitted the minute before counts in this
+  one too: after a loss a window may count a little more, never less;
+- concurrency: the reservations published again.
 
 Money in the counters is integer nano-units of ``SWITCHBOARD_CURRENCY`` (Lua
 numbers are doubles: exact for integers up to 2**53, so budgets up to about nine
@@ -28,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -36,10 +58,11 @@ from zoneinfo import ZoneInfo
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db.models import Sum
+from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
 from chatapp import hotstore
+from keys import leases
 from keys.exceptions import LimiterUnavailable, LimitExceeded, RateWindow
 from keys.pricing import from_nano, to_nano
 
@@ -95,6 +118,7 @@ class Windows:
     period: str
     period_start: datetime
     period_reset: datetime | None  # None: lifetime
+    day_start: datetime
 
 
 def windows(now: datetime, period: str) -> Windows:
@@ -124,6 +148,7 @@ def windows(now: datetime, period: str) -> Windows:
         period=name,
         period_start=start,
         period_reset=reset,
+        day_start=day_start,
     )
 
 
@@ -140,6 +165,11 @@ class Ticket:
     label: str = ""
     counts: dict[str, int] = field(default_factory=dict)  # rm, rd, tm, td after admission
     settled: bool = False
+    # With Redis, what publishing the reservation again takes (keys.leases).
+    expiry_ms: int = 0
+    period_ttl: int = 0
+    epoch: str = ""
+    admitted_at: float = 0.0
 
     def rate(self) -> tuple[RateWindow, ...]:
         """The key's rate limits after this admission, for the client's headers."""
@@ -165,7 +195,9 @@ def rate_windows(limits: Limits, win: Windows, counts: dict[str, int]) -> tuple[
 
 # --- the two backends: same data, same steps ---
 
-ADMIT = """
+ADMIT = (
+    leases.RECOVERING
+    + """
 local p = ARGV[1]
 local now = tonumber(ARGV[2])
 local rid = ARGV[3]
@@ -178,22 +210,56 @@ local minute, day, period = ARGV[12], ARGV[13], ARGV[14]
 local period_ttl = tonumber(ARGV[15])
 local tok_s, money_s = ARGV[16], ARGV[17]
 local tokens, money = tonumber(tok_s), tonumber(money_s)
+local g, owner, known = ARGV[18], ARGV[19], ARGV[20]
+local wall, grace = tonumber(ARGV[21]), tonumber(ARGV[22])
 
 local function num(v) return tonumber(v or '0') or 0 end
 -- HINCRBY by minus a decimal string ("-0" is not an integer to Redis).
 local function dec(key, fieldname, v) if v ~= '0' then redis.call('HINCRBY', key, fieldname, '-' .. v) end end
 
--- Release reservations whose request never settled.
-local expired = redis.call('ZRANGEBYSCORE', p .. 'res', '-inf', now)
-for _, id in ipairs(expired) do
+-- This process must see the store as it is: same epoch (nothing lost since its
+-- last sync) and its lease current (nobody released its reservations).
+local epoch = redis.call('GET', g .. 'epoch')
+if not epoch or epoch ~= known or redis.call('EXISTS', g .. 'lease:' .. owner) == 0 then
+  return {-2}
+end
+local wait = recovering(g)
+if wait > 0 then return {-4, wait} end
+-- This key's rate windows were counted in this store (else: rebuilt from the ledger first).
+if redis.call('GET', p .. 'ep') ~= epoch then return {-3} end
+
+local function release(id)
   local d = redis.call('HGET', p .. 'resd', id)
   if d then
-    local t, m, per = string.match(d, '^(%d+):(%d+):([^:]*)$')
+    local t, m, per, o = string.match(d, '^(%d+):(%d+):([^:]*):?(.*)$')
     dec(p .. 'rv:' .. per, 'tok', t)
     dec(p .. 'rv:' .. per, 'money', m)
     redis.call('HDEL', p .. 'resd', id)
+    if o ~= '' then redis.call('SREM', p .. 'ro:' .. o, id) end
   end
   redis.call('ZREM', p .. 'res', id)
+end
+
+-- Release reservations whose request never settled (the backstop)...
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'res', '-inf', now)) do release(id) end
+-- ...and those of workers whose lease has been gone for the grace period (counting
+-- those still in it, for the concurrency refusal's message).
+local stale, stale_wait = 0, 0
+for _, o in ipairs(redis.call('SMEMBERS', p .. 'owners')) do
+  if redis.call('EXISTS', g .. 'lease:' .. o) == 0 then
+    local since = tonumber(redis.call('HGET', g .. 'suspect', o) or '')
+    if not since then
+      since = wall
+      redis.call('HSET', g .. 'suspect', o, wall)
+    end
+    if wall - since >= grace then
+      for _, id in ipairs(redis.call('SMEMBERS', p .. 'ro:' .. o)) do release(id) end
+      redis.call('SREM', p .. 'owners', o)
+    else
+      stale = stale + redis.call('SCARD', p .. 'ro:' .. o)
+      stale_wait = math.max(stale_wait, grace - (wall - since))
+    end
+  end
 end
 
 local rm = num(redis.call('GET', p .. 'rm:' .. minute))
@@ -206,7 +272,7 @@ if tpm >= 0 and tm + tokens > tpm then return {0, 'tpm', tpm, tm} end
 if tpd >= 0 and td + tokens > tpd then return {0, 'tpd', tpd, td} end
 if conc >= 0 then
   local c = redis.call('ZCARD', p .. 'res')
-  if c + 1 > conc then return {0, 'concurrency', conc, c} end
+  if c + 1 > conc then return {0, 'concurrency', conc, c, stale, stale_wait} end
 end
 if tbud >= 0 or mbud >= 0 then
   if redis.call('EXISTS', p .. 'sp:' .. period) == 0 then return {-1} end
@@ -231,11 +297,35 @@ redis.call('EXPIRE', p .. 'tm:' .. minute, 120)
 td = redis.call('INCRBY', p .. 'td:' .. day, tok_s)
 redis.call('EXPIRE', p .. 'td:' .. day, 172800)
 redis.call('ZADD', p .. 'res', expiry, rid)
-redis.call('HSET', p .. 'resd', rid, tok_s .. ':' .. money_s .. ':' .. period)
+redis.call('HSET', p .. 'resd', rid, tok_s .. ':' .. money_s .. ':' .. period .. ':' .. owner)
+redis.call('SADD', p .. 'ro:' .. owner, rid)
+redis.call('SADD', p .. 'owners', owner)
 redis.call('HINCRBY', p .. 'rv:' .. period, 'tok', tok_s)
 redis.call('HINCRBY', p .. 'rv:' .. period, 'money', money_s)
 if period_ttl > 0 then redis.call('EXPIRE', p .. 'rv:' .. period, period_ttl) end
 return {1, rm, rd, tm, td}
+"""
+)
+
+STATUS = leases.RECOVERING + "return recovering(ARGV[1])"
+
+# Adds a key's rate windows from the ledger to what was counted since the store was
+# lost (reservations published again), once per key and store.
+WINDOWS = """
+local p, g, epoch = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('GET', g .. 'epoch') ~= epoch or redis.call('GET', p .. 'ep') == epoch then return 0 end
+local adds = {
+  {p .. 'rm:' .. ARGV[4], ARGV[6], 120}, {p .. 'tm:' .. ARGV[4], ARGV[7], 120},
+  {p .. 'rd:' .. ARGV[5], ARGV[8], 172800}, {p .. 'td:' .. ARGV[5], ARGV[9], 172800},
+}
+for _, a in ipairs(adds) do
+  if a[2] ~= '0' then
+    redis.call('INCRBY', a[1], a[2])
+    redis.call('EXPIRE', a[1], a[3])
+  end
+end
+redis.call('SET', p .. 'ep', epoch)
+return 1
 """
 
 SETTLE = """
@@ -243,16 +333,24 @@ local p = ARGV[1]
 local rid = ARGV[2]
 local tok_s, money_s = ARGV[3], ARGV[4]
 local minute, day, period = ARGV[5], ARGV[6], ARGV[7]
+local budgets = ARGV[8]
 local reserved = '0'
 local function dec(key, fieldname, v) if v ~= '0' then redis.call('HINCRBY', key, fieldname, '-' .. v) end end
 local d = redis.call('HGET', p .. 'resd', rid)
 if d then
-  local t, m = string.match(d, '^(%d+):(%d+):')
+  local t, m, _, o = string.match(d, '^(%d+):(%d+):([^:]*):?(.*)$')
   reserved = t
   dec(p .. 'rv:' .. period, 'tok', t)
   dec(p .. 'rv:' .. period, 'money', m)
   redis.call('HDEL', p .. 'resd', rid)
   redis.call('ZREM', p .. 'res', rid)
+  if o ~= '' then
+    redis.call('SREM', p .. 'ro:' .. o, rid)
+    if redis.call('EXISTS', p .. 'ro:' .. o) == 0 then redis.call('SREM', p .. 'owners', o) end
+  end
+else
+  -- Lost (or released): never publish this reservation again (keys.leases).
+  redis.call('SET', p .. 'done:' .. rid, 1, 'EX', ARGV[9])
 end
 for _, w in ipairs({p .. 'tm:' .. minute, p .. 'td:' .. day}) do
   if redis.call('EXISTS', w) == 1 then
@@ -263,13 +361,26 @@ end
 if redis.call('EXISTS', p .. 'sp:' .. period) == 1 then
   redis.call('HINCRBY', p .. 'sp:' .. period, 'tok', tok_s)
   redis.call('HINCRBY', p .. 'sp:' .. period, 'money', money_s)
+elseif budgets == '1' then
+  -- No spent counter to add to (lost, not rebuilt yet): the record may not be in the
+  -- ledger when it is rebuilt, so the rebuild adds these (and leaves their records out).
+  redis.call('HSET', p .. 'spq:' .. period, rid, tok_s .. ':' .. money_s)
+  redis.call('EXPIRE', p .. 'spq:' .. period, 172800)
 end
 return 1
 """
 
+# KEYS[1] the spent counter, ARGV: the ledger's sum without the pending records,
+# the counter's TTL, the pending records' hash (settled while the counter was missing).
 SEED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'tok', ARGV[1], 'money', ARGV[2])
+  for _, v in ipairs(redis.call('HVALS', ARGV[4])) do
+    local t, m = string.match(v, '^(%d+):(%d+)$')
+    redis.call('HINCRBY', KEYS[1], 'tok', t)
+    redis.call('HINCRBY', KEYS[1], 'money', m)
+  end
+  redis.call('DEL', ARGV[4])
   if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 end
 return 1
@@ -385,7 +496,7 @@ class LocalBackend:
                 del self.counters[name]
 
     def settle(self, args: list[Any]) -> None:
-        p, rid, tokens, money, minute, day, period = args
+        p, rid, tokens, money, minute, day, period = args[:7]
         with self.lock:
             entry = self.reservations.get(p, {}).pop(rid, None)
             reserved_tokens = 0
@@ -431,31 +542,66 @@ async def _run(name: str, script: str, args: list[Any], keys: list[str] | None =
     return await registered(keys=keys or [], args=args)
 
 
-def _spent_from_ledger(key_id: int, start: datetime, end: datetime | None) -> tuple[int, int]:
+def _spent_from_ledger(
+    key_id: int, start: datetime, end: datetime | None, *, leave_out: list[str] | None = None
+) -> tuple[int, int]:
     from keys.models import UsageRecord
 
     records = UsageRecord.objects.filter(key_id=key_id, created_at__gte=start)
     if end is not None:
         records = records.filter(created_at__lt=end)
+    if leave_out:
+        records = records.exclude(request_id__in=leave_out)
     totals = records.aggregate(
         input=Sum("input_tokens"), output=Sum("output_tokens"), cost=Sum("cost")
     )
     return (totals["input"] or 0) + (totals["output"] or 0), to_nano(totals["cost"] or Decimal(0))
 
 
+def _windows_from_ledger(key_id: int, win: Windows) -> tuple[int, int, int, int]:
+    """Requests and tokens in the current minute and day: (rm, tm, rd, td).
+
+    By the records' time, which is their settlement: a request admitted in the minute
+    before counts in this one too (an overcount, never an undercount).  Requests that
+    never passed admission (4xx without an upstream attempt, but 499, a client gone
+    while waiting) are left out.
+    """
+    from keys.models import UsageRecord
+
+    minute_start = win.minute_reset - timedelta(seconds=60)
+    tokens = F("input_tokens") + F("output_tokens")
+    in_minute = Q(created_at__gte=minute_start)
+    totals = (
+        UsageRecord.objects.filter(key_id=key_id, created_at__gte=min(minute_start, win.day_start))
+        .exclude(attempts=0, http_status__gte=400, http_status__lt=499)
+        .aggregate(
+            rm=Count("id", filter=in_minute),
+            tm=Sum(tokens, filter=in_minute),
+            rd=Count("id", filter=Q(created_at__gte=win.day_start)),
+            td=Sum(tokens, filter=Q(created_at__gte=win.day_start)),
+        )
+    )
+    return totals["rm"] or 0, totals["tm"] or 0, totals["rd"] or 0, totals["td"] or 0
+
+
 _rebuilds: dict[tuple[int, str], asyncio.Future[None]] = {}
+
+
+async def _single_flight(name: str, make: Any) -> None:
+    """Run ``make()`` once per event loop and name however many ask at once."""
+    flight = (id(asyncio.get_running_loop()), name)
+    running = _rebuilds.get(flight)
+    if running is None:
+        running = asyncio.ensure_future(make())
+        _rebuilds[flight] = running
+        running.add_done_callback(lambda _done: _rebuilds.pop(flight, None))
+    await asyncio.shield(running)
 
 
 async def _rebuild(ticket: Ticket, now: datetime) -> None:
     """Rebuild a period's spent counters, once per key and period however many ask at once."""
     name = f"{PREFIX}{ticket.key_id}:sp:{ticket.windows.period}"
-    flight = (id(asyncio.get_running_loop()), name)
-    running = _rebuilds.get(flight)
-    if running is None:
-        running = asyncio.ensure_future(_rebuild_once(ticket, now))
-        _rebuilds[flight] = running
-        running.add_done_callback(lambda _done: _rebuilds.pop(flight, None))
-    await asyncio.shield(running)
+    await _single_flight(name, lambda: _rebuild_once(ticket, now))
 
 
 async def _rebuild_once(ticket: Ticket, now: datetime) -> None:
@@ -465,14 +611,53 @@ async def _rebuild_once(ticket: Ticket, now: datetime) -> None:
     # Records still queued in this process belong in the sum.
     await asyncio.to_thread(ledger.flush, 5.0)
     win = ticket.windows
-    tokens, money = await database_sync_to_async(_spent_from_ledger)(
-        ticket.key_id, win.period_start, win.period_reset
-    )
     name = f"{PREFIX}{ticket.key_id}:sp:{win.period}"
+    pending_name = f"{PREFIX}{ticket.key_id}:spq:{win.period}"
+    pending: list[str] = []
     if _redis():
-        await _run("seed", SEED, [tokens, money, _ttl(win, now)], keys=[name])
+        # Settled while the counter was missing: SEED adds them, so the sum leaves them out.
+        pending = [_text(rid) for rid in await hotstore.async_client().hkeys(pending_name)]
+    tokens, money = await database_sync_to_async(_spent_from_ledger)(
+        ticket.key_id, win.period_start, win.period_reset, leave_out=pending
+    )
+    if _redis():
+        await _run("seed", SEED, [tokens, money, _ttl(win, now), pending_name], keys=[name])
     else:
         local_backend.seed(name, tokens, money)
+
+
+async def _rebuild_windows(ticket: Ticket) -> None:
+    """Count a key's current rate windows from the ledger, once per store (Redis only)."""
+    await _single_flight(f"{PREFIX}{ticket.key_id}:ep", lambda: _rebuild_windows_once(ticket))
+
+
+async def _rebuild_windows_once(ticket: Ticket) -> None:
+    from keys import ledger
+
+    await asyncio.to_thread(ledger.flush, 5.0)
+    win = ticket.windows
+    rm, tm, rd, td = await database_sync_to_async(_windows_from_ledger)(ticket.key_id, win)
+    args = [f"{PREFIX}{ticket.key_id}:", PREFIX, leases.epoch()]
+    await _run("windows", WINDOWS, [*args, win.minute, win.day, rm, tm, rd, td])
+
+
+async def _await_recovery() -> None:
+    """Wait until the recovery after a loss is over (one poller per event loop)."""
+    await _single_flight(f"{PREFIX}rec", _poll_recovery)
+
+
+async def _poll_recovery() -> None:
+    delay = 0.002
+    deadline = time.monotonic() + settings.SWITCHBOARD_LEASE_SECONDS + 1
+    while time.monotonic() < deadline:
+        await asyncio.sleep(delay)
+        if not int(await _run("status", STATUS, [PREFIX])):
+            return
+        delay = min(delay * 2, 0.1)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _used(result: list[Any]) -> dict[str, int]:
@@ -512,6 +697,14 @@ def _refusal(result: list[Any], ticket: Ticket, now: datetime) -> LimitExceeded:
             if reset
             else "Try again when one of the key's requests in flight has ended."
         )
+        stale = int(result[4]) if kind == "concurrency" and len(result) > 5 else 0
+        if stale:
+            # Counted until released: requests of a worker that stopped renewing its lease.
+            wait = max(1, -(-int(result[5]) // 1000))
+            when += (
+                f" Requests held by a worker that stopped responding ({stale}) are released"
+                f" within {wait}s."
+            )
         return LimitExceeded(
             kind,
             f"Rate limit reached for {label} on {prefix}: limit {limit}, used {used}{needed}. {when}",
@@ -578,10 +771,28 @@ async def aadmit(
     ticket = Ticket(
         key_id, request_id, limits, windows(now, limits.period), tokens, money_nano, label
     )
-    for _attempt in range(3):
+    redis = _redis()
+    steps = 0
+    deadline = time.monotonic() + settings.SWITCHBOARD_LEASE_SECONDS + 5
+    while steps < 6 and time.monotonic() < deadline:
         args = _args(ticket, now)
-        result = await _run("admit", ADMIT, args) if _redis() else local_backend.admit(args)
+        if redis:
+            published = leases.snapshots()
+            about_us = leases.admit_args()
+            result = await _run("admit", ADMIT, [*args, *about_us])
+        else:
+            result = local_backend.admit(args)
         status = int(result[0])
+        if status == -4:  # Redis lost its counters: recovering from the workers and the ledger
+            await _await_recovery()
+            continue
+        steps += 1
+        if status == -2:  # this process's reservations may be missing from Redis (or first use)
+            await _single_flight(f"{PREFIX}sync", leases.async_sync)
+            continue
+        if status == -3:
+            await _rebuild_windows(ticket)
+            continue
         if status == -1:
             await _rebuild(ticket, now)
             continue
@@ -593,6 +804,13 @@ async def aadmit(
             "tm": int(result[3]),
             "td": int(result[4]),
         }
+        if redis:
+            ticket.expiry_ms, ticket.period_ttl = int(args[3]), int(args[14])
+            leases.track(ticket, epoch=about_us[2])
+            if leases.snapshots() != published:
+                # This process published its reservations while this one was on its way:
+                # it may have missed it, and the store it was admitted in may be gone.
+                await leases.async_sync(force=True)
         return ticket
     raise LimiterUnavailable("The limiter could not rebuild its counters; try again.")
 
@@ -611,10 +829,13 @@ def settle(ticket: Ticket, *, tokens: int, money_nano: int) -> None:
         win.minute,
         win.day,
         win.period,
+        "1" if ticket.limits.budgets else "0",
+        leases.TOMBSTONE_SECONDS,
     ]
     if not _redis():
         local_backend.settle(args)
         return
+    leases.forget(ticket)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -651,7 +872,11 @@ def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
             ]
         )
         counts = [int(value or 0) for value in values]
-        in_flight = int(client.zcount(p + "res", int(now.timestamp() * 1000) + 1, "+inf"))
+        # Live reservations, but those of workers whose lease is gone (dead, not yet released).
+        ids = client.zrangebyscore(p + "res", int(now.timestamp() * 1000) + 1, "+inf")
+        owners = [_owner(entry) for entry in (client.hmget(p + "resd", ids) if ids else [])]
+        alive = leases.alive(client, {owner for owner in owners if owner})
+        in_flight = sum(1 for owner in owners if not owner or owner in alive)
         reserved_raw = client.hmget(p + f"rv:{win.period}", "tok", "money")
         reserved = [int(value or 0) for value in reserved_raw]
     else:
@@ -696,6 +921,12 @@ def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
     }
 
 
+def _owner(entry: bytes | None) -> str:
+    """The owner of a reservation, from its ``tokens:money:period:owner`` entry."""
+    return _text(entry).split(":", 3)[3] if entry and _text(entry).count(":") >= 3 else ""
+
+
 def reset_local() -> None:
-    """Drop the embedded backend's state (tests)."""
+    """Drop the embedded backend's state and this process's live tickets (tests)."""
     local_backend.clear()
+    leases.forget_all()
