@@ -64,7 +64,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREFIX = "switchboard:lim:"  # the limiter's prefix; these keys have no key id in them
-CHANNEL = PREFIX + "recover"
+
+
+def channel(client: Any) -> str:
+    """The recovery channel of this database: pub/sub is server-wide, not per database,
+    so two deployments (or test runs) on one Redis server must not hear each other."""
+    database = client.connection_pool.connection_kwargs.get("db", 0)
+    return f"{PREFIX}recover:{database}"
+
+
 SUBSCRIBE_TIMEOUT = 5.0  # seconds a first admission waits for the thread to subscribe
 TOMBSTONE_SECONDS = 600
 
@@ -328,7 +336,7 @@ def _epoch(client: Any) -> str:
     )
     epoch = _text(epoch)
     if int(created):
-        told = client.publish(CHANNEL, epoch)
+        told = client.publish(channel(client), epoch)
         _script(client, "expect", EXPECT)(args=[PREFIX, epoch, told], client=client)
         logger.warning(
             "no limiter counters in Redis (first start, or flushed or restarted empty): "
@@ -408,7 +416,7 @@ def _run(proc: _Process) -> None:
     while _current is proc:
         pubsub = client.pubsub()
         try:
-            pubsub.subscribe(CHANNEL)
+            pubsub.subscribe(channel(client))
             deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
             while not proc.subscribed.is_set():
                 message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
