@@ -30,11 +30,18 @@ from chatapp.relay.asgi import api_app  # noqa: E402
 from chatapp.security import SameOriginValidator  # noqa: E402
 from keys import ledger  # noqa: E402
 
-# Replay the usage journals of processes that died on this host before serving.
-ledger.start()
+
+_ledger_started = False
 
 
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    global _ledger_started
+    if not _ledger_started:
+        # The first request of a worker starts its ledger writer, which first replays
+        # the usage journals of processes that died on this host (at import it would
+        # run before a test runner or a management command has chosen its database).
+        _ledger_started = True
+        ledger.start()
     if scope["path"].startswith("/v1/"):
         await api_app(scope, receive, send)
     else:
