@@ -30,7 +30,6 @@ from chatapp.relay.asgi import api_app  # noqa: E402
 from chatapp.security import SameOriginValidator  # noqa: E402
 from keys import ledger  # noqa: E402
 
-
 _ledger_started = False
 
 
