@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
@@ -299,7 +298,7 @@ def _needs_title(conversation_id: int) -> bool:
 
 async def _title(conversation_id: int) -> None:
     # Not on the shared sync thread: in the embedded mode the task runs inline.
-    await sync_to_async(_queue_title, thread_sensitive=False)(conversation_id)
+    await database_sync_to_async(_queue_title, thread_sensitive=False)(conversation_id)
     if settings.CELERY_TASK_ALWAYS_EAGER:
         # Run inline, the task could not reach this loop's channel layer: tell the tabs here.
         title = (
