@@ -110,7 +110,9 @@ async def test_a_shutdown_saves_running_replies_and_bills_what_they_produced(
     upstream: FakeUpstream,  # noqa: F811
 ) -> None:
     alice = await database_sync_to_async(make_user)("alice@example.com")
-    upstream.script(Reply(text=" ".join(f"w{i}" for i in range(200)), chunk_delay=0.02))
+    # Long enough (7.5 s) that it cannot end on its own before the shutdown, even on a
+    # loaded machine where the first delta reaches the test late.
+    upstream.script(Reply(text=" ".join(f"w{i}" for i in range(150)), chunk_delay=0.05))
     ws = await connect(alice)
     await ws.send_json_to({"action": "send", "conversation": None, "text": "Count"})
     await receive_until(ws, "delta")
