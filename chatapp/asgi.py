@@ -22,6 +22,11 @@ from chatapp.staticfiles import StaticFilesHandler  # noqa: E402
 # Django must be set up before anything imports models (the routing below does).
 django_asgi_app = StaticFilesHandler(get_asgi_application())
 
+from chatapp import logs, shutdown  # noqa: E402
+
+# Django has configured logging: uvicorn's loggers now go through our handler too.
+logs.adopt_server_loggers()
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
@@ -41,6 +46,8 @@ async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         # run before a test runner or a management command has chosen its database).
         _ledger_started = True
         ledger.start()
+        # SIGTERM drains this worker (also without uvicorn's lifespan, and under Daphne).
+        shutdown.install()
     if scope["path"].startswith("/v1/"):
         await api_app(scope, receive, send)
     else:
@@ -50,6 +57,8 @@ async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 application = ProtocolTypeRouter(
     {
         "http": http_app,
+        # uvicorn: SIGTERM handling from startup; its shutdown waits for our drain.
+        "lifespan": shutdown.lifespan,
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -134,6 +134,28 @@ class Env:
                 ) from None
         return networks
 
+    def directory(self, name: str) -> Path | None:
+        """A directory this process writes to, created when missing; None when unset.
+
+        Read from the variable itself (no ``_FILE``), and an empty value is an error:
+        libraries such as prometheus_client read the variable as given.
+        """
+        value = self.environ.get(name)
+        if value is None:
+            return None
+        if not value.strip():
+            raise ImproperlyConfigured(f"{name} is empty: unset it, or give a directory")
+        path = Path(value)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ImproperlyConfigured(
+                f"{name}: cannot create the directory {value!r} ({exc.strerror})"
+            ) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ImproperlyConfigured(f"{name}: the directory {value!r} is not writable")
+        return path
+
     def database(self, name: str) -> dict[str, Any] | None:
         """``postgres://user:pass@host:port/db`` (or ``sqlite:///path``) as a DATABASES entry."""
         value = self.raw(name)

@@ -253,21 +253,36 @@ SWITCHBOARD_SHOW_COST = env.flag("SWITCHBOARD_SHOW_COST", False)
 SWITCHBOARD_RESERVATION_TTL = env.integer("SWITCHBOARD_RESERVATION_TTL", 900, minimum=10)
 # With Redis: a worker that stops refreshing its lease this long is dead (keys/leases.py).
 SWITCHBOARD_LEASE_SECONDS = env.integer("SWITCHBOARD_LEASE_SECONDS", 10, minimum=1)
+# GET /metrics (chatapp/metrics.py): readable with this bearer token or from these
+# addresses (IPs, CIDRs); with neither set it is off (404).
+SWITCHBOARD_METRICS_TOKEN = env.raw("SWITCHBOARD_METRICS_TOKEN") or ""
+SWITCHBOARD_METRICS_ALLOW = env.networks("SWITCHBOARD_METRICS_ALLOW")
+# prometheus_client's multiprocess mode (several workers on one host) reads this variable itself.
+PROMETHEUS_MULTIPROC_DIR = env.directory("PROMETHEUS_MULTIPROC_DIR")
+# On SIGTERM in-flight /v1 requests and chat replies get this long to finish (chatapp/shutdown.py).
+SWITCHBOARD_DRAIN_SECONDS = env.integer("SWITCHBOARD_DRAIN_SECONDS", 20, minimum=0)
 
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 
+# text: human-readable lines; json: one JSON object per line (chatapp/logs.py).
+LOG_FORMAT = env.choice("LOG_FORMAT", "text", ["text", "json"])
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "chatapp.logs.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {
         "handlers": ["console"],
         "level": env.choice("LOG_LEVEL", "INFO", ["DEBUG", "INFO", "WARNING", "ERROR"]),
     },
     "loggers": {
+        # Django's own lines go through our handler only (not its DEBUG console as well).
+        "django": {"handlers": [], "level": "INFO"},
         "django.request": {"level": "ERROR"},
         # One INFO line per upstream request is noise on the relay's hot path.
         "httpx": {"level": "WARNING"},

@@ -94,6 +94,7 @@ class LedgerWriter:
     def __init__(self) -> None:
         self.queue: queue.Queue[Entry] = queue.Queue()
         self.pending = 0  # submitted but not yet committed
+        self.batch_since: Any = None  # created_at of the batch being written (metrics: the lag)
         # Guards pending and the journals.  submit() appends and enqueues under it, so
         # the queue's order is each journal's line order: that is what lets the writer
         # say "every line before offset N is committed" after each batch.
@@ -200,6 +201,7 @@ class LedgerWriter:
                 except queue.Empty:
                     continue
                 batch = [first]
+                self.batch_since = first[0].get("created_at")
                 deadline = time.monotonic() + BATCH_WAIT
                 while len(batch) < BATCH_SIZE:
                     try:
@@ -208,6 +210,7 @@ class LedgerWriter:
                         break
                 self._write_until_done([record for record, _journal, _end in batch])
                 self._committed(batch)
+                self.batch_since = None
             except Exception:
                 logger.exception("the usage ledger writer failed; going on")
                 time.sleep(1.0)

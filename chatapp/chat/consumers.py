@@ -37,7 +37,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from chatapp import hotstore
+from chatapp import hotstore, metrics
 from chatapp.chat import actions, generation
 from chatapp.chat.actions import ChatError
 from chatapp.chat.events import group_name, snapshot_key
@@ -59,8 +59,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user_id: int = user.pk
         self.groups_joined: set[str] = set()
         await self.accept()
+        metrics.websocket_opened(self)
 
     async def disconnect(self, code: int) -> None:
+        metrics.websocket_closed(self)
         for group in getattr(self, "groups_joined", set()):
             await self.channel_layer.group_discard(group, self.channel_name)
 

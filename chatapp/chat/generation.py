@@ -11,8 +11,9 @@ Closing the tab does not stop it; the reply is saved when it ends.
 While it streams, the reply keeps a heartbeat in the hot store
 (``chatapp.chat.events``).  A reply whose process died has none, and is saved as
 interrupted when its conversation is next opened, sent to or stopped
-(``recover``).  On SIGTERM the running replies are cancelled, so their
-``finally`` saves and settles them before the process exits (``shutdown``).
+(``recover``).  On SIGTERM the running replies get up to ``SWITCHBOARD_DRAIN_SECONDS``
+to finish; those still running then are cancelled, so their ``finally`` saves and
+settles them as interrupted before the process exits (``chatapp.shutdown``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from django.conf import settings
 from django.db import transaction
 
 from chatapp import hotstore
+from chatapp import shutdown as server_shutdown
 from chatapp.chat import actions
 from chatapp.chat.events import (
     HEARTBEAT_EVERY,
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while streaming
 STOP_CHECK_EVERY = 0.25  # seconds between looks at the shared stop flag
-SHUTDOWN_GRACE = 10.0  # seconds SIGTERM waits for cancelled replies to be saved
+SHUTDOWN_GRACE = 10.0  # seconds shutdown() waits for cancelled replies to be saved
 
 _tasks: set[asyncio.Task[Any]] = set()
 
@@ -62,10 +62,11 @@ _tasks: set[asyncio.Task[Any]] = set()
 def start(message_id: int) -> asyncio.Task[None]:
     """Generate the reply for assistant message ``message_id`` in the background."""
     loop = asyncio.get_running_loop()
-    _install_shutdown(loop)
+    server_shutdown.install()  # SIGTERM drains this process's replies before it exits
     task = loop.create_task(run(message_id))
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
+    server_shutdown.track(task)
     return task
 
 
@@ -75,54 +76,15 @@ async def request_stop(message_id: int) -> None:
 
 
 async def shutdown(grace: float = SHUTDOWN_GRACE) -> None:
-    """Cancel every reply of this process and wait until each is saved and settled."""
+    """Cancel every reply of this process now and wait until each is saved and settled.
+
+    (SIGTERM first lets them finish, for up to the drain time: ``chatapp.shutdown``.)
+    """
     tasks = list(_tasks)
     for task in tasks:
         task.cancel()
     if tasks:
         await asyncio.wait(tasks, timeout=grace)
-
-
-_installed: set[int] = set()
-
-
-def _install_shutdown(loop: asyncio.AbstractEventLoop) -> None:
-    """Chain a SIGTERM handler that saves running replies before the server stops.
-
-    Daphne's reactor (and uvicorn) stop the event loop on SIGTERM, which would drop
-    the replies' tasks mid-flight; this handler first cancels them and waits up to
-    ``SHUTDOWN_GRACE`` for their ``finally`` (save, settle), then hands the signal on.
-    """
-    if id(loop) in _installed or not _in_main_thread():
-        return
-    _installed.add(id(loop))
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def hand_on(signum: int, frame: Any) -> None:
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if not _tasks:
-            hand_on(signum, frame)
-            return
-
-        async def drain() -> None:
-            await shutdown()
-            hand_on(signum, frame)
-
-        loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 async def recover(conversation_id: int) -> None:
@@ -297,7 +259,9 @@ def _needs_title(conversation_id: int) -> bool:
 
 
 async def _title(conversation_id: int) -> None:
-    # Not on the shared sync thread: in the embedded mode the task runs inline.
+    # Not on the shared sync thread: in the embedded mode the task runs inline.  Through
+    # database_sync_to_async so the connection that thread opens (on_commit asks for
+    # one) goes back to the pool: a thread that dies holding it leaks it for good.
     await database_sync_to_async(_queue_title, thread_sensitive=False)(conversation_id)
     if settings.CELERY_TASK_ALWAYS_EAGER:
         # Run inline, the task could not reach this loop's channel layer: tell the tabs here.

@@ -11,6 +11,11 @@ throughput of the full handler on the same views (README, "Benchmarks").
 Client disconnects are handled as Django does: a disconnect cancels the response
 task, and a streaming body is closed so its ``finally`` (settlement) runs at once.
 
+A server shutting down (``chatapp.shutdown``) waits for each request, and cuts the
+ones still running when its drain time is over: a response not yet started becomes
+a 503, a stream ends with the dialect's in-stream error event.  Either way the
+client gets a clean end, and the pipeline records the call as interrupted.
+
 A body over ``SWITCHBOARD_MAX_BODY_BYTES`` is refused with 413 (and
 ``Connection: close``) without reading it: at once when its ``Content-Length`` says
 so, as soon as it passes the limit when it comes chunked.
@@ -29,6 +34,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase
 from django.urls import Resolver404, resolve
 
+from chatapp import logs, shutdown
 from chatapp.relay.dialects import HttpDialect, detect
 from chatapp.relay.errors import RelayError, body_too_large
 
@@ -87,13 +93,6 @@ async def _send_plain(send: Send, response: HttpResponseBase) -> None:
 
 
 async def _send_stream(send: Send, response: Any) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": _headers(response),
-        }
-    )
     async for chunk in response.streaming_content:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
@@ -133,6 +132,24 @@ async def _send_too_large(send: Send, scope: Scope, size: int | None) -> None:
     await _send_plain(send, response)
 
 
+def _interrupted() -> RelayError:
+    return RelayError(
+        503,
+        "The server is restarting: this request was interrupted (what was produced is billed). "
+        "Try again.",
+        type="overloaded_error",
+        code="server_shutting_down",
+    )
+
+
+async def _send_interrupted(send: Send, dialect: HttpDialect) -> None:
+    """The end of a stream cut by a shutdown: the dialect's in-stream error event."""
+    renderer = dialect.stream_renderer(model="", request_id="", include_usage=False)
+    for piece in renderer.error(_interrupted()):
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def api_app(scope: Scope, receive: Receive, send: Send) -> None:
     from chatapp.relay.pipeline import new_request_id
     from chatapp.relay.views import error_response, unknown_endpoint
@@ -154,33 +171,57 @@ async def api_app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     request = ASGIRequest(scope, body)
     dialect = _dialect(scope)
-    try:
-        match = resolve(request.path_info)
-        response = await match.func(request, *match.args, **match.kwargs)
-    except Resolver404:
-        response = unknown_endpoint(request)
-    except Exception:
-        logger.exception("unhandled error in %s", request.path)
-        response = error_response(
-            RelayError(500, "Internal error in the gateway.", type="api_error"),
-            dialect,
-            new_request_id(),
-        )
+    with shutdown.in_flight() as flight:
+        try:
+            match = resolve(request.path_info)
+            response = await match.func(request, *match.args, **match.kwargs)
+        except Resolver404:
+            response = unknown_endpoint(request)
+        except asyncio.CancelledError:
+            if not flight.cut:
+                raise
+            # Cut by a shutdown before the response started (the pipeline settled
+            # the call as interrupted): answer, rather than drop the connection.
+            flight.task.uncancel()
+            response = error_response(
+                _interrupted(), dialect, logs.current().get("request_id") or new_request_id()
+            )
+            response["Connection"] = "close"
+        except Exception:
+            logger.exception("unhandled error in %s", request.path)
+            response = error_response(
+                RelayError(500, "Internal error in the gateway.", type="api_error"),
+                dialect,
+                logs.current().get("request_id") or new_request_id(),
+            )
 
-    if not getattr(response, "streaming", False):
-        await _send_plain(send, response)
-        return
-    # Stream while listening for a disconnect; whichever ends first cancels the other.
-    sender = asyncio.ensure_future(_send_stream(send, response))
-    listener = asyncio.ensure_future(_wait_for_disconnect(receive))
-    try:
-        await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (sender, listener):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await _close_source(response)
+        if not getattr(response, "streaming", False):
+            flight.target = None  # only sending is left: nothing to cut
+            await _send_plain(send, response)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": _headers(response),
+            }
+        )
+        # Stream while listening for a disconnect; whichever ends first cancels the other.
+        sender = asyncio.ensure_future(_send_stream(send, response))
+        flight.target = sender  # a shutdown's cut cancels the stream, not this task
+        listener = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, listener):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await _close_source(response)
+        if flight.cut and sender.cancelled() and listener.cancelled():
+            # The drain time is over, the client is still there: end the stream cleanly.
+            await _send_interrupted(send, dialect)
+            return
     if sender.done() and not sender.cancelled() and sender.exception() is not None:
         logger.warning("stream for %s ended with %r", request.path, sender.exception())

@@ -38,6 +38,7 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
+from chatapp import logs, metrics, shutdown
 from chatapp.relay import catalog, routing, sse, tokens
 from chatapp.relay import http as relay_http
 from chatapp.relay.canonical import (
@@ -164,7 +165,8 @@ class Call:
         elif isinstance(exc, RelayError):
             self._fail(exc)
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            self.status = self.on_cancel
+            # Cancelled once a shutdown's drain time is over: cut by the server, not the client.
+            self.status = INTERRUPTED if shutdown.cut_started() else self.on_cancel
             self.http_status = 499
         else:
             self._fail(RelayError(500, f"Internal error in the gateway ({type(exc).__name__})."))
@@ -246,6 +248,8 @@ class Call:
                 else None,
             }
         )
+        logs.request_settled(self)
+        metrics.observe_call(self)
 
 
 def passthrough(call: Call, target: Target) -> bool:
@@ -273,6 +277,7 @@ async def admit(call: Call, *, capability: str = "chat", reserve: bool = True) -
     ``capability``: ``chat``, ``embeddings`` or ``count`` (any model that chats).
     With ``reserve=False`` nothing is taken from the key's limits.
     """
+    logs.bind_call(call)
     principal = call.principal
     request = call.request
     if principal is not None and not principal.may_use(call.model):
@@ -402,6 +407,7 @@ async def _reserve(call: Call, model: ModelInfo, input_bound: int | None = None)
             label=principal.label,
         )
     except (LimitExceeded, LimiterUnavailable) as exc:
+        metrics.observe_refusal(exc)
         raise from_domain(exc) from None
 
 
@@ -556,10 +562,12 @@ async def _attempts(
             await asyncio.sleep(wait)
         call.attempts += 1
         call.target = target
+        metrics.observe_attempt(target, retry=number > 0)
         try:
             result = await attempt(target)
         except UpstreamError as error:
             last = error
+            metrics.observe_failure(target, error)
             logger.warning(
                 "request %s: route %s failed: %s", call.request_id, target.route_id, error.message
             )

@@ -50,6 +50,14 @@ def order(routes: tuple[RouteChoice, ...], rng: random.Random | None = None) -> 
     return closed + opened
 
 
+def breaker_state(route_id: int) -> int:
+    """For metrics: 0 closed, 1 half-open (cool-down over, the next request probes), 2 open."""
+    state = _states.get(route_id)
+    if state is None or not state.open_until:
+        return 0
+    return 2 if state.open_until > time.monotonic() else 1
+
+
 def record_success(route_id: int) -> None:
     _states.pop(route_id, None)
 

@@ -23,6 +23,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHt
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
+from chatapp import logs
 from chatapp.relay import catalog, pipeline
 from chatapp.relay.bodies import load_json
 from chatapp.relay.canonical import ChatRequest
@@ -71,6 +72,7 @@ def api_view(
         @wraps(view)
         async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request_id = pipeline.new_request_id()
+            logs.begin(request_id)  # every log line of this request carries the id its client gets
             http = HTTP_DIALECTS[dialect] if dialect else detect(request.path, request.headers)
             try:
                 if request.method not in methods:
@@ -87,6 +89,7 @@ def api_view(
                     )
                 except KeyRefused as exc:
                     raise from_domain(exc) from None
+                logs.bind(key_prefix=principal.prefix, user_id=principal.user_id)
                 response = await view(request, principal, request_id, http, *args, **kwargs)
             except RelayError as error:
                 return error_response(error, http, request_id)
