@@ -550,6 +550,7 @@ async def _attempts(
     plan = [targets[index % len(targets)] for index in range(max_attempts)]
     last: UpstreamError | None = None
     for number, target in enumerate(plan):
+        raise_if_cancelled()
         if number and target.route_id == plan[number - 1].route_id:
             # Retrying the route that just failed: back off, or sit out its Retry-After.
             wait = (
@@ -632,6 +633,20 @@ async def complete(
         call.settle()
 
 
+def raise_if_cancelled() -> None:
+    """Raise the cancellation of the current task if something swallowed it.
+
+    On Python 3.11 ``asyncio.wait_for`` returns normally when it is cancelled just as
+    what it waits for completes (redis-py wraps every write in one), so one cancel —
+    a shutdown's, a disconnect's — can be lost and a stream would run to its end.
+    The task still counts the request (``Task.cancelling``): honour it here, at the
+    points a stream or a failover comes back to.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 CONTENT_EVENTS = (TextDelta, ToolCallStart, ToolCallDelta, Finish, UsageEvent)
 
 
@@ -695,6 +710,7 @@ class ChatStream:
             if number == len(self.opening) and self.decoder.finished:
                 self._ended()
             yield item
+            raise_if_cancelled()
         try:
             async for item in self.items:
                 self.call.observe(item.events)
@@ -703,6 +719,7 @@ class ChatStream:
                     # before it reaches the client.
                     self._ended()
                 yield item
+                raise_if_cancelled()
         except UpstreamError as exc:
             error = mid_stream_error(exc)
             self.call._fail(error)

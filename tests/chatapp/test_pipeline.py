@@ -229,3 +229,56 @@ async def test_a_stream_is_recorded_before_its_last_element_reaches_the_transpor
         # OpenAI's last element is [DONE], which the transport writes after the loop.
         assert call.settled
     assert settled_at_last.count(True) <= 1
+
+
+async def test_a_cancel_swallowed_on_the_way_still_ends_the_stream(gateway: Gateway) -> None:
+    # On Python 3.11 asyncio.wait_for returns normally when it is cancelled just as what
+    # it waits for completes (redis-py wraps every write in one).  A shutdown's or a
+    # disconnect's cancel lost that way must still end the stream, billed as cut.
+    import asyncio
+
+    from chatapp.relay import pipeline
+    from chatapp.relay.canonical import ChatRequest, TextPart
+    from chatapp.relay.canonical import Message as Turn
+
+    gateway.fake.script(Reply(text=" ".join(f"w{i}" for i in range(60)), chunk_delay=0.02))
+    call = pipeline.Call(
+        principal=None,
+        endpoint="test",
+        dialect="openai",
+        model="gpt-fake",
+        stream=True,
+        request=ChatRequest(
+            model="gpt-fake",
+            messages=[Turn("user", [TextPart("count")])],
+            max_tokens=200,
+            stream=True,
+            include_usage=True,
+            dialect="openai",
+        ),
+        on_cancel=pipeline.INTERRUPTED,
+    )
+    loop = asyncio.get_running_loop()
+    written = loop.create_future()  # what the consumer's write waits for
+    writing = asyncio.Event()
+    items = 0
+
+    async def consume() -> None:
+        nonlocal items
+        async with pipeline.chat(call) as stream:
+            async for _item in stream:
+                items += 1
+                if items == 3:
+                    writing.set()
+                    await asyncio.wait_for(written, 5)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(writing.wait(), 10)
+    # The write completes and the cancel arrives in the same turn of the loop.
+    written.set_result(None)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert items == 3
+    assert call.status == "interrupted"
+    assert call.settled
