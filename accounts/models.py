@@ -85,3 +85,52 @@ class User(AbstractBaseUser, PermissionsMixin):
         if not self.is_active:
             return False
         return self.role == Role.ADMIN or self.role in roles
+
+
+class AuditSource(models.TextChoices):
+    CONSOLE = "console", _("Console")
+    ADMIN = "admin", _("Django admin")
+    COMMAND = "command", _("Command line")
+
+
+class AuditEvent(models.Model):
+    """One change an admin made, in the console, the Django admin or a command.
+
+    Append-only: rows are created by ``accounts.audit.record`` and never changed or
+    deleted (``save`` refuses an update; the admin shows them read-only).  ``changes``
+    maps each changed field to ``[before, after]``, secrets already masked.
+    """
+
+    created_at = models.DateTimeField(_("time"), default=timezone.now, db_index=True)
+    actor = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_label = models.CharField(_("actor"), max_length=254)
+    source = models.CharField(_("source"), max_length=16, choices=AuditSource.choices)
+    action = models.CharField(_("action"), max_length=32)
+    object_type = models.CharField(_("object type"), max_length=64)
+    object_id = models.CharField(_("object id"), max_length=64, blank=True)
+    object_repr = models.CharField(_("object"), max_length=200, blank=True)
+    changes = models.JSONField(_("changes"), default=dict, blank=True)
+    address = models.CharField(_("client address"), max_length=64, blank=True)
+
+    class Meta:
+        verbose_name = _("audit event")
+        verbose_name_plural = _("audit log")
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["object_type", "-created_at"], name="audit_type_time"),
+            models.Index(fields=["actor", "-created_at"], name="audit_actor_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_label} {self.action} {self.object_type} {self.object_repr}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # The log is evidence: a row once written is never rewritten.
+        if not self._state.adding:
+            raise ValueError("audit events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("audit events are append-only")

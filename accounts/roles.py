@@ -53,3 +53,39 @@ def role_required(*roles: str) -> Callable[[ViewFunc], ViewFunc]:
         return cast(ViewFunc, wrapper)
 
     return decorator
+
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def console_page(
+    *, read: tuple[str, ...], write: tuple[str, ...] = ()
+) -> Callable[[ViewFunc], ViewFunc]:
+    """Decorator for a console view: who may see it (``read``) and who may change (``write``).
+
+    Anonymous users go to the login page.  A signed-in user whose role is not in
+    ``read`` gets 403; one whose role may read but not write gets 403 on every
+    method that is not GET/HEAD/OPTIONS (finance reads the console, never changes
+    it).  Admins pass both.  Each request also sets who is acting for the audit log
+    (``accounts.audit``), so the actions the view calls record the right actor.
+    """
+    from accounts import audit
+
+    def decorator(view: ViewFunc) -> ViewFunc:
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            user = request.user
+            if not user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            if not check_role(user, *read):
+                raise PermissionDenied
+            if request.method not in SAFE_METHODS and not check_role(user, *write):
+                raise PermissionDenied
+            with audit.acting_for(request):
+                return view(request, *args, **kwargs)
+
+        wrapper.console_read = read  # type: ignore[attr-defined]
+        wrapper.console_write = write  # type: ignore[attr-defined]
+        return cast(ViewFunc, wrapper)
+
+    return decorator

@@ -17,10 +17,12 @@ from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts import throttle
+from accounts.console import EVERYONE, sections_for
 from accounts.forms import EmailAuthenticationForm
+from accounts.roles import console_page
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +112,13 @@ def _sign_in(request: HttpRequest, *, default_next: str) -> HttpResponse:
 def logout(request: HttpRequest) -> HttpResponse:
     auth_logout(request)
     return redirect(settings.LOGOUT_REDIRECT_URL)
+
+
+@require_GET
+@console_page(read=EVERYONE)
+def console_home(request: HttpRequest) -> HttpResponse:
+    """``/console/``: the first section the viewer's role may open."""
+    sections = sections_for(request.user)
+    if not sections:
+        raise PermissionDenied
+    return redirect(sections[0][1])

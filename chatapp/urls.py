@@ -1,9 +1,18 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import URLPattern, URLResolver, include, path
 
+from accounts import urls as accounts_urls
 from chatapp import metrics, views
+from keys import urls as keys_urls
+
+# One console, each app's pages beside the data they manage (accounts.console).
+console_urlpatterns: list[URLPattern | URLResolver] = [
+    *accounts_urls.console_urlpatterns,
+    *keys_urls.console_urlpatterns,
+    *views.console_urlpatterns,
+]
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -12,6 +21,7 @@ urlpatterns = [
     path("chat/", include("chatapp.chat.urls")),
     path("v1/", include("chatapp.relay.urls")),
     path("accounts/", include("accounts.urls")),
+    path("console/", include((console_urlpatterns, "console"))),
     path("i18n/", include("django.conf.urls.i18n")),
     path("admin/", admin.site.urls),
 ]

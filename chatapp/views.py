@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
+from django.urls import URLPattern, URLResolver
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
@@ -30,3 +31,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     if down:
         body["down"] = down
     return JsonResponse(body, status=503 if down else 200)
+
+
+# Mounted under /console/ in the "console" namespace (chatapp/urls.py): the catalog's pages.
+console_urlpatterns: list[URLPattern | URLResolver] = []

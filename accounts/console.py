@@ -1,0 +1,145 @@
+"""What every console page shares: the navigation for the viewer's role, and paging.
+
+The console is not an app of its own: each app owns the pages of the data it owns
+(``accounts`` users and the audit log, ``keys`` keys, prices and usage, ``chatapp``
+providers and models) and lists them in its ``console_urlpatterns``; they are
+mounted together under ``/console/`` with the ``console`` namespace
+(``chatapp/urls.py``).  Views are guarded by ``accounts.roles.console_page``;
+templates extend ``console/base.html``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlencode
+
+from django.db import models
+from django.http import HttpRequest
+from django.urls import NoReverseMatch, reverse
+from django.utils.functional import Promise
+from django.utils.translation import gettext_lazy as _
+
+from accounts.models import Role, User
+
+EVERYONE = (Role.MEMBER, Role.FINANCE, Role.ADMIN)
+STAFF = (Role.FINANCE, Role.ADMIN)  # finance reads, admins change
+ADMINS = (Role.ADMIN,)
+
+
+@dataclass(frozen=True)
+class Section:
+    url_name: str
+    label: str | Promise
+    roles: tuple[str, ...]
+
+
+# In the order of the navigation.  A section whose page is not installed is left out.
+SECTIONS = (
+    Section("console:users", _("Users"), STAFF),
+    Section("console:keys", _("API keys"), EVERYONE),
+    Section("console:providers", _("Providers"), ADMINS),
+    Section("console:models", _("Models"), STAFF),
+    Section("console:prices", _("Prices"), STAFF),
+    Section("console:usage", _("Usage"), EVERYONE),
+    Section("console:reports", _("Reports"), STAFF),
+    Section("console:audit", _("Audit log"), ADMINS),
+    Section("console:docs", _("Docs"), EVERYONE),
+)
+
+
+@dataclass(frozen=True)
+class NavItem:
+    url: str
+    label: str | Promise
+    current: bool
+
+
+def sections_for(user: Any) -> list[tuple[Section, str]]:
+    """The sections ``user`` may open, with their URLs."""
+    if not isinstance(user, User):
+        return []
+    found = []
+    for section in SECTIONS:
+        if not user.has_role(*section.roles):
+            continue
+        try:
+            found.append((section, reverse(section.url_name)))
+        except NoReverseMatch:
+            continue
+    return found
+
+
+def navigation(request: HttpRequest) -> dict[str, Any]:
+    """Context processor: ``console_nav`` on console pages (the current section marked)."""
+    if not request.path.startswith("/console/"):
+        return {}
+    items = [
+        NavItem(url, section.label, request.path.startswith(url))
+        for section, url in sections_for(getattr(request, "user", None))
+    ]
+    return {"console_nav": items, "can_write": _can_write(request)}
+
+
+def _can_write(request: HttpRequest) -> bool:
+    """Whether to show buttons that change things: finance never gets one it would be refused."""
+    user = getattr(request, "user", None)
+    return isinstance(user, User) and user.has_role(Role.ADMIN)
+
+
+Row = TypeVar("Row", bound=models.Model)
+
+PER_PAGE = 50
+
+
+@dataclass
+class Page(Generic[Row]):
+    """One page of a keyset-paginated list: rows, and links that keep the filters."""
+
+    rows: list[Row]
+    next_url: str | None
+    previous_url: str | None
+
+
+def keyset_page(
+    request: HttpRequest, queryset: models.QuerySet[Row], *, per_page: int = PER_PAGE
+) -> Page[Row]:
+    """The page of ``queryset`` (newest id first) that ``?after=`` / ``?before=`` asks for.
+
+    Keyset paging on the primary key: each page is one indexed range scan, as fast on
+    page 2,000 of 100,000 rows as on the first (an OFFSET would read every row
+    before it).  Other query parameters (the filters) are kept in the links.
+    """
+    params = request.GET.copy()
+    after = _int(params.pop("after", [None])[-1])
+    before = _int(params.pop("before", [None])[-1])
+    if before is not None:
+        rows = list(queryset.filter(pk__gt=before).order_by("pk")[: per_page + 1])
+        more_before = len(rows) > per_page
+        rows = list(reversed(rows[:per_page]))
+        more_after = True
+    else:
+        ordered = queryset.order_by("-pk")
+        if after is not None:
+            ordered = ordered.filter(pk__lt=after)
+        rows = list(ordered[: per_page + 1])
+        more_after = len(rows) > per_page
+        rows = rows[:per_page]
+        more_before = after is not None
+    base = {key: value for key, value in params.items() if value != ""}
+
+    def link(**cursor: int) -> str:
+        return "?" + urlencode({**base, **cursor})
+
+    return Page(
+        rows=rows,
+        next_url=link(after=rows[-1].pk) if rows and more_after else None,
+        previous_url=link(before=rows[0].pk) if rows and more_before else None,
+    )
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
