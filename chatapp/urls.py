@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import URLPattern, URLResolver, include, path
+from django.views.generic import RedirectView
 
 from accounts import urls as accounts_urls
 from chatapp import metrics, views
@@ -17,6 +19,8 @@ console_urlpatterns: list[URLPattern | URLResolver] = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
+    # Browsers ask for /favicon.ico on pages that name no icon (Django's admin).
+    path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"), permanent=True)),
     path("metrics", metrics.metrics_view, name="metrics"),
     path("chat/", include("chatapp.chat.urls")),
     path("v1/", include("chatapp.relay.urls")),
