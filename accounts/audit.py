@@ -182,3 +182,53 @@ def AuditMiddleware(  # noqa: N802 - Django's middleware factory convention
 
 AuditMiddleware.sync_capable = True  # type: ignore[attr-defined]
 AuditMiddleware.async_capable = True  # type: ignore[attr-defined]
+
+
+def _admin_fields(obj: models.Model) -> list[str]:
+    """The fields an admin form can change: concrete, non-key fields of the model."""
+    return [
+        field.name
+        for field in obj._meta.concrete_fields
+        if not field.primary_key and not field.auto_created
+    ]
+
+
+class AuditedModelAdmin:
+    """A ``ModelAdmin`` mixin: each add, change and delete in the Django admin is audited.
+
+    Put it first among the bases (``class KeyAdmin(AuditedModelAdmin, admin.ModelAdmin)``).
+    The admin's view already runs in a transaction, so the event commits with the
+    change.  ``audit_fields`` names the recorded fields (default: every concrete field;
+    secrets masked by name as everywhere else).
+    """
+
+    audit_fields: tuple[str, ...] | None = None
+
+    def _audited_fields(self, obj: models.Model) -> list[str]:
+        return list(self.audit_fields) if self.audit_fields is not None else _admin_fields(obj)
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        fields = self._audited_fields(obj)
+        before: dict[str, Any] = {}
+        if change and obj.pk is not None:
+            stored = type(obj)._default_manager.filter(pk=obj.pk).first()
+            if stored is not None:
+                before = snapshot(stored, fields)
+        super().save_model(request, obj, form, change)  # type: ignore[misc]
+        changes = diff(before, snapshot(obj, fields))
+        if change and not changes:
+            return
+        with acting_for(request):
+            record("change" if change else "create", obj, changes=changes)
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        before = snapshot(obj, self._audited_fields(obj))
+        pk = obj.pk
+        super().delete_model(request, obj)  # type: ignore[misc]
+        obj.pk = pk  # Django clears it on delete; the event names the row that was
+        with acting_for(request):
+            record("delete", obj, changes=diff(before, {}))
+
+    def delete_queryset(self, request: HttpRequest, queryset: Any) -> None:
+        for obj in list(queryset):
+            self.delete_model(request, obj)

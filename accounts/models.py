@@ -33,8 +33,9 @@ class UserManager(BaseUserManager["User"]):
         return user
 
     def create_superuser(self, email: str, password: str | None = None, **extra: Any) -> User:
-        extra.setdefault("role", Role.ADMIN)
-        extra["is_superuser"] = True
+        # ``createsuperuser``: the admin role is what makes a superuser (User.save).
+        extra["role"] = Role.ADMIN
+        extra.pop("is_superuser", None)
         return self.create_user(email, password, **extra)
 
     def get_by_natural_key(self, username: str | None) -> User:
@@ -62,6 +63,12 @@ class User(AbstractBaseUser, PermissionsMixin):
         verbose_name = _("user")
         verbose_name_plural = _("users")
         ordering = ["email"]
+        # The console's user list filters by role and status and pages by id
+        # (accounts.console.keyset_page): each filter is one index range scan.
+        indexes = [
+            models.Index(fields=["role", "id"], name="user_role_id"),
+            models.Index(fields=["is_active", "id"], name="user_active_id"),
+        ]
 
     def __str__(self) -> str:
         return self.email
@@ -74,6 +81,16 @@ class User(AbstractBaseUser, PermissionsMixin):
     def clean(self) -> None:
         super().clean()
         self.email = self.normalize_address(self.email)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # The role is the one source of truth for rights: whichever way it is set
+        # (the console, the Django admin's form, a command, the shell), the admin
+        # role and Django's superuser flag (the admin site, every permission) agree.
+        self.is_superuser = self.role == Role.ADMIN
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and "role" in update_fields:
+            kwargs["update_fields"] = {*update_fields, "is_superuser"}
+        super().save(*args, **kwargs)
 
     @property
     def is_staff(self) -> bool:

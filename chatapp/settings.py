@@ -243,6 +243,9 @@ SWITCHBOARD_KEY_DEFAULTS = {
     "concurrency": env.integer("SWITCHBOARD_DEFAULT_CONCURRENCY", 0, minimum=0),
     "max_output_tokens": env.integer("SWITCHBOARD_DEFAULT_MAX_OUTPUT", 0, minimum=0),
 }
+# Members may create and revoke their own API keys in the console (default limits,
+# capped by their key policy); off: only admins issue keys.
+SWITCHBOARD_MEMBER_KEYS = env.flag("SWITCHBOARD_MEMBER_KEYS", True)
 # The local model (the `local` extra): context size, inference threads, queue bound.
 SWITCHBOARD_LOCAL_CONTEXT = env.integer("SWITCHBOARD_LOCAL_CONTEXT", 4096, minimum=256)
 SWITCHBOARD_LOCAL_THREADS = env.integer("SWITCHBOARD_LOCAL_THREADS", os.cpu_count() or 2, minimum=1)

@@ -2,6 +2,8 @@
 
 A key's secret exists only at creation: the add form issues it through
 ``do_create_key`` and shows it once, in a message; only its hash is stored.
+Every change is audited (``accounts.audit.AuditedModelAdmin``; a new key and a
+revocation by their actions, which record themselves).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from keys.actions import do_create_key, do_revoke_key
-from keys.forms import KeyCreateForm, KeyForm, PriceForm
-from keys.models import ApiKey, ModelPrice, UsageRecord
+from accounts.audit import AuditedModelAdmin
+from keys.actions import KEY_AUDIT_FIELDS, PRICE_AUDIT_FIELDS, do_create_key, do_revoke_key
+from keys.forms import KeyCreateForm, KeyForm, KeyPolicyForm, PriceForm
+from keys.models import ApiKey, KeyPolicy, ModelPrice, UsageRecord
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(AuditedModelAdmin, admin.ModelAdmin):
     # The rules of keys.forms, as the commands and the console apply them.
     form = KeyForm
+    audit_fields = tuple(KEY_AUDIT_FIELDS)
     add_form = KeyCreateForm
     list_display = ["prefix", "name", "user", "state", "created_at", "last_used_at"]
     list_filter = ["enabled", "is_web_key", ("revoked_at", admin.EmptyFieldListFilter)]
@@ -83,8 +87,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
-            super().save_model(request, obj, form, change)
+            super().save_model(request, obj, form, change)  # audited by the mixin
             return
+        # A new key: do_create_key records it (the mixin would record it twice).
         key, raw = do_create_key(
             user=obj.user,
             name=obj.name,
@@ -157,10 +162,11 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
+class ModelPriceAdmin(AuditedModelAdmin, admin.ModelAdmin):
     """Prices are history: add a new row to change a price, never edit an old one."""
 
     form = PriceForm
+    audit_fields = tuple(PRICE_AUDIT_FIELDS)
     list_display = [
         "model",
         "input_per_mtok",
@@ -185,3 +191,17 @@ class ModelPriceAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
         obj.currency = settings.SWITCHBOARD_CURRENCY
         super().save_model(request, obj, form, change)
+
+
+@admin.register(KeyPolicy)
+class KeyPolicyAdmin(AuditedModelAdmin, admin.ModelAdmin):
+    """Caps on the keys a member creates for themselves (also in the console's key pages)."""
+
+    form = KeyPolicyForm
+    list_display = ["user", "max_keys", "rpm", "tpm", "money_budget", "updated_at"]
+    list_select_related = ["user"]
+    search_fields = ["user__email"]
+    raw_id_fields = ["user"]
+
+    def get_fields(self, request: HttpRequest, obj: KeyPolicy | None = None) -> Any:
+        return ["user", *KeyPolicyForm._meta.fields]  # type: ignore[misc]

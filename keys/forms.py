@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from keys.limiter import MAX_MONEY_BUDGET
-from keys.models import ApiKey, ModelPrice
+from keys.models import ApiKey, KeyPolicy, ModelPrice
 
 LIMIT_FIELDS = [
     "rpm",
@@ -99,12 +99,32 @@ class KeyCreateForm(AllowedModelsMixin):
         return expires_at
 
 
+class KeyIssueForm(KeyCreateForm, LimitsForm):
+    """A new key with its limits and budgets (the console's "new key")."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["user", "name", "expires_at", "allowed_models", *LIMIT_FIELDS]
+
+
 class KeyForm(AllowedModelsMixin, LimitsForm):
     """Everything an admin may change on an issued key."""
 
     class Meta:
         model = ApiKey
         fields = ["name", "enabled", "expires_at", "allowed_models", *LIMIT_FIELDS]
+
+    def clean_expires_at(self) -> Any:
+        # A new expiry must be in the future; an unchanged one (a key already expired)
+        # does not stop other edits.
+        expires_at = self.cleaned_data.get("expires_at")
+        if (
+            "expires_at" in self.changed_data
+            and expires_at is not None
+            and expires_at <= timezone.now()
+        ):
+            raise ValidationError(_("%(time)s is in the past.") % {"time": expires_at.isoformat()})
+        return expires_at
 
 
 class PriceForm(forms.ModelForm):
@@ -141,3 +161,131 @@ class PriceForm(forms.ModelForm):
         if commit:
             price.save()
         return price
+
+
+class KeyPolicyForm(forms.ModelForm):
+    """An admin's caps on the keys a member creates for themselves."""
+
+    class Meta:
+        model = KeyPolicy
+        fields = ["max_keys", *KeyPolicy.CAPPED]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        for name in KeyPolicy.CAPPED:
+            if cleaned.get(name) == 0:
+                cleaned[name] = None
+        money = cleaned.get("money_budget")
+        if money is not None and money > MAX_MONEY_BUDGET:
+            self.add_error(
+                "money_budget",
+                _("At most %(limit)s %(currency)s: larger budgets cannot be counted exactly.")
+                % {"limit": f"{MAX_MONEY_BUDGET:,}", "currency": settings.SWITCHBOARD_CURRENCY},
+            )
+        return cleaned
+
+
+# --- The console's forms: the rules above, with widgets for a browser. ---
+
+LOCAL_INPUT = forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M")
+
+
+class UserByEmailField(forms.ModelChoiceField):
+    """A user named by email address (a select of every user would not scale)."""
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+        return super().to_python(value)
+
+
+class CatalogChoicesMixin(forms.BaseForm):
+    """Allowed models as checkboxes of the catalog's models (none ticked: every model)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from chatapp.models import CatalogModel
+
+        names = list(CatalogModel.objects.order_by("name").values_list("name", flat=True))
+        current = getattr(getattr(self, "instance", None), "allowed_models", None) or []
+        names += [name for name in current if name not in names]
+        self.fields["allowed_models"] = forms.MultipleChoiceField(
+            label=_("Allowed models"),
+            choices=[(name, name) for name in names],
+            required=False,
+            widget=forms.CheckboxSelectMultiple,
+            help_text=_("None ticked: every enabled model."),
+        )
+        if "name" in self.fields:
+            self.fields["name"].label = _("Key name")
+        if "money_budget" in self.fields:
+            self.fields["money_budget"].help_text = _("In %(currency)s.") % {
+                "currency": settings.SWITCHBOARD_CURRENCY
+            }
+        if "expires_at" in self.fields:
+            self.fields["expires_at"].widget = LOCAL_INPUT
+            self.fields["expires_at"].help_text = _(
+                "Empty: never. In your time zone (%(zone)s)."
+            ) % {"zone": timezone.get_current_timezone_name()}
+
+
+class ConsoleKeyCreateForm(CatalogChoicesMixin, KeyIssueForm):
+    """An admin issues a key for any user, with every limit and budget."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from accounts.models import User
+
+        self.fields["user"] = UserByEmailField(
+            queryset=User.objects.all(),
+            to_field_name="email",
+            label=_("User (email)"),
+            widget=forms.EmailInput,
+            error_messages={"invalid_choice": _("No user with this email address.")},
+        )
+
+
+class MemberKeyForm(CatalogChoicesMixin, KeyCreateForm):
+    """A member's own key: name, models, expiry; the limits come from their policy."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["name", "expires_at", "allowed_models"]
+
+
+class ConsoleKeyForm(CatalogChoicesMixin, KeyForm):
+    """An admin edits an issued key."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        money = self.instance.money_budget
+        if money is not None:  # 25, not 25.000000000000
+            self.initial["money_budget"] = f"{money.normalize():f}"
+
+
+GRACE_CHOICES = [
+    ("0", _("Revoke the old key now")),
+    ("3600", _("Keep the old key working for 1 hour")),
+    ("86400", _("Keep the old key working for 24 hours")),
+    ("604800", _("Keep the old key working for 7 days")),
+]
+
+
+class RotateForm(forms.Form):
+    grace = forms.TypedChoiceField(
+        label=_("The old key"), choices=GRACE_CHOICES, coerce=int, initial="0"
+    )
+
+
+class ConsolePriceForm(PriceForm):
+    """A new price; an empty effective-from means now (``do_set_price``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["effective_from"].required = False
+        self.fields["effective_from"].initial = None  # empty means now, not page-load time
+        self.fields["effective_from"].widget = LOCAL_INPUT
+        self.fields["effective_from"].help_text = _(
+            "Empty: now. May be in the future; earlier prices and recorded costs never change. "
+            "In your time zone (%(zone)s)."
+        ) % {"zone": timezone.get_current_timezone_name()}

@@ -105,11 +105,28 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     last_used_at = models.DateTimeField(_("last used at"), null=True, blank=True)
     revoked_at = models.DateTimeField(_("revoked at"), null=True, blank=True)
+    # Set when the key was rotated: the key that took its place (the old one stays
+    # usable until its expiry, the rotation's grace period, then stops).
+    replaced_by = models.ForeignKey(
+        "self",
+        verbose_name=_("replaced by"),
+        null=True,
+        blank=True,
+        editable=False,
+        on_delete=models.SET_NULL,
+        related_name="replaces",
+    )
 
     objects = ApiKeyQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
+        # The console's filters: status (revoked, expired or expiring soon).  The user
+        # filter uses the foreign key's own index; lists page by the primary key.
+        indexes = [
+            models.Index(fields=["revoked_at"], name="apikey_revoked_at"),
+            models.Index(fields=["expires_at"], name="apikey_expires_at"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["user"], condition=models.Q(is_web_key=True), name="one_web_key_per_user"
@@ -255,3 +272,39 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model}: {self.input_per_mtok}/{self.output_per_mtok} {self.currency} per 1M from {self.effective_from:%Y-%m-%d %H:%M}"
+
+
+class KeyPolicy(models.Model):
+    """What a member may give themselves when they create their own keys.
+
+    Members' own keys (``SWITCHBOARD_MEMBER_KEYS``) get the default limits, never
+    above these caps; empty means no cap.  Admins' keys for a user are not capped.
+    """
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="key_policy"
+    )
+    max_keys = models.PositiveIntegerField(
+        _("max keys"),
+        default=5,
+        help_text=_("Usable keys the member may hold at once (the chat's own key not counted)."),
+    )
+    rpm = models.PositiveIntegerField(_("max requests per minute"), null=True, blank=True)
+    rpd = models.PositiveIntegerField(_("max requests per day"), null=True, blank=True)
+    tpm = models.PositiveBigIntegerField(_("max tokens per minute"), null=True, blank=True)
+    tpd = models.PositiveBigIntegerField(_("max tokens per day"), null=True, blank=True)
+    concurrency = models.PositiveIntegerField(_("max concurrent requests"), null=True, blank=True)
+    token_budget = models.PositiveBigIntegerField(_("max token budget"), null=True, blank=True)
+    money_budget = models.DecimalField(
+        _("max money budget"), null=True, blank=True, max_digits=24, decimal_places=12
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    CAPPED = ("rpm", "rpd", "tpm", "tpd", "concurrency", "token_budget", "money_budget")
+
+    class Meta:
+        verbose_name = _("key policy")
+        verbose_name_plural = _("key policies")
+
+    def __str__(self) -> str:
+        return f"key policy of {self.user}"

@@ -1,6 +1,18 @@
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
+
+from keys import views
 
 # Mounted under /console/ in the "console" namespace (chatapp/urls.py).
-console_urlpatterns: list[URLPattern | URLResolver] = []
+console_urlpatterns: list[URLPattern | URLResolver] = [
+    path("keys/", views.key_list, name="keys"),
+    path("keys/new/", views.key_create, name="key_create"),
+    path("keys/<int:pk>/", views.key_detail, name="key"),
+    path("keys/<int:pk>/edit/", views.key_edit, name="key_edit"),
+    path("keys/<int:pk>/revoke/", views.key_revoke, name="key_revoke"),
+    path("keys/<int:pk>/rotate/", views.key_rotate, name="key_rotate"),
+    path("keys/policy/<int:user_id>/", views.key_policy, name="key_policy"),
+    path("prices/", views.price_list, name="prices"),
+    path("prices/<path:ref>/", views.price_history, name="price_history"),
+]

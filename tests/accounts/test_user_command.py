@@ -8,7 +8,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from accounts.models import Role, User
+from accounts.models import AuditEvent, Role, User
 
 pytestmark = pytest.mark.django_db
 
@@ -53,3 +53,13 @@ def test_user_disable_stops_sign_in(client, alice: User) -> None:
     assert "alice@example.com\tmember\tdisabled" in run("list")
     with pytest.raises(CommandError, match="no user with email nobody@example.com"):
         run("disable", "nobody@example.com")
+
+
+def test_user_role_and_password_link_use_the_consoles_actions(alice: User) -> None:
+    assert run("role", "alice@example.com", "admin").strip() == "alice@example.com is now admin"
+    alice.refresh_from_db()
+    assert alice.is_superuser
+    link = run("password-link", "alice@example.com", "--base-url=https://llm.example.com/").strip()
+    assert link.startswith("https://llm.example.com/accounts/set-password/")
+    events = list(AuditEvent.objects.order_by("id").values_list("action", "actor_label"))
+    assert events == [("change role", "command line"), ("password link", "command line")]

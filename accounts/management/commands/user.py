@@ -1,4 +1,7 @@
-"""``manage.py user add|list|disable|enable`` for scripted administration."""
+"""``manage.py user add|list|role|disable|enable|password-link`` for scripted administration.
+
+The same actions as the console (accounts.actions), audited as the command line.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,14 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from accounts.actions import AccountError, do_create_user, do_set_active
+from accounts.actions import (
+    AccountError,
+    do_create_user,
+    do_issue_password_link,
+    do_set_active,
+    do_set_role,
+    find_user,
+)
 from accounts.models import Role, User
 
 
@@ -21,6 +31,7 @@ class Command(BaseCommand):
         add.add_argument("email")
         add.add_argument("--role", choices=Role.values, default=Role.MEMBER)
         add.add_argument("--password", help="without it the user gets no usable password")
+        add.add_argument("--name", default="", help="the user's display name")
         listing = sub.add_parser("list", help="list users")
         listing.add_argument("--json", action="store_true", help="machine-readable output")
         for name, text in (
@@ -29,16 +40,29 @@ class Command(BaseCommand):
         ):
             action = sub.add_parser(name, help=text)
             action.add_argument("email")
+        role = sub.add_parser("role", help="change a user's role")
+        role.add_argument("email")
+        role.add_argument("role", choices=Role.values)
+        link = sub.add_parser(
+            "password-link", help="print a one-time link (72 h) for the user to set a password"
+        )
+        link.add_argument("email")
+        link.add_argument(
+            "--base-url", default="", help="the site's address, e.g. https://llm.example.com"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            getattr(self, f"handle_{options['action']}")(options)
+            getattr(self, f"handle_{options['action'].replace('-', '_')}")(options)
         except AccountError as exc:
             raise CommandError(str(exc)) from None
 
     def handle_add(self, options: dict[str, Any]) -> None:
         user = do_create_user(
-            email=options["email"], role=options["role"], password=options["password"]
+            email=options["email"],
+            role=options["role"],
+            password=options["password"],
+            name=options["name"],
         )
         self.stdout.write(f"created {user.role} {user.email}")
 
@@ -68,3 +92,11 @@ class Command(BaseCommand):
     def handle_enable(self, options: dict[str, Any]) -> None:
         user = do_set_active(email=options["email"], active=True)
         self.stdout.write(f"enabled {user.email}")
+
+    def handle_role(self, options: dict[str, Any]) -> None:
+        user = do_set_role(user=find_user(email=options["email"]), role=options["role"])
+        self.stdout.write(f"{user.email} is now {user.role}")
+
+    def handle_password_link(self, options: dict[str, Any]) -> None:
+        path = do_issue_password_link(user=find_user(email=options["email"]))
+        self.stdout.write(options["base_url"].rstrip("/") + path)
