@@ -856,12 +856,28 @@ async def aflush() -> None:
         await asyncio.gather(*list(_pending), return_exceptions=True)
 
 
-def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
-    """Current use against every limit (for ``manage.py key usage``), read without reserving."""
+def usage(*, key_id: int, limits: Limits, in_server: bool = True) -> dict[str, Any]:
+    """Current use against every limit, read without reserving.
+
+    With Redis every process reads the counters the servers enforce.  In the embedded
+    mode they live in the server process's memory: ``in_server=False`` (another
+    process, ``manage.py key usage``) recomputes the request and token windows from
+    the usage ledger instead, the way a rebuild after a lost store does (settled
+    requests, by their settlement time); what is in flight only the server knows, so
+    ``in_flight`` and ``reserved`` are None.  ``source`` says which: ``redis``,
+    ``server`` or ``ledger``.
+    """
     now = clock()
     win = windows(now, limits.period)
     p = f"{PREFIX}{key_id}:"
-    if _redis():
+    in_flight: int | None
+    reserved: list[int | None]
+    source = "redis" if _redis() else "server" if in_server else "ledger"
+    if source == "ledger":
+        rm, tm, rd, td = _windows_from_ledger(key_id, win)
+        counts = [rm, rd, tm, td]
+        in_flight, reserved = None, [None, None]
+    elif source == "redis":
         client = hotstore.sync_client()
         values = client.mget(
             [
@@ -896,6 +912,7 @@ def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
     spent_tokens, spent_money = _spent_from_ledger(key_id, win.period_start, win.period_reset)
     return {
         "time": now.isoformat(),
+        "source": source,
         "rpm": {"limit": limits.rpm, "used": counts[0], "resets_at": win.minute_reset.isoformat()},
         "rpd": {"limit": limits.rpd, "used": counts[1], "resets_at": win.day_reset.isoformat()},
         "tpm": {"limit": limits.tpm, "used": counts[2], "resets_at": win.minute_reset.isoformat()},
@@ -915,7 +932,9 @@ def usage(*, key_id: int, limits: Limits) -> dict[str, Any]:
             "currency": settings.SWITCHBOARD_CURRENCY,
             "period": limits.period,
             "spent": str(from_nano(spent_money).normalize()),
-            "reserved": str(from_nano(reserved[1]).normalize()),
+            "reserved": str(from_nano(reserved[1]).normalize())
+            if reserved[1] is not None
+            else None,
             "resets_at": win.period_reset.isoformat() if win.period_reset else None,
         },
     }

@@ -3,12 +3,22 @@
 httpx's own async transport is the bottleneck at high concurrency; the aiohttp
 transport (``httpx-aiohttp``) keeps the httpx API at about three times the
 throughput.
+
+The client closes with its event loop: an aiohttp session left open when its loop
+ends is reported by aiohttp as "Unclosed client session" / "Unclosed connector"
+when it is collected.  A loop run by ``asyncio.run`` or an ``asyncio.Runner``
+(uvicorn, ``asgiref``'s ``async_to_sync``, pytest-asyncio, our commands and
+tasks) cancels the tasks still pending before it closes: a task waiting for that
+cancellation closes the client.  Daphne's Twisted reactor cancels nothing, so
+there the reactor's shutdown closes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
+from typing import Any
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
@@ -16,6 +26,9 @@ from httpx_aiohttp import AiohttpTransport
 LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -29,14 +42,54 @@ def client() -> httpx.AsyncClient:
             transport=AiohttpTransport(limits=LIMITS), limits=LIMITS, follow_redirects=False
         )
         _clients[loop] = existing
+        _close_with_loop(loop, existing)
     return existing
 
 
 async def aclose() -> None:
-    """Close this event loop's client (server shutdown, tests)."""
-    existing = _clients.pop(asyncio.get_running_loop(), None)
+    """Close this event loop's client now (server shutdown, tests)."""
+    loop = asyncio.get_running_loop()
+    closer = _closers.pop(loop, None)
+    if closer is not None:
+        closer.cancel()
+    existing = _clients.pop(loop, None)
     if existing is not None:
         await existing.aclose()
+
+
+async def _close_when_cancelled(client: httpx.AsyncClient) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.create_future()  # never set: waits for the cancel
+    finally:
+        # The client refers to its loop: left in the map, neither would ever be freed.
+        if _clients.get(loop) is client:
+            del _clients[loop]
+        await client.aclose()  # a no-op when aclose() closed it first
+
+
+def _close_with_loop(loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> None:
+    previous = _closers.pop(loop, None)
+    if previous is not None:
+        previous.cancel()
+    _closers[loop] = loop.create_task(_close_when_cancelled(client), name="relay-http-closer")
+    reactor: Any = sys.modules.get("twisted.internet.reactor")
+    if reactor is not None and getattr(reactor, "_asyncioEventloop", None) is loop:
+        from twisted.internet.defer import Deferred
+
+        def close() -> Deferred[None]:
+            # The reactor waits for the returned Deferred before it stops the loop.
+            return Deferred.fromFuture(asyncio.ensure_future(_end_closer(loop)))
+
+        reactor.addSystemEventTrigger("before", "shutdown", close)
+
+
+async def _end_closer(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the loop's closer and wait until it has closed the client."""
+    closer = _closers.pop(loop, None)
+    if closer is not None:
+        closer.cancel()
+        await asyncio.gather(closer, return_exceptions=True)
 
 
 def is_timeout(exc: httpx.HTTPError) -> bool:

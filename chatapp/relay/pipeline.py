@@ -185,8 +185,14 @@ class Call:
             produced = "".join(self.output_chars)
             input_tokens = self.upstream_input_tokens
             if input_tokens is None:
+                # A call that failed before the upstream produced anything (a 500, a
+                # refused connection, a body that is not JSON) cost nothing upstream:
+                # it is recorded at 0 and takes nothing from the key's budget.
+                failed_empty = (self.status or ERROR) == ERROR and not self.output_chars
                 input_tokens = (
-                    tokens.estimate_request(self.request) if self.request and self.target else 0
+                    tokens.estimate_request(self.request)
+                    if self.request and self.target and not failed_empty
+                    else 0
                 )
             usage = Usage(input_tokens=input_tokens, output_tokens=tokens.estimate_text(produced))
             estimated = bool(self.target) and (usage.input_tokens > 0 or usage.output_tokens > 0)
@@ -564,6 +570,7 @@ async def _attempts(
         call.attempts += 1
         call.target = target
         metrics.observe_attempt(target, retry=number > 0)
+        attempt_started = time.monotonic()
         try:
             result = await attempt(target)
         except UpstreamError as error:
@@ -573,12 +580,14 @@ async def _attempts(
                 "request %s: route %s failed: %s", call.request_id, target.route_id, error.message
             )
             routing.record_failure(
-                target.route_id, error.retry_after if error.status == 429 else None
+                target.route_id,
+                error.retry_after if error.status == 429 else None,
+                error=error.message,
             )
             if not error.retryable:
                 break
             continue
-        routing.record_success(target.route_id)
+        routing.record_success(target.route_id, latency=time.monotonic() - attempt_started)
         return result
     assert last is not None
     raise client_error(last) from last

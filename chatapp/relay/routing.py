@@ -6,7 +6,9 @@ then the next priority.  A route that fails ``FAILURE_THRESHOLD`` times in a row
 the order until its cool-down ends, when one request probes it again.
 
 Breaker state is per process on purpose: it reflects what this process sees of
-each upstream, needs no I/O on the hot path, and heals by itself.
+each upstream, needs no I/O on the hot path, and heals by itself.  Beside it each
+route keeps its last outcome (latency of the last success, the last error) for the
+console's health column (``health``): also this process's view only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,31 @@ class _State:
     open_until: float = 0.0
 
 
+@dataclass(slots=True)
+class Observation:
+    """What this process last saw of one route."""
+
+    last_latency: float | None = None  # seconds to the answer's start, last success
+    last_success_at: float | None = None  # time.time()
+    last_error: str = ""
+    last_error_at: float | None = None  # time.time()
+
+    @property
+    def last_latency_ms(self) -> int | None:
+        return round(self.last_latency * 1000) if self.last_latency is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A route's breaker as the console shows it."""
+
+    state: str  # "closed", "half-open" or "open"
+    failures: int  # consecutive failures
+    observation: Observation
+
+
 _states: dict[int, _State] = {}
+_observations: dict[int, Observation] = {}
 _rng = random.Random()
 
 
@@ -58,11 +84,32 @@ def breaker_state(route_id: int) -> int:
     return 2 if state.open_until > time.monotonic() else 1
 
 
-def record_success(route_id: int) -> None:
+BREAKER_STATES = ("closed", "half-open", "open")
+
+
+def health(route_id: int) -> Health:
+    """This process's breaker state, consecutive failures and last outcome of a route."""
+    state = _states.get(route_id)
+    return Health(
+        BREAKER_STATES[breaker_state(route_id)],
+        state.failures if state is not None else 0,
+        _observations.get(route_id) or Observation(),
+    )
+
+
+def record_success(route_id: int, latency: float | None = None) -> None:
     _states.pop(route_id, None)
+    if latency is not None:
+        seen = _observations.setdefault(route_id, Observation())
+        seen.last_latency = latency
+        seen.last_success_at = time.time()
 
 
-def record_failure(route_id: int, retry_after: float | None = None) -> None:
+def record_failure(route_id: int, retry_after: float | None = None, error: str = "") -> None:
+    if error:
+        seen = _observations.setdefault(route_id, Observation())
+        seen.last_error = error[:500]
+        seen.last_error_at = time.time()
     state = _states.setdefault(route_id, _State())
     state.failures += 1
     now = time.monotonic()
@@ -74,3 +121,4 @@ def record_failure(route_id: int, retry_after: float | None = None) -> None:
 
 def reset() -> None:
     _states.clear()
+    _observations.clear()

@@ -269,11 +269,17 @@ class Command(BaseCommand):
 
     def handle_usage(self, options: dict[str, Any]) -> None:
         key = find_key(options["key"])
-        report = limiter.usage(key_id=key.pk, limits=key.limits)
+        # Not the server: in the embedded mode its counters are out of reach (see usage()).
+        report = limiter.usage(key_id=key.pk, limits=key.limits, in_server=False)
         if options["json"]:
             self.stdout.write(json.dumps({"id": key.pk, "prefix": key.prefix, **report}, indent=2))
             return
         self.stdout.write(f"key {key.pk} ({key.prefix}…) at {report['time']}")
+        if report["source"] == "ledger":
+            self.stdout.write(
+                "  (embedded mode: requests and tokens counted from the usage ledger, i.e. the"
+                " requests that have ended; what is in flight only the server process knows)"
+            )
         for name in ("rpm", "rpd", "tpm", "tpd"):
             item = report[name]
             limit = item["limit"] if item["limit"] is not None else "no limit"
@@ -281,16 +287,16 @@ class Command(BaseCommand):
                 f"  {name:<12} {item['used']} / {limit}  (window resets {item['resets_at']})"
             )
         concurrency = report["concurrency"]
-        self.stdout.write(
-            f"  {'in flight':<12} {concurrency['in_flight']} / {concurrency['limit'] or 'no limit'}"
-        )
+        in_flight = concurrency["in_flight"] if concurrency["in_flight"] is not None else "?"
+        self.stdout.write(f"  {'in flight':<12} {in_flight} / {concurrency['limit'] or 'no limit'}")
         for name in ("token_budget", "money_budget"):
             item = report[name]
             limit = item["limit"] if item["limit"] is not None else "no limit"
             unit = f" {item['currency']}" if name == "money_budget" else ""
             resets = f"resets {item['resets_at']}" if item["resets_at"] else "lifetime"
+            reserved = f" + {item['reserved']} reserved" if item["reserved"] is not None else ""
             self.stdout.write(
-                f"  {name:<12} {item['spent']}{unit} spent + {item['reserved']} reserved / {limit}"
+                f"  {name:<12} {item['spent']}{unit} spent{reserved} / {limit}"
                 f"  ({item['period']}, {resets})"
             )
 
