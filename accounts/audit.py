@@ -152,6 +152,16 @@ def record(
     )
 
 
+def object_type_label(object_type: str) -> str:
+    """What people call an object type ("API key", not "apikey"): its model's verbose name."""
+    from django.apps import apps
+
+    for model in apps.get_models():
+        if model._meta.model_name == object_type:
+            return str(model._meta.verbose_name)
+    return object_type
+
+
 def _mask(name: str, value: Any) -> Any:
     if name in SECRET_FIELDS and value not in ("", None, SECRET_SHOWN):
         return SECRET_SHOWN

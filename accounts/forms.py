@@ -7,6 +7,7 @@ from django.contrib.auth.forms import AuthenticationForm, BaseUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
 from django.utils.translation import gettext_lazy as _
 
+from accounts.audit import object_type_label
 from accounts.models import Role, User
 
 
@@ -97,7 +98,7 @@ class AuditFilterForm(forms.Form):
         self.fields["actor"].choices = choices  # type: ignore[attr-defined]
         self.fields["object_type"].choices = [  # type: ignore[attr-defined]
             ("", _("Any type")),
-            *((name, name) for name in object_types),
+            *((name, object_type_label(name)) for name in object_types),
         ]
 
     def clean(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from accounts.actions import (
     do_set_active,
     do_set_role,
 )
+from accounts.audit import object_type_label
 from accounts.console import ADMINS, EVERYONE, STAFF, keyset_page, sections_for
 from accounts.forms import (
     AuditFilterForm,
@@ -347,6 +348,10 @@ def _shown(value: Any) -> str:
 class AuditRow:
     event: AuditEvent
     changes: list[tuple[str, str, str]]
+
+    @property
+    def object_type(self) -> str:
+        return object_type_label(self.event.object_type)
 
 
 @require_GET
