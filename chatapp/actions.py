@@ -1,20 +1,59 @@
-"""Workflows on the model catalog: providers, models and the routes between them."""
+"""Workflows on the model catalog: providers, models and the routes between them.
+
+Every ``do_*`` that changes the catalog writes its audit event (``accounts.audit``)
+in the same transaction as the change, so the console, the Django admin and the
+management commands are all recorded, and a change never lands without its event.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
+from accounts import audit
 from chatapp.models import CatalogModel, Provider, ProviderType, Route
 from chatapp.relay import pipeline
 from chatapp.relay.canonical import ChatRequest, Message, TextPart
 from chatapp.relay.errors import RelayError, UpstreamError
 from chatapp.relay.upstreams import Target
+
+#: What the audit log records of each kind of row.  ``api_key`` is the provider's
+#: credential (decrypted by the property): ``audit.SECRET_FIELDS`` masks it.
+PROVIDER_FIELDS = (
+    "name",
+    "type",
+    "base_url",
+    "model_path",
+    "timeout",
+    "extra_headers",
+    "enabled",
+    "api_key",
+)
+MODEL_FIELDS = (
+    "name",
+    "display_name",
+    "description",
+    "context_window",
+    "max_output_tokens",
+    "supports_chat",
+    "supports_vision",
+    "supports_tools",
+    "supports_embeddings",
+    "enabled",
+)
+ROUTE_FIELDS = ("model", "provider", "upstream_model", "priority", "weight", "enabled")
+#: What ``do_update_*`` may change.
+PROVIDER_EDITABLE = frozenset(
+    {"name", "type", "base_url", "model_path", "timeout", "extra_headers"}
+)
+MODEL_EDITABLE = frozenset(MODEL_FIELDS) - {"name", "enabled"}
+ROUTE_EDITABLE = frozenset({"provider", "upstream_model", "priority", "weight", "enabled"})
 
 #: A provider test waits at most this long, whatever the provider's own timeout.
 TEST_TIMEOUT = 30.0
@@ -82,20 +121,69 @@ def do_add_provider(
     provider.api_key = api_key.strip()
     _full_clean(provider)
     try:
-        provider.save()
+        # One transaction: the provider and its audit event land together or not at all.
+        with transaction.atomic():
+            provider.save()
+            audit.record(
+                "create",
+                provider,
+                changes=audit.diff({}, audit.snapshot(provider, PROVIDER_FIELDS)),
+            )
     except IntegrityError:
         # Lost a race with a concurrent add of the same name; the unique column caught it.
         raise CatalogError(f"a provider named {name!r} already exists") from None
     return provider
 
 
+def do_update_provider(
+    *, provider: Provider, changes: dict[str, Any], api_key: str | None = None
+) -> Provider:
+    """Change ``provider``'s fields in ``changes``; a non-blank ``api_key`` replaces the credential.
+
+    A blank or ``None`` ``api_key`` keeps the stored one.  Nothing is saved unless
+    every field is valid.  Returns the saved provider.
+    """
+    unknown = set(changes) - PROVIDER_EDITABLE
+    if unknown:
+        raise CatalogError(f"cannot change {', '.join(sorted(unknown))} of a provider")
+    new_key = (api_key or "").strip()
+    try:
+        with transaction.atomic():
+            # Lock the row so two concurrent edits cannot interleave their before/after.
+            locked = Provider.objects.select_for_update().get(pk=provider.pk)
+            before = audit.snapshot(locked, PROVIDER_FIELDS)
+            for field, value in changes.items():
+                setattr(locked, field, value)
+            if new_key:
+                locked.api_key = new_key
+            _full_clean(locked)
+            after = audit.snapshot(locked, PROVIDER_FIELDS)
+            changed = audit.diff(before, after)
+            if new_key:
+                # Both sides are masked, so diff() cannot see a replaced credential.
+                changed["api_key"] = [before["api_key"], audit.SECRET_SHOWN]
+            if changed:
+                locked.save()
+                audit.record("update", locked, changes=changed)
+    except IntegrityError:
+        raise CatalogError(f"a provider named {changes.get('name')!r} already exists") from None
+    return locked
+
+
 def do_set_provider_enabled(*, name: str, enabled: bool) -> Provider:
     provider = check_provider(name=name)
     if provider.enabled != enabled:
-        provider.enabled = enabled
-        # save() rather than a queryset update: the post_save signal refreshes the
-        # relay's cached catalog.
-        provider.save(update_fields=["enabled", "updated_at"])
+        with transaction.atomic():
+            before = audit.snapshot(provider, ["enabled"])
+            provider.enabled = enabled
+            # save() rather than a queryset update: the post_save signal refreshes the
+            # relay's cached catalog.
+            provider.save(update_fields=["enabled", "updated_at"])
+            audit.record(
+                "enable" if enabled else "disable",
+                provider,
+                changes=audit.diff(before, audit.snapshot(provider, ["enabled"])),
+            )
     return provider
 
 
@@ -165,11 +253,15 @@ def do_add_model(
                 raise CatalogError(
                     f"model {name!r} already routes to {provider.name}/{upstream_model}"
                 )
+            before = {} if created else audit.snapshot(model, MODEL_FIELDS)
             for field, value in changes.items():
                 if value is not None:
                     setattr(model, field, value)
             _full_clean(model)
             model.save()
+            model_changes = audit.diff(before, audit.snapshot(model, MODEL_FIELDS))
+            if model_changes:
+                audit.record("create" if created else "update", model, changes=model_changes)
             route = Route(
                 model=model,
                 provider=provider,
@@ -179,6 +271,9 @@ def do_add_model(
             )
             _full_clean(route)
             route.save()
+            audit.record(
+                "create", route, changes=audit.diff({}, audit.snapshot(route, ROUTE_FIELDS))
+            )
     except IntegrityError:
         # A concurrent add of the same model or route won; the unique constraints caught it.
         raise CatalogError(
@@ -191,10 +286,136 @@ def do_add_model(
 def do_set_model_enabled(*, name: str, enabled: bool) -> CatalogModel:
     model = check_model(name=name)
     if model.enabled != enabled:
-        model.enabled = enabled
-        # save() so the post_save signal refreshes the relay's cached catalog.
-        model.save(update_fields=["enabled", "updated_at"])
+        with transaction.atomic():
+            before = audit.snapshot(model, ["enabled"])
+            model.enabled = enabled
+            # save() so the post_save signal refreshes the relay's cached catalog.
+            model.save(update_fields=["enabled", "updated_at"])
+            audit.record(
+                "enable" if enabled else "disable",
+                model,
+                changes=audit.diff(before, audit.snapshot(model, ["enabled"])),
+            )
     return model
+
+
+def do_update_model(*, model: CatalogModel, changes: dict[str, Any]) -> CatalogModel:
+    """Change the model's description and capabilities in ``changes`` (all valid, or none)."""
+    unknown = set(changes) - MODEL_EDITABLE
+    if unknown:
+        raise CatalogError(f"cannot change {', '.join(sorted(unknown))} of a model")
+    with transaction.atomic():
+        # Locked so concurrent edits record true before/after pairs.
+        locked = CatalogModel.objects.select_for_update().get(pk=model.pk)
+        before = audit.snapshot(locked, MODEL_FIELDS)
+        for field, value in changes.items():
+            setattr(locked, field, value)
+        _full_clean(locked)
+        changed = audit.diff(before, audit.snapshot(locked, MODEL_FIELDS))
+        if changed:
+            locked.save()
+            audit.record("update", locked, changes=changed)
+    return locked
+
+
+def do_update_route(*, route: Route, changes: dict[str, Any]) -> Route:
+    """Change a route's provider, upstream model, priority, weight or enabled flag."""
+    unknown = set(changes) - ROUTE_EDITABLE
+    if unknown:
+        raise CatalogError(f"cannot change {', '.join(sorted(unknown))} of a route")
+    try:
+        with transaction.atomic():
+            locked = (
+                Route.objects.select_for_update()
+                .select_related("model", "provider")
+                .get(pk=route.pk)
+            )
+            before = audit.snapshot(locked, ROUTE_FIELDS)
+            for field, value in changes.items():
+                setattr(locked, field, value)
+            if isinstance(locked.upstream_model, str):
+                locked.upstream_model = locked.upstream_model.strip()
+            _full_clean(locked)
+            changed = audit.diff(before, audit.snapshot(locked, ROUTE_FIELDS))
+            if changed:
+                # save() so the post_save signal refreshes the relay's cached catalog.
+                locked.save()
+                audit.record("update", locked, changes=changed)
+    except IntegrityError:
+        raise CatalogError(
+            f"model {route.model.name!r} already routes to that provider and upstream model"
+        ) from None
+    return locked
+
+
+# --- Importing a provider's models ---
+
+
+def _target(provider: Provider, upstream_model: str, *, timeout: float) -> Target:
+    """A pinned target on ``provider`` (no route: tests and model lists)."""
+    return Target(
+        route_id=0,
+        provider=provider.name,
+        provider_type=provider.type,
+        base_url=provider.base_url.rstrip("/"),
+        api_key=provider.api_key,
+        upstream_model=upstream_model,
+        timeout=min(provider.timeout, timeout),
+        extra_headers=dict(provider.extra_headers or {}),
+        max_output_tokens=TEST_MAX_TOKENS,
+        model_path=provider.model_path,
+    )
+
+
+async def alist_models(*, provider: Provider) -> list[str]:
+    """The upstream model ids ``provider`` offers, read from its own list (``/v1/models``)."""
+    from chatapp.relay import upstreams
+
+    target = _target(provider, "", timeout=TEST_TIMEOUT)
+    try:
+        return await upstreams.get(provider.type).list_models(target)
+    except UpstreamError as exc:
+        raise CatalogError(exc.message) from None
+    except LookupError as exc:
+        raise CatalogError(str(exc)) from None
+
+
+def check_importable(*, provider: Provider, upstream_models: Iterable[str]) -> list[str]:
+    """Those of ``upstream_models`` not yet in the catalog, in their order.
+
+    In the catalog: a model of that public name, or a route of this provider to that
+    upstream model.
+    """
+    wanted = list(dict.fromkeys(name.strip() for name in upstream_models if name.strip()))
+    taken = set(CatalogModel.objects.filter(name__in=wanted).values_list("name", flat=True))
+    taken |= set(
+        Route.objects.filter(provider=provider, upstream_model__in=wanted).values_list(
+            "upstream_model", flat=True
+        )
+    )
+    return [name for name in wanted if name not in taken]
+
+
+def do_import_models(*, provider: Provider, upstream_models: Iterable[str]) -> list[CatalogModel]:
+    """Add each upstream model as a catalog model of the same name routed to ``provider``.
+
+    All or nothing: one that cannot be added (a bad name, one added meanwhile) adds none.
+    """
+    names = list(dict.fromkeys(name.strip() for name in upstream_models if name.strip()))
+    if not names:
+        raise CatalogError("choose at least one model to import")
+    added = []
+    with transaction.atomic():
+        for name in names:
+            model, _route, _created = do_add_model(
+                name=name,
+                provider=provider,
+                upstream_model=name,
+                embeddings=True if "embed" in name.lower() else None,
+                chat=False if "embed" in name.lower() else None,
+            )
+            added.append(model)
+    return added
 
 
 # --- Checking a provider end to end ---
@@ -220,18 +441,7 @@ async def atest_provider(
                 "name an upstream model to test with"
             )
         upstream_model = route.upstream_model
-    target = Target(
-        route_id=0,
-        provider=provider.name,
-        provider_type=provider.type,
-        base_url=provider.base_url.rstrip("/"),
-        api_key=provider.api_key,
-        upstream_model=upstream_model,
-        timeout=min(provider.timeout, TEST_TIMEOUT),
-        extra_headers=dict(provider.extra_headers or {}),
-        max_output_tokens=TEST_MAX_TOKENS,
-        model_path=provider.model_path,
-    )
+    target = _target(provider, upstream_model, timeout=TEST_TIMEOUT)
     call = pipeline.Call(
         principal=None,
         endpoint="provider_test",

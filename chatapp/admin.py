@@ -1,7 +1,10 @@
 """The catalog in Django's admin: providers, models and their routes.
 
-Enable/disable actions save row by row rather than ``queryset.update()`` so the
-post_save signals refresh the relay's cached catalog (``chatapp.apps``).
+Enable/disable actions go through ``chatapp.actions`` row by row rather than
+``queryset.update()``, so the post_save signals refresh the relay's cached catalog
+(``chatapp.apps``) and each change is in the audit log.  Edits are audited too
+(``AuditedModelAdmin``; the provider's credential and the model's inline routes by
+hand below), with the same field lists and masking as the actions.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
+from accounts import audit
+from accounts.audit import AuditedModelAdmin
+from chatapp import actions
 from chatapp.models import CatalogModel, Provider, Route
 
 
@@ -53,10 +59,16 @@ def _set_enabled(
     admin_: admin.ModelAdmin[Any], request: HttpRequest, queryset: QuerySet[Any], enabled: bool
 ) -> None:
     changed = 0
-    for obj in queryset:
-        if obj.enabled != enabled:
-            obj.enabled = enabled
-            obj.save()
+    with audit.acting_for(request):
+        for obj in queryset:
+            if obj.enabled == enabled:
+                continue
+            if isinstance(obj, Provider):
+                actions.do_set_provider_enabled(name=obj.name, enabled=enabled)
+            elif isinstance(obj, CatalogModel):
+                actions.do_set_model_enabled(name=obj.name, enabled=enabled)
+            else:
+                actions.do_update_route(route=obj, changes={"enabled": enabled})
             changed += 1
     admin_.message_user(
         request,
@@ -80,8 +92,9 @@ def disable_selected(
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(AuditedModelAdmin, admin.ModelAdmin):
     form = ProviderForm
+    audit_fields = actions.PROVIDER_FIELDS
     list_display = ["name", "type", "base_url", "has_api_key", "enabled", "route_count"]
     list_filter = ["type", "enabled"]
     search_fields = ["name", "base_url"]
@@ -94,6 +107,20 @@ class ProviderAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
         return super().get_queryset(request).annotate(route_count=Count("routes"))
+
+    def save_model(self, request: HttpRequest, obj: Provider, form: Any, change: bool) -> None:
+        replaced = change and bool(form.cleaned_data.get("api_key"))
+        if not replaced:
+            super().save_model(request, obj, form, change)
+            return
+        # A replaced key is masked on both sides, so the mixin's diff cannot see it.
+        stored = Provider.objects.get(pk=obj.pk)
+        before = audit.snapshot(stored, actions.PROVIDER_FIELDS)
+        admin.ModelAdmin.save_model(self, request, obj, form, change)
+        changes = audit.diff(before, audit.snapshot(obj, actions.PROVIDER_FIELDS))
+        changes["api_key"] = [before["api_key"], audit.SECRET_SHOWN]
+        with audit.acting_for(request):
+            audit.record("update", obj, changes=changes)
 
     @admin.display(boolean=True, description=_("API key set"))
     def has_api_key(self, provider: Provider) -> bool:
@@ -111,8 +138,9 @@ class RouteInline(admin.TabularInline):
 
 
 @admin.register(CatalogModel)
-class CatalogModelAdmin(admin.ModelAdmin):
+class CatalogModelAdmin(AuditedModelAdmin, admin.ModelAdmin):
     inlines = [RouteInline]
+    audit_fields = actions.MODEL_FIELDS
     list_display = [
         "name",
         "display_name",
@@ -121,6 +149,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
         "supports_tools",
         "supports_embeddings",
         "enabled",
+        "is_chat_default",
         "route_count",
     ]
     list_filter = [
@@ -133,7 +162,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
     search_fields = ["name", "display_name", "routes__upstream_model"]
     actions = [enable_selected, disable_selected]
     fieldsets = (
-        (None, {"fields": ("name", "display_name", "description", "enabled")}),
+        (None, {"fields": ("name", "display_name", "description", "enabled", "is_chat_default")}),
         (
             _("Capabilities"),
             {
@@ -152,13 +181,39 @@ class CatalogModelAdmin(admin.ModelAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[CatalogModel]:
         return super().get_queryset(request).annotate(route_count=Count("routes", distinct=True))
 
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        """The inline routes, each added, changed or deleted route audited."""
+        if formset.model is not Route:
+            super().save_formset(request, form, formset, change)
+            return
+        # Read the stored rows first: validation already changed the forms' instances.
+        pks = [f.instance.pk for f in formset.forms if f.instance.pk is not None]
+        before = {
+            route.pk: audit.snapshot(route, actions.ROUTE_FIELDS)
+            for route in Route.objects.filter(pk__in=pks).select_related("model", "provider")
+        }
+        super().save_formset(request, form, formset, change)
+        with audit.acting_for(request):
+            for route in formset.new_objects:
+                after = audit.snapshot(route, actions.ROUTE_FIELDS)
+                audit.record("create", route, changes=audit.diff({}, after))
+            for route, _fields in formset.changed_objects:
+                changes = audit.diff(
+                    before.get(route.pk, {}), audit.snapshot(route, actions.ROUTE_FIELDS)
+                )
+                if changes:
+                    audit.record("change", route, changes=changes)
+            for route in formset.deleted_objects:
+                audit.record("delete", route, changes=audit.diff(before.get(route.pk, {}), {}))
+
     @admin.display(description=_("routes"), ordering="route_count")
     def route_count(self, model: CatalogModel) -> int:
         return model.route_count  # type: ignore[attr-defined]
 
 
 @admin.register(Route)
-class RouteAdmin(admin.ModelAdmin):
+class RouteAdmin(AuditedModelAdmin, admin.ModelAdmin):
+    audit_fields = actions.ROUTE_FIELDS
     list_display = ["model", "provider", "upstream_model", "priority", "weight", "enabled"]
     list_filter = ["enabled", "provider"]
     list_select_related = ["model", "provider"]

@@ -110,6 +110,14 @@ class CatalogModel(models.Model):
     supports_tools = models.BooleanField(_("tools"), default=False)
     supports_embeddings = models.BooleanField(_("embeddings"), default=False)
     enabled = models.BooleanField(_("enabled"), default=True)
+    is_chat_default = models.BooleanField(
+        _("default for new chats"),
+        default=False,
+        help_text=_(
+            "The model a new browser chat starts with (at most one). Without one, the "
+            "local model is the default."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -117,6 +125,14 @@ class CatalogModel(models.Model):
         ordering = ["name"]
         verbose_name = _("model")
         verbose_name_plural = _("models")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_chat_default"],
+                condition=models.Q(is_chat_default=True),
+                name="one_default_chat_model",
+                violation_error_message=_("Another model is already the default for new chats."),
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import httpx
 from django.utils.module_loading import import_string
 
 if TYPE_CHECKING:
     from chatapp.models import Provider
     from chatapp.relay.canonical import ChatRequest, Completion, Event
+
+#: A model list is read at most this many pages deep.
+MAX_MODEL_PAGES = 20
 
 #: provider type → the class that serves it
 UPSTREAMS = {
@@ -128,6 +132,67 @@ class Upstream:
     def error_message(self, text: str) -> str:
         """The upstream's own reason from its error body."""
         return error_message(text)
+
+    def build_list_models(self, target: Target, after: str | None = None) -> HttpCall | None:
+        """The GET request for (a page of) the provider's model list, or None when it has none.
+
+        ``after``: the last id of the previous page, for types that page their list.
+        """
+        return None
+
+    def parse_models(self, body: dict[str, Any]) -> tuple[list[str], str | None]:
+        """Model ids of one page of the list, and the cursor of the next page (None at the end)."""
+        data = body.get("data")
+        if not isinstance(data, list):
+            return [], None
+        ids = [
+            item["id"]
+            for item in data
+            if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ]
+        return ids, None
+
+    async def list_models(self, target: Target) -> list[str]:
+        """The upstream model ids the provider offers (``UpstreamError`` when it cannot say)."""
+        from chatapp.relay import http as relay_http
+        from chatapp.relay.errors import UpstreamError
+
+        found: list[str] = []
+        after: str | None = None
+        for _page in range(MAX_MODEL_PAGES):
+            http_call = self.build_list_models(target, after)
+            if http_call is None:
+                raise UpstreamError(
+                    f"{target.provider}: {self.label} upstream cannot list its models"
+                )
+            try:
+                response = await relay_http.client().get(
+                    http_call.url, headers=http_call.headers, timeout=target.timeout
+                )
+            except httpx.HTTPError as exc:
+                cause = exc.__cause__ or exc
+                raise UpstreamError(
+                    f"{target.provider}: cannot reach {http_call.url} ({type(cause).__name__}: {cause})"
+                ) from None
+            if response.status_code >= 400:
+                raise UpstreamError(
+                    f"{target.provider} answered {response.status_code} for its model list: "
+                    + " ".join(self.error_message(response.text).split()),
+                    status=response.status_code,
+                )
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise UpstreamError(
+                    f"{target.provider} sent a model list that is not a JSON object"
+                )
+            ids, after = self.parse_models(body)
+            found.extend(ids)
+            if after is None:
+                break
+        return list(dict.fromkeys(found))
 
     @contextlib.asynccontextmanager
     async def connect(self, target: Target) -> AsyncIterator[Target]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from django.core.exceptions import ValidationError
 from django.utils.translation import gettext as _
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from chatapp.models import Provider
 
 API_VERSION = "2023-06-01"
+MODELS_PAGE = 1000  # the most GET /v1/models returns at once
 _INVALID_ID = re.compile(r"[^a-zA-Z0-9_-]")
 FINISH: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -340,6 +342,17 @@ class AnthropicUpstream(Upstream):
 
     def build_count_tokens(self, target: Target, request: ChatRequest) -> HttpCall | None:
         return build_count_tokens(target, request)
+
+    def build_list_models(self, target: Target, after: str | None = None) -> HttpCall | None:
+        # GET /v1/models pages with limit / after_id, answering has_more and last_id.
+        query = f"?limit={MODELS_PAGE}" + (f"&after_id={quote(after)}" if after else "")
+        return HttpCall(f"{target.base_url}/v1/models{query}", headers(target), {})
+
+    def parse_models(self, body: dict[str, Any]) -> tuple[list[str], str | None]:
+        ids, _cursor = super().parse_models(body)
+        last = body.get("last_id")
+        more = body.get("has_more") is True and isinstance(last, str) and bool(ids)
+        return ids, last if more else None
 
     def clean_provider(self, provider: Provider) -> None:
         if provider.base_url.endswith("/v1"):

@@ -224,6 +224,10 @@ class LocalUpstream(OpenAIUpstream):
     def build_embeddings(self, target: Target, body: dict[str, Any]) -> HttpCall | None:
         return None
 
+    async def list_models(self, target: Target) -> list[str]:
+        # One model per provider: its GGUF file, served whatever the request's model says.
+        return [Path(target.model_path).stem or "local"] if target.model_path else ["local"]
+
     @contextlib.asynccontextmanager
     async def connect(self, target: Target) -> AsyncIterator[Target]:
         """A place in the model's bounded queue, and its (started) server's address."""

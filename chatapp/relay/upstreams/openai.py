@@ -298,3 +298,7 @@ class OpenAIUpstream(Upstream):
 
     def build_embeddings(self, target: Target, body: dict[str, Any]) -> HttpCall | None:
         return build_embeddings(target, body)
+
+    def build_list_models(self, target: Target, after: str | None = None) -> HttpCall | None:
+        # GET /models: one page, no cursor.
+        return HttpCall(f"{target.base_url}/models", headers(target), {})
