@@ -7,11 +7,19 @@ from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from accounts.models import User
 from chatapp import hotstore
 from chatapp.chat.events import HEARTBEAT_TTL, alive_key
-from chatapp.models import Attachment, CatalogModel, Conversation, Message, MessageStatus
+from chatapp.models import (
+    Attachment,
+    CatalogModel,
+    Conversation,
+    Message,
+    MessageStatus,
+    ProviderType,
+)
 
 MAX_MESSAGE_CHARS = 100_000
 MAX_ATTACHMENTS = 8
@@ -39,9 +47,26 @@ def chat_models(*, user: Any) -> list[CatalogModel]:
     return list(models.order_by("name"))
 
 
+def default_chat_model(models: list[CatalogModel]) -> CatalogModel | None:
+    """A new chat's model among ``models``: the admin's pick, else the local model, else the first."""
+    chosen = next((model for model in models if model.is_chat_default), None)
+    if chosen is None:
+        local = set(
+            CatalogModel.objects.filter(
+                pk__in=[model.pk for model in models],
+                routes__enabled=True,
+                routes__provider__type=ProviderType.LOCAL,
+            ).values_list("pk", flat=True)
+        )
+        chosen = next((model for model in models if model.pk in local), None)
+    return chosen or (models[0] if models else None)
+
+
 def _int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
-        raise ChatError(f"No such {what}.")
+        raise ChatError(
+            _("No such conversation.") if what == "conversation" else _("No such message.")
+        )
     return int(value)
 
 
@@ -49,7 +74,7 @@ def check_conversation_id(*, user_id: int, conversation_id: Any) -> int:
 
     pk = _int(conversation_id, "conversation")
     if not Conversation.objects.filter(pk=pk, owner_id=user_id).exists():
-        raise ChatError("No such conversation.")  # also when it is somebody else's
+        raise ChatError(_("No such conversation."))  # also when it is somebody else's
     return pk
 
 
@@ -57,7 +82,7 @@ def check_message_id(*, user_id: int, message_id: Any) -> int:
 
     pk = _int(message_id, "message")
     if not Message.objects.filter(pk=pk, conversation__owner_id=user_id).exists():
-        raise ChatError("No such message.")
+        raise ChatError(_("No such message."))
     return pk
 
 
@@ -83,32 +108,69 @@ def _check_text(text: Any, *, required: bool) -> str:
     if text is None:
         text = ""
     if not isinstance(text, str):
-        raise ChatError("The message must be text.")
+        raise ChatError(_("The message must be text."))
     text = text.strip()
     if "\x00" in text:
-        raise ChatError("The message contains a NUL character (\\u0000), which cannot be stored.")
+        raise ChatError(
+            _("The message contains a NUL character (\\u0000), which cannot be stored.")
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ChatError(
-            "The message contains a lone UTF-16 surrogate (half of an emoji?), which cannot be stored."
+            _(
+                "The message contains a lone UTF-16 surrogate (half of an emoji?), which cannot be stored."
+            )
         ) from None
     if len(text) > MAX_MESSAGE_CHARS:
         raise ChatError(
-            f"The message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."
+            _("The message is %(size)s characters long; the limit is %(limit)s.")
+            % {"size": f"{len(text):,}", "limit": f"{MAX_MESSAGE_CHARS:,}"}
         )
     if required and not text:
-        raise ChatError("Type a message first.")
+        raise ChatError(_("Type a message first."))
     return text
+
+
+def _check_settings(system_prompt: Any, temperature: Any) -> tuple[str, float | None]:
+    """A new conversation's settings, as typed in the page's Settings before the first send."""
+    if system_prompt is None:
+        system_prompt = ""
+    if not isinstance(system_prompt, str):
+        raise ChatError(_("The system prompt must be text."))
+    if "\x00" in system_prompt:
+        raise ChatError(
+            _("The system prompt contains a NUL character (\\u0000), which cannot be stored.")
+        )
+    if len(system_prompt) > MAX_MESSAGE_CHARS:
+        raise ChatError(
+            _("The system prompt is %(size)s characters long; the limit is %(limit)s.")
+            % {"size": f"{len(system_prompt):,}", "limit": f"{MAX_MESSAGE_CHARS:,}"}
+        )
+    if temperature in (None, ""):
+        return system_prompt.strip(), None
+    try:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float | str):
+            raise ValueError
+        value = float(temperature)
+    except ValueError:
+        raise ChatError(_("The temperature must be a number from 0 to 2.")) from None
+    if not 0 <= value <= 2:  # also refuses NaN
+        raise ChatError(_("The temperature must be a number from 0 to 2."))
+    return system_prompt.strip(), value
 
 
 def _check_model(*, user: Any, name: str, images: bool) -> CatalogModel:
     model = next((model for model in chat_models(user=user) if model.name == name), None)
     if model is None:
-        raise ChatError(f"The model '{name}' is not available to you.")
+        raise ChatError(
+            _("The model “%(model)s” is not available to you: pick another model.")
+            % {"model": name}
+        )
     if images and not model.supports_vision:
         raise ChatError(
-            f"{model.label} does not accept images: remove them or choose a model that does."
+            _("%(model)s cannot read images: remove the image or pick a model that can.")
+            % {"model": model.label}
         )
     return model
 
@@ -132,38 +194,50 @@ def _start_reply(conversation: Any, parent: Any, created: bool) -> Started:
 def _refuse_while_streaming(conversation: Any) -> None:
 
     if conversation.messages.filter(status=MessageStatus.STREAMING).exists():
-        raise ChatError("A reply is still being written: wait for it or stop it first.")
+        raise ChatError(_("A reply is still being written: wait for it or stop it first."))
 
 
 def do_send_message(
-    *, user_id: int, conversation_id: Any, text: Any, attachment_ids: Any, model: Any = None
+    *,
+    user_id: int,
+    conversation_id: Any,
+    text: Any,
+    attachment_ids: Any,
+    model: Any = None,
+    system_prompt: Any = None,
+    temperature: Any = None,
 ) -> Started:
-    """A user turn at the end of the displayed branch, and its reply (to be generated)."""
+    """A user turn at the end of the displayed branch, and its reply (to be generated).
+
+    A new conversation takes its ``system_prompt`` and ``temperature`` from the send
+    itself: its first reply is generated before the page could save any setting.
+    """
 
     user = User.objects.get(pk=user_id)
     if model is not None and not isinstance(model, str):
-        raise ChatError("The model must be given by its name.")
+        raise ChatError(_("The model must be given by its name."))
     if not isinstance(attachment_ids, list) or not all(
         isinstance(item, int) and not isinstance(item, bool) for item in attachment_ids
     ):
-        raise ChatError("Attachments must be a list of uploaded image ids.")
+        raise ChatError(_("Attachments must be a list of uploaded image ids."))
     if len(attachment_ids) > MAX_ATTACHMENTS:
-        raise ChatError(f"At most {MAX_ATTACHMENTS} images per message.")
+        raise ChatError(_("At most %(count)d images per message.") % {"count": MAX_ATTACHMENTS})
     text = _check_text(text, required=not attachment_ids)
     # Lock the conversation row: two tabs sending at once must not both append to
     # the same leaf.
     with transaction.atomic():
         created = conversation_id in (None, "")
         if created:
-            choices = chat_models(user=user)
-            name = (
-                model if isinstance(model, str) and model else (choices[0].name if choices else "")
-            )
+            default = default_chat_model(chat_models(user=user))
+            name = model if isinstance(model, str) and model else (default.name if default else "")
             if not name:
                 raise ChatError(
-                    "No model is available to you yet: ask an administrator to add one."
+                    _("No model is available to you yet: ask an administrator to add one.")
                 )
-            conversation = Conversation(owner=user, model=name)
+            prompt, temperature = _check_settings(system_prompt, temperature)
+            conversation = Conversation(
+                owner=user, model=name, system_prompt=prompt, temperature=temperature
+            )
         else:
             pk = check_conversation_id(user_id=user_id, conversation_id=conversation_id)
             conversation = Conversation.objects.select_for_update().get(pk=pk)
@@ -176,7 +250,7 @@ def do_send_message(
             )
         )
         if len(attachments) != len(attachment_ids):
-            raise ChatError("An attached image is missing: upload it again.")
+            raise ChatError(_("An attached image is missing: upload it again."))
         _check_model(user=user, name=conversation.model, images=bool(attachments))
         conversation.save()
         message = Message.objects.create(
@@ -193,7 +267,7 @@ def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
     with transaction.atomic():
         original = Message.objects.select_related("conversation").get(pk=pk)
         if original.role != "user":
-            raise ChatError("Only your own messages can be edited.")
+            raise ChatError(_("Only your own messages can be edited."))
         conversation = Conversation.objects.select_for_update().get(pk=original.conversation_id)
         _refuse_while_streaming(conversation)
         images = list(original.attachments.all())
@@ -217,7 +291,7 @@ def do_regenerate(*, user_id: int, message_id: Any) -> Started:
     with transaction.atomic():
         original = Message.objects.get(pk=pk)
         if original.role != "assistant":
-            raise ChatError("Only replies can be regenerated.")
+            raise ChatError(_("Only replies can be regenerated."))
         conversation = Conversation.objects.select_for_update().get(pk=original.conversation_id)
         _refuse_while_streaming(conversation)
         _check_model(user=conversation.owner, name=conversation.model, images=False)

@@ -6,7 +6,9 @@ client → server
   {"action": "open", "conversation": ID}          subscribe; answered with "opened" and a
                                                    "snapshot" of each reply still streaming
   {"action": "send", "conversation": ID|null, "text": "...", "attachments": [ID...],
-   "model": "name"?, "client_id": "..."}           a new user turn and its reply
+   "model": "name"?, "client_id": "...",
+   "system_prompt": "..."?, "temperature": N?}     a new user turn and its reply (the
+                                                   settings: of a new conversation)
   {"action": "edit", "message": USER_MSG_ID, "text": "...", "client_id": "..."}
                                                    a sibling version of a user turn and a new reply
   {"action": "regenerate", "message": ASSISTANT_MSG_ID}
@@ -36,6 +38,8 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.utils import translation
+from django.utils.translation import gettext as _
 
 from chatapp import hotstore, metrics
 from chatapp.chat import actions, generation
@@ -57,6 +61,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=4401)
             return
         self.user_id: int = user.pk
+        self.language = language_of(self.scope)
         self.groups_joined: set[str] = set()
         await self.accept()
         metrics.websocket_opened(self)
@@ -67,31 +72,41 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Any frame gets an answer: a malformed one an error frame, never a closed socket."""
+        """Any frame gets an answer: a malformed one an error frame, never a closed socket.
+
+        Every answer is in the language of the page that opened the socket.
+        """
+        with translation.override(self.language):
+            await self._receive(text_data)
+
+    async def _receive(self, text_data: str | None) -> None:
         if text_data is None:
-            await self.send_json(browser.error_frame("Expected a text frame holding JSON."))
+            await self.send_json(browser.error_frame(_("Expected a text frame holding JSON.")))
             return
         if len(text_data) > MAX_FRAME_BYTES:
             await self.send_json(
                 browser.error_frame(
-                    f"The frame is {len(text_data):,} characters long; the limit is {MAX_FRAME_BYTES:,}."
+                    _("The frame is %(size)s characters long; the limit is %(limit)s.")
+                    % {"size": f"{len(text_data):,}", "limit": f"{MAX_FRAME_BYTES:,}"}
                 )
             )
             return
         try:
             content = json.loads(text_data)
         except (ValueError, RecursionError) as exc:
-            await self.send_json(browser.error_frame(f"The frame is not valid JSON: {exc}"))
+            await self.send_json(
+                browser.error_frame(_("The frame is not valid JSON: %(error)s") % {"error": exc})
+            )
             return
         await self.receive_json(content)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if not await database_sync_to_async(actions.check_active)(user_id=self.user_id):
-            await self.send_json(browser.error_frame("Your account is disabled."))
+            await self.send_json(browser.error_frame(_("Your account is disabled.")))
             await self.close(code=4403)
             return
         if not isinstance(content, dict):
-            await self.send_json(browser.error_frame("Expected a JSON object."))
+            await self.send_json(browser.error_frame(_("Expected a JSON object.")))
             return
         action = content.get("action")
         client_id = content.get("client_id")
@@ -99,7 +114,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         handler = getattr(self, f"do_{action}", None) if action in ACTIONS else None
         if handler is None:
             await self.send_json(
-                browser.error_frame(f"Unknown action {str(action)[:40]!r}.", client_id)
+                browser.error_frame(
+                    _("Unknown action %(action)s.") % {"action": repr(str(action)[:40])},
+                    client_id,
+                )
             )
             return
         try:
@@ -110,7 +128,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             logger.exception("chat action %s failed", action)
             await self.send_json(
                 browser.error_frame(
-                    "The server could not carry out this action; nothing was saved.", client_id
+                    _("The server could not carry out this action; nothing was saved."), client_id
                 )
             )
 
@@ -155,7 +173,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "html": html,
             }
         )
-        generation.start(result.reply_id)
+        generation.start(result.reply_id, self.language)
 
     async def _recover(self, *, conversation: Any = None, message: Any = None) -> None:
         """Interrupted replies of the conversation acted on are saved before the action."""
@@ -181,6 +199,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             text=content.get("text"),
             attachment_ids=content.get("attachments", []),
             model=content.get("model"),
+            system_prompt=content.get("system_prompt"),
+            temperature=content.get("temperature"),
         )
         await self._started(result, client_id)
 
@@ -215,6 +235,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         await self.send_json(event["payload"])
+
+
+def language_of(scope: dict[str, Any]) -> str:
+    """The page's language: its ``django_language`` cookie, else the browser's Accept-Language."""
+    from django.conf import settings
+    from django.utils.translation import get_supported_language_variant
+    from django.utils.translation.trans_real import parse_accept_lang_header
+
+    candidates = [scope.get("cookies", {}).get(settings.LANGUAGE_COOKIE_NAME, "")]
+    for name, value in scope.get("headers", []):
+        if name == b"accept-language":
+            candidates += [code for code, _q in parse_accept_lang_header(value.decode("latin-1"))]
+    for code in candidates:
+        if code and code != "*":
+            try:
+                return get_supported_language_variant(code)
+            except LookupError:
+                continue
+    return settings.LANGUAGE_CODE
 
 
 def _render_branch(conversation_id: int) -> str:

@@ -17,6 +17,7 @@ from django.template.loader import render_to_string
 
 from chatapp.chat.rendering import render_markdown
 from chatapp.models import Conversation, Message
+from chatapp.relay.dialects.browser import failure_text
 
 
 def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
@@ -24,6 +25,7 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
     return {
         "message": message,
         "html": render_markdown(message.content) if message.role == "assistant" else "",
+        "error": failure_text(message.error) if message.status == "failed" else "",
         "attachments": list(message.attachments.all()),
         "version": index + 1,
         "versions": len(siblings),

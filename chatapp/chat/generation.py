@@ -28,6 +28,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
+from django.utils import translation
 
 from chatapp import hotstore
 from chatapp import shutdown as server_shutdown
@@ -43,7 +44,7 @@ from chatapp.chat.events import (
 )
 from chatapp.chat.fragments import render_message
 from chatapp.chat.rendering import render_markdown
-from chatapp.models import Conversation, Message, MessageStatus
+from chatapp.models import CatalogModel, Conversation, Message, MessageStatus
 from chatapp.relay import catalog, pipeline
 from chatapp.relay.dialects import browser
 from chatapp.relay.errors import RelayError, from_domain
@@ -59,11 +60,14 @@ SHUTDOWN_GRACE = 10.0  # seconds shutdown() waits for cancelled replies to be sa
 _tasks: set[asyncio.Task[Any]] = set()
 
 
-def start(message_id: int) -> asyncio.Task[None]:
-    """Generate the reply for assistant message ``message_id`` in the background."""
+def start(message_id: int, language: str | None = None) -> asyncio.Task[None]:
+    """Generate the reply for assistant message ``message_id`` in the background.
+
+    ``language``: the sender's, for the words of a failure in the frames sent now.
+    """
     loop = asyncio.get_running_loop()
     server_shutdown.install()  # SIGTERM drains this process's replies before it exits
-    task = loop.create_task(run(message_id))
+    task = loop.create_task(run(message_id, language))
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
     server_shutdown.track(task)
@@ -125,24 +129,30 @@ class _Heartbeat:
         await hotstore.aset(self.key, None, 1)
 
 
-async def run(message_id: int) -> None:
+async def run(message_id: int, language: str | None = None) -> None:
+    if language:
+        translation.activate(language)  # this task's own context: no other task sees it
     status: str = MessageStatus.FAILED
     error = ""
     writer = browser.ReplyWriter(message_id)
     call: pipeline.Call | None = None
     conversation_id = 0
     left_out = 0
+    model_name = ""
+    period = ""
     started = time.perf_counter()
     heartbeat = _Heartbeat(message_id)
     try:
         await heartbeat.beat(force=True)
         prepared = await database_sync_to_async(browser.prepare)(message_id)
         conversation_id = prepared.conversation_id
+        model_name = prepared.request.model
         try:
             principal = await aprincipal(prepared.key_hash)
             if principal is None:
                 raise KeyRefused("unknown", "Your chat key could not be found.")
             principal = check_principal(principal)
+            period = principal.limits.period
         except KeyRefused as exc:
             raise from_domain(exc) from None
         request = prepared.request
@@ -164,14 +174,23 @@ async def run(message_id: int) -> None:
         async with pipeline.chat(call) as stream:
             status = await _relay(stream, writer, conversation_id, heartbeat)
     except RelayError as exc:
-        status, error = MessageStatus.FAILED, exc.message
+        # The person reads plain words (browser.failure_text); the technical message
+        # is in the usage record and here, for admins.
+        logger.info("reply %s failed: %s", message_id, exc.message)
+        status = MessageStatus.FAILED
+        error = browser.failure(
+            code=exc.code,
+            model=await _label(model_name),
+            retry_after=exc.headers.get("retry-after"),
+            period=period,
+        )
     except asyncio.CancelledError:
         status = MessageStatus.INTERRUPTED
         raise
     except Exception as exc:
         logger.exception("reply %s failed", message_id)
         status = MessageStatus.FAILED
-        error = f"Internal error while generating the reply ({type(exc).__name__})."
+        error = browser.failure(code=f"internal:{type(exc).__name__}")
     finally:
         await asyncio.shield(
             _finish(
@@ -242,6 +261,12 @@ async def _finish(
         _needs_title
     )(message.conversation_id):
         await _title(message.conversation_id)
+
+
+async def _label(name: str) -> str:
+    """A model's display name, as the chat's picker shows it."""
+    model = await CatalogModel.objects.filter(name=name).afirst() if name else None
+    return model.label if model is not None else name
 
 
 def _save(message_id: int, fields: dict[str, Any]) -> Message:

@@ -10,10 +10,11 @@ from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
 from chatapp.chat import attachments
-from chatapp.chat.actions import ChatError, chat_models, do_switch_branch
+from chatapp.chat.actions import ChatError, chat_models, default_chat_model, do_switch_branch
 from chatapp.chat.forms import ConversationSettingsForm
 from chatapp.chat.fragments import branch_items, render_branch
 from chatapp.models import Attachment, Conversation
@@ -40,14 +41,37 @@ def chat(request: HttpRequest, conversation_id: int | None = None) -> HttpRespon
         conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
         items = branch_items(conversation)
     models = chat_models(user=request.user)
+    default = default_chat_model(models)
     context = {
         "conversation": conversation,
         "items": items,
         "models": models,
-        "current_model": conversation.model if conversation else (models[0].name if models else ""),
+        "default_model": default.name if default else "",
+        "current_model": conversation.model if conversation else (default.name if default else ""),
+        "strings": chat_strings(),
         **_conversation_page(request),
     }
     return render(request, "chatapp/chat.html", context)
+
+
+def chat_strings() -> dict[str, str]:
+    """Every word chat.js shows, in the page's language (read from a JSON block: no inline script)."""
+    return {
+        "Send": _("Send"),
+        "Stop": _("Stop"),
+        "Save": _("Save"),
+        "Cancel": _("Cancel"),
+        "Copy": _("Copy"),
+        "Copied": _("Copied"),
+        "Reconnecting": _("Reconnecting…"),
+        "LeftOut": _("Earlier messages left out to fit the model:"),
+        "NoVision": _("%(model)s cannot read images: remove the image or pick a model that can."),
+        "NotImage": _("%(name)s: not an image."),
+        "UploadFailed": _("The upload failed: try again."),
+        "RemoveImage": _("Remove the image"),
+        "SettingsFailed": _("The settings could not be saved: %(errors)s"),
+        "EditMessage": _("Edit your message"),
+    }
 
 
 @login_required
@@ -122,12 +146,13 @@ def conversation_delete(request: HttpRequest, conversation_id: int) -> HttpRespo
 def upload_attachment(request: HttpRequest) -> JsonResponse:
     upload = request.FILES.get("file")
     if upload is None:
-        return JsonResponse({"error": "Choose an image to upload."}, status=400)
+        return JsonResponse({"error": _("Choose an image to upload.")}, status=400)
     if upload.size is not None and upload.size > attachments.MAX_BYTES:
         size = upload.size / (1024 * 1024)
         return JsonResponse(
             {
-                "error": f"The image is {size:.1f} MB; the limit is {attachments.MAX_BYTES // (1024 * 1024)} MB."
+                "error": _("The image is %(size)s MB; the limit is %(limit)d MB.")
+                % {"size": f"{size:.1f}", "limit": attachments.MAX_BYTES // (1024 * 1024)}
             },
             status=400,
         )

@@ -4,19 +4,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chatapp', '0004_alter_message_status'),
+        ("chatapp", "0004_alter_message_status"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='catalogmodel',
-            name='is_chat_default',
-            field=models.BooleanField(default=False, help_text='The model a new browser chat starts with (at most one). Without one, the local model is the default.', verbose_name='default for new chats'),
+            model_name="catalogmodel",
+            name="is_chat_default",
+            field=models.BooleanField(
+                default=False,
+                help_text="The model a new browser chat starts with (at most one). Without one, the local model is the default.",
+                verbose_name="default for new chats",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='catalogmodel',
-            constraint=models.UniqueConstraint(condition=models.Q(('is_chat_default', True)), fields=('is_chat_default',), name='one_default_chat_model', violation_error_message='Another model is already the default for new chats.'),
+            model_name="catalogmodel",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("is_chat_default", True)),
+                fields=("is_chat_default",),
+                name="one_default_chat_model",
+                violation_error_message="Another model is already the default for new chats.",
+            ),
         ),
     ]

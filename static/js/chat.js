@@ -14,7 +14,13 @@
   const tray = document.getElementById("attachments");
   const modelSelect = document.getElementById("model");
   const settingsForm = document.getElementById("settings-form");
-  const t = (name) => chat.dataset["i18n" + name] || name;
+  // Every word shown comes from the page, translated (a JSON block: never executed).
+  const strings = (() => { try { return JSON.parse(document.getElementById("chat-strings").textContent); } catch { return {}; } })();
+  const t = (name, values) => {
+    let text = strings[name] || chat.dataset["i18n" + name] || name;
+    for (const [key, value] of Object.entries(values || {})) text = text.replace(`%(${key})s`, value);
+    return text;
+  };
   const csrf = (() => {
     try { return JSON.parse(document.body.getAttribute("hx-headers") || "{}")["X-CSRFToken"] || ""; } catch { return ""; }
   })();
@@ -189,9 +195,16 @@
     if (streaming) { send({ action: "stop", message: Number(streaming.dataset.id) }); return; }
     const text = prompt.value.trim();
     if (!text && !attachments.length) return;
+    if (attachments.length && !visionOk()) { showError(noVision()); return; }  // nothing sent, nothing lost
     const clientId = Math.random().toString(36).slice(2);
+    const payload = { action: "send", conversation, text, attachments: attachments.map((a) => a.id), model: modelSelect ? modelSelect.value : null, client_id: clientId };
+    if (!conversation) {
+      // A new conversation has no settings URL yet: its first reply needs them in the send itself.
+      payload.system_prompt = settingsForm.elements.system_prompt.value;
+      payload.temperature = settingsForm.elements.temperature.value || null;
+    }
     pending = { clientId };
-    if (!send({ action: "send", conversation, text, attachments: attachments.map((a) => a.id), model: modelSelect ? modelSelect.value : null, client_id: clientId })) pending = null;
+    if (!send(payload)) pending = null;
   };
   composer.addEventListener("submit", (event) => { event.preventDefault(); submit(); });
   prompt.addEventListener("input", autosize);
@@ -206,14 +219,18 @@
 
   // --- attachments: button, paste, drag and drop ----------------------------
   const visionOk = () => !modelSelect || !modelSelect.selectedOptions[0] || modelSelect.selectedOptions[0].dataset.vision === "1";
+  // The server's words when it refuses such a send (chatapp.chat.actions): the image stays
+  // attached and the text typed, so the user can remove the image or pick another model.
+  const noVision = () => t("NoVision", { model: modelSelect.selectedOptions[0].dataset.label || modelSelect.value });
+  const checkVision = () => { if (attachments.length && !visionOk()) showError(noVision()); else if (errorBox.dataset.vision === "1") showError(""); errorBox.dataset.vision = attachments.length && !visionOk() ? "1" : ""; };
   const renderTray = () => {
     tray.replaceChildren(...attachments.map((item) => {
       const figure = document.createElement("figure");
       const img = document.createElement("img");
       img.src = item.url; img.alt = item.name || "";
       const remove = document.createElement("button");
-      remove.type = "button"; remove.className = "remove"; remove.textContent = "×"; remove.setAttribute("aria-label", "remove");
-      remove.addEventListener("click", () => { attachments = attachments.filter((a) => a !== item); renderTray(); });
+      remove.type = "button"; remove.className = "remove"; remove.textContent = "×"; remove.setAttribute("aria-label", t("RemoveImage"));
+      remove.addEventListener("click", () => { attachments = attachments.filter((a) => a !== item); renderTray(); checkVision(); });
       figure.append(img, remove);
       return figure;
     }));
@@ -222,16 +239,17 @@
   const clearAttachments = () => { attachments = []; renderTray(); };
   const upload = async (files) => {
     for (const file of files) {
-      if (!file.type.startsWith("image/")) { showError(`${file.name}: not an image.`); continue; }
-      if (!visionOk()) { showError(modelSelect.selectedOptions[0].textContent + ": images are not accepted by this model."); continue; }
+      if (!file.type.startsWith("image/")) { showError(t("NotImage", { name: file.name })); continue; }
       const body = new FormData();
       body.append("file", file);
       const response = await fetch(chat.dataset.uploadUrl, { method: "POST", body, headers: { "X-CSRFToken": csrf } });
-      const data = await response.json().catch(() => ({ error: "Upload failed." }));
-      if (!response.ok) { showError(data.error || "Upload failed."); continue; }
+      const data = await response.json().catch(() => ({ error: t("UploadFailed") }));
+      if (!response.ok) { showError(data.error || t("UploadFailed")); continue; }
       attachments.push(data); renderTray(); showError("");
+      checkVision();
     }
   };
+  if (modelSelect) modelSelect.addEventListener("change", checkVision);
   fileInput.addEventListener("change", () => { upload([...fileInput.files]); fileInput.value = ""; });
   prompt.addEventListener("paste", (event) => {
     const files = [...(event.clipboardData ? event.clipboardData.files : [])];
@@ -258,7 +276,9 @@
       const code = button.closest(".codeblock").querySelector("pre");
       copy(code ? code.innerText : "", button);
     } else if (button.hasAttribute("data-copy-message")) {
-      copy(article.querySelector(".body").innerText, button);
+      // The message as written (a reply's raw Markdown), not the rendered page text.
+      const source = article.querySelector("template.source");
+      copy(source ? source.content.textContent : article.querySelector(".body").innerText, button);
     } else if (button.hasAttribute("data-stop")) {
       send({ action: "stop", message: id });
     } else if (button.hasAttribute("data-regenerate")) {
@@ -272,16 +292,26 @@
     }
   });
   const startEdit = (article, id) => {
+    if (article.querySelector("form.editor")) return;
     const body = article.querySelector(".body");
+    const source = article.querySelector("template.source");
     const editor = document.createElement("form");
     editor.className = "editor";
     const area = document.createElement("textarea");
-    area.value = body.innerText; area.rows = Math.min(10, area.value.split("\n").length + 1);
-    const save = document.createElement("button"); save.type = "submit"; save.textContent = t("Send");
-    const cancel = document.createElement("button"); cancel.type = "button"; cancel.className = "link"; cancel.textContent = "✕";
-    editor.append(area, save, cancel);
-    body.hidden = true; article.insertBefore(editor, body.nextSibling); area.focus();
-    cancel.addEventListener("click", () => { editor.remove(); body.hidden = false; });
+    area.value = source ? source.content.textContent : body.innerText;
+    area.setAttribute("aria-label", t("EditMessage"));
+    const grow = () => { area.style.height = "auto"; area.style.height = Math.min(area.scrollHeight + 2, 320) + "px"; };
+    const buttons = document.createElement("div"); buttons.className = "editor-actions";
+    const cancel = document.createElement("button"); cancel.type = "button"; cancel.className = "cancel"; cancel.textContent = t("Cancel");
+    const save = document.createElement("button"); save.type = "submit"; save.className = "save"; save.textContent = t("Save");
+    buttons.append(cancel, save);
+    editor.append(area, buttons);
+    // While editing, the message's other actions are hidden (CSS: .msg.editing).
+    body.hidden = true; article.classList.add("editing"); article.insertBefore(editor, body.nextSibling);
+    grow(); area.addEventListener("input", grow); area.focus();
+    const close = () => { editor.remove(); body.hidden = false; article.classList.remove("editing"); };
+    cancel.addEventListener("click", close);
+    area.addEventListener("keydown", (event) => { if (event.key === "Escape") { event.stopPropagation(); close(); } });
     editor.addEventListener("submit", (event) => {
       event.preventDefault();
       const clientId = Math.random().toString(36).slice(2);
@@ -297,9 +327,52 @@
     if (!conversation) return;
     const body = new FormData(settingsForm);
     fetch(settingsForm.getAttribute("action"), { method: "POST", body, headers: { "X-CSRFToken": csrf } })
-      .then(async (response) => { if (!response.ok) showError(JSON.stringify((await response.json()).errors)); });
+      .then(async (response) => {
+        if (response.ok) return;
+        const errors = await response.json().then((data) => Object.values(data.errors || {}).flat().join(" ")).catch(() => "");
+        showError(t("SettingsFailed", { errors }));
+      });
   };
   settingsForm.addEventListener("change", saveSettings);
+  // The header's model picker belongs to the settings form (form="settings-form") but
+  // sits outside it: its change does not bubble to the form.
+  const remembered = "switchboard.chat.model";
+  if (modelSelect) {
+    modelSelect.addEventListener("change", () => {
+      try { localStorage.setItem(remembered, modelSelect.value); } catch { /* private mode */ }
+      saveSettings();
+    });
+    // A new chat starts with the model this browser last picked, if it is still offered;
+    // else with the default an admin chose (already selected by the server).
+    let last = null;
+    try { last = localStorage.getItem(remembered); } catch { /* private mode */ }
+    if (!conversation && last && [...modelSelect.options].some((option) => option.value === last)) modelSelect.value = last;
+  }
+
+  // --- phone: the conversation list is a drawer ------------------------------
+  const menuButton = document.getElementById("menu-button");
+  const backdrop = document.getElementById("drawer-backdrop");
+  const sidebar = document.getElementById("sidebar");
+  const layout = chat.parentElement;
+  const drawer = (open) => {
+    layout.classList.toggle("drawer-open", open);
+    menuButton.setAttribute("aria-expanded", String(open));
+    backdrop.hidden = !open;
+    if (open) { const first = sidebar.querySelector("a, input"); if (first) first.focus(); } else if (document.activeElement && sidebar.contains(document.activeElement)) menuButton.focus();
+  };
+  if (menuButton && backdrop && sidebar) {
+    menuButton.addEventListener("click", () => drawer(!layout.classList.contains("drawer-open")));
+    backdrop.addEventListener("click", () => drawer(false));
+    document.addEventListener("keydown", (event) => { if (event.key === "Escape" && layout.classList.contains("drawer-open")) drawer(false); });
+  }
+  // The on-screen keyboard shrinks the visual viewport, not the layout one: size the
+  // page to what is visible so the composer stays above the keyboard.
+  if (window.visualViewport) {
+    // Times the zoom: pinching in must not shrink the page, only the keyboard does.
+    const fit = () => document.documentElement.style.setProperty("--chat-viewport", Math.round(window.visualViewport.height * window.visualViewport.scale) + "px");
+    window.visualViewport.addEventListener("resize", fit);
+    fit();
+  }
   settingsForm.addEventListener("submit", (event) => { event.preventDefault(); saveSettings(); });
   document.addEventListener("click", (event) => {
     const button = event.target.closest("[data-confirm]");

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from chatapp.relay import routing
 from keys import ledger
 from keys.models import UsageRecord
 from tests.conftest import make_user
-from tests.fake_upstream import Fail, FakeUpstream, Reply
+from tests.fake_upstream import DropMidStream, Fail, FakeUpstream, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -192,7 +194,9 @@ async def test_errors_appear_in_the_conversation_and_refusals_lose_nothing(
     )
     done = (await receive_until(ws, "done"))[-1]
     assert done["status"] == "failed"
-    assert "provider down" in done["html"]
+    # The person reads what happened in plain words, never the upstream's own text.
+    assert "could not answer just now" in done["html"]
+    assert "provider down" not in done["html"]
     # The user's turn was saved; nothing typed is lost.
     assert await Message.objects.filter(role="user", content="Hello?").aexists()
     # A refusal before anything is saved comes back with the client's id.
@@ -273,9 +277,177 @@ async def test_a_model_without_vision_refuses_images_before_sending(upstream: Fa
     )
     error = await ws.receive_json_from(timeout=5)
     assert error["type"] == "error"
-    assert "Text Only does not accept images" in error["error"]
+    assert error["error"] == (
+        "Text Only cannot read images: remove the image or pick a model that can."
+    )
     assert upstream.requests == []
     assert not await Message.objects.aexists()
+    await ws.disconnect()
+
+
+async def test_switching_a_conversation_to_a_model_without_vision_refuses_its_image(
+    upstream: FakeUpstream,
+) -> None:
+    from chatapp.models import Attachment
+
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text="Hello."))
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Hi", "attachments": []})
+    conversation_id = (await receive_until(ws, "done"))[0]["conversation"]
+    requests = len(upstream.requests)
+    # Given an image attached after alice picked a model that cannot read it,
+    image = await Attachment.objects.acreate(
+        owner=alice, file="attachments/x.png", media_type="image/png", width=1, height=1, size=1
+    )
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": conversation_id,
+            "text": "What is in this picture?",
+            "attachments": [image.pk],
+            "model": "text-only",
+            "client_id": "c2",
+        }
+    )
+    # the send is refused, saying why, and nothing is saved or sent upstream.
+    assert await ws.receive_json_from(timeout=5) == {
+        "type": "error",
+        "error": "Text Only cannot read images: remove the image or pick a model that can.",
+        "client_id": "c2",
+    }
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    assert len(upstream.requests) == requests
+    await image.arefresh_from_db()
+    assert image.message_id is None  # still attached to nothing: the page can send it again
+    await ws.disconnect()
+
+
+async def test_the_settings_of_a_new_conversation_reach_its_first_request(
+    upstream: FakeUpstream,
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text="Arr, hello."), Reply(text="Arr, again."))
+    ws = await connect(alice)
+    # Given a system prompt and a temperature typed in Settings before the first send,
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": None,
+            "text": "Hi!",
+            "attachments": [],
+            "system_prompt": "Talk like a pirate.",
+            "temperature": "0.3",
+            "client_id": "c1",
+        }
+    )
+    events = await receive_until(ws, "done")
+    # the very first request upstream carries them,
+    first = upstream.requests[0].json
+    assert first["messages"][0]["role"] == "system"
+    assert "Talk like a pirate." in json.dumps(first["messages"][0]["content"])
+    assert first["temperature"] == 0.3
+    # and the conversation keeps them for the next ones.
+    conversation = await Conversation.objects.aget(pk=events[0]["conversation"])
+    assert (conversation.system_prompt, conversation.temperature) == ("Talk like a pirate.", 0.3)
+    await ws.send_json_to(
+        {"action": "send", "conversation": conversation.pk, "text": "Again", "attachments": []}
+    )
+    await receive_until(ws, "done")
+    assert upstream.requests[1].json["messages"][0]["role"] == "system"
+    await ws.disconnect()
+
+
+async def test_a_new_conversation_with_junk_settings_is_refused(upstream: FakeUpstream) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    for settings, error in (
+        ({"temperature": "hot"}, "The temperature must be a number from 0 to 2."),
+        ({"temperature": 7}, "The temperature must be a number from 0 to 2."),
+        ({"system_prompt": ["no"]}, "The system prompt must be text."),
+    ):
+        await ws.send_json_to(
+            {"action": "send", "conversation": None, "text": "Hi", "attachments": [], **settings}
+        )
+        assert (await ws.receive_json_from(timeout=5))["error"] == error
+    assert not await Conversation.objects.aexists()
+    assert upstream.requests == []
+    await ws.disconnect()
+
+
+async def price_chat_model() -> None:
+    from keys.actions import do_set_price
+
+    model = await CatalogModel.objects.aget(name="chat-model")
+    await database_sync_to_async(do_set_price)(
+        model=model, input_price=Decimal(1000), output_price=Decimal(1000)
+    )
+
+
+async def record_of(message_id: int) -> UsageRecord:
+    reply = await Message.objects.aget(pk=message_id)
+    await asyncio.to_thread(ledger.flush)
+    return await UsageRecord.objects.select_related("key").aget(request_id=reply.request_id)
+
+
+async def test_a_stopped_reply_is_recorded_as_stopped_and_billed(upstream: FakeUpstream) -> None:
+    await price_chat_model()
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text=" ".join(["word"] * 200), chunk_delay=0.02))
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Talk", "attachments": []}
+    )
+    reply_id = (await receive_until(ws, "delta"))[-1]["message"]
+    await ws.send_json_to({"action": "stop", "message": reply_id})
+    assert (await receive_until(ws, "done"))[-1]["status"] == "stopped"
+    record = await record_of(reply_id)
+    assert record.status == "stopped"
+    assert 0 < record.output_tokens < 200
+    assert record.cost > 0
+    await ws.disconnect()
+
+
+async def test_a_reply_cut_by_the_upstream_is_an_error_billed_for_what_it_produced(
+    upstream: FakeUpstream,
+) -> None:
+    await price_chat_model()
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(DropMidStream(after_chunks=4, text="Once upon a time there was a keeper."))
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Story", "attachments": []}
+    )
+    done = (await receive_until(ws, "done"))[-1]
+    assert done["status"] == "failed"
+    reply = await Message.objects.aget(pk=done["message"])
+    assert reply.content  # what arrived is kept
+    record = await record_of(done["message"])
+    assert (record.status, record.http_status) == ("error", 502)
+    assert record.output_tokens > 0
+    assert record.cost > 0
+    assert reply.cost == record.cost
+    await ws.disconnect()
+
+
+async def test_a_reply_the_upstream_never_served_costs_nothing(upstream: FakeUpstream) -> None:
+    from keys import limiter
+
+    await price_chat_model()
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(*[Fail(500, "provider down")] * 3)
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Hi", "attachments": []})
+    done = (await receive_until(ws, "done"))[-1]
+    assert done["status"] == "failed"
+    reply = await Message.objects.aget(pk=done["message"])
+    assert (reply.input_tokens, reply.output_tokens, reply.cost) == (0, 0, Decimal(0))
+    record = await record_of(done["message"])
+    assert (record.status, record.input_tokens, record.output_tokens) == ("error", 0, 0)
+    assert record.cost == Decimal(0)
+    key = record.key
+    usage = await database_sync_to_async(limiter.usage)(key_id=key.pk, limits=key.limits)
+    assert usage["money_budget"]["spent"] == "0"
     await ws.disconnect()
 
 

@@ -180,3 +180,84 @@ def test_the_title_fragment_and_the_current_conversation_in_the_list(
     assert f"/chat/{conversation.pk}/delete/" in title
     listing = client.get(f"/chat/list/?current={conversation.pk}").content.decode()
     assert '<li class="active">' in listing
+
+
+def picked(client: Client, path: str = "/chat/") -> str:
+    """The model selected in the header's picker."""
+    import re
+
+    page = client.get(path).content.decode()
+    picker = page[page.index('<select id="model"') :]
+    picker = picker[: picker.index("</select>")]
+    match = re.search(r'<option value="([^"]+)"[^>]*\sselected>', picker)
+    assert match is not None
+    return match.group(1)
+
+
+def test_a_new_chat_starts_with_the_admins_default_else_the_local_model(
+    client: Client, alice: User, model: CatalogModel
+) -> None:
+    from chatapp.chat.actions import do_send_message
+
+    local = Provider.objects.create(name="here", type="local", base_url="")
+    small = CatalogModel.objects.create(name="tiny-local", display_name="Tiny")
+    Route.objects.create(model=small, provider=local, upstream_model="tiny.gguf")
+    CatalogModel.objects.create(name="zeta", display_name="Zeta")
+    Route.objects.create(
+        model=CatalogModel.objects.get(name="zeta"),
+        provider=Provider.objects.get(name="p"),
+        upstream_model="z",
+    )
+    client.force_login(alice)
+    # No admin choice: the local model (not the first by name, chat-model).
+    assert picked(client) == "tiny-local"
+    # An admin's choice wins; the picker is in the header with what each model can do.
+    CatalogModel.objects.filter(name="zeta").update(is_chat_default=True)
+    assert picked(client) == "zeta"
+    page = client.get("/chat/").content.decode()
+    assert "Chat Model · vision</option>" in page
+    # A send that names no model uses the same default.
+    started = do_send_message(
+        user_id=alice.pk, conversation_id=None, text="Hi", attachment_ids=[], model=None
+    )
+    assert Conversation.objects.get(pk=started.conversation_id).model == "zeta"
+    # An existing conversation shows its own model.
+    conversation = Conversation.objects.create(owner=alice, model="chat-model")
+    assert picked(client, f"/chat/{conversation.pk}/") == "chat-model"
+
+
+def test_at_most_one_default_chat_model_in_the_admin(carol: User, model: CatalogModel) -> None:
+    from django.core.exceptions import ValidationError
+
+    CatalogModel.objects.filter(pk=model.pk).update(is_chat_default=True)
+    other = CatalogModel(name="other", is_chat_default=True)
+    with pytest.raises(ValidationError, match="already the default for new chats"):
+        other.full_clean()
+
+
+def test_the_pages_words_and_the_scripts_words_are_in_chinese(
+    client: Client, alice: User, model: CatalogModel
+) -> None:
+    import json
+    import re
+
+    client.force_login(alice)
+    client.cookies["django_language"] = "zh-hans"
+    page = client.get("/chat/").content.decode()
+    found = re.search(r'<script id="chat-strings" type="application/json">(.*?)</script>', page)
+    assert found is not None
+    strings = json.loads(found.group(1))
+    assert strings["Save"] == "保存"
+    assert strings["Cancel"] == "取消"
+    for name, text in strings.items():
+        assert not re.search(r"[A-Za-z]{3,}", re.sub(r"%\(\w+\)s", "", text)), (name, text)
+
+
+def test_one_title_in_the_list_and_the_header(
+    client: Client, alice: User, model: CatalogModel
+) -> None:
+    conversation = Conversation.objects.create(owner=alice, model="chat-model")
+    client.force_login(alice)
+    page = client.get(f"/chat/{conversation.pk}/").content.decode()
+    assert f"Conversation {conversation.pk}" not in page
+    assert page.count("Untitled conversation") >= 3  # <title>, the list, the header

@@ -8,6 +8,7 @@ chat page reads (``chatapp.chat.consumers`` documents the protocol).
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,3 +156,155 @@ def title_frame(conversation_id: int, title: str) -> dict[str, Any]:
 
 def error_frame(error: str, client_id: str = "") -> dict[str, Any]:
     return {"type": "error", "error": error, "client_id": client_id}
+
+
+# --- Failures, as the person in the chat reads them ---
+#
+# A failed reply keeps a small JSON record of what went wrong (``Message.error``),
+# never the upstream's words, a key prefix or a provider's name: those are in the
+# request's usage record and the log, for admins.  ``failure_text`` words it in the
+# language active when it is rendered, so a reload in another language follows.
+
+# pipeline error code → what the person is told
+_KINDS = {
+    "insufficient_quota": "budget",
+    "rate_limit_exceeded": "rate_limit",
+    "limiter_unavailable": "busy",
+    "upstream_rate_limited": "busy",
+    "model_not_allowed": "model",
+    "model_not_found": "model",
+    "model_not_supported": "model",
+    "no_route": "model",
+    "image_not_supported": "image",
+    "context_length_exceeded": "context",
+    "max_tokens_exceeded": "context",
+    "upstream_timeout": "timeout",
+    "upstream_invalid_request": "rejected",
+    "tools_not_supported": "rejected",
+    "server_shutting_down": "shutdown",
+    "invalid_api_key": "key",
+    "key_revoked": "key",
+    "key_disabled": "key",
+    "key_expired": "key",
+    "user_disabled": "account",
+}
+
+
+def failure(
+    *, code: str | None, model: str = "", retry_after: str | None = None, period: str = ""
+) -> str:
+    """The record of a failed reply kept in ``Message.error`` (JSON, no technical detail)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    kind = _KINDS.get(code or "", "upstream")
+    record: dict[str, Any] = {"kind": kind}
+    if kind in ("model", "image"):
+        record["model"] = model
+    if kind in ("budget", "rate_limit", "busy") and retry_after and retry_after.isdigit():
+        # Whole seconds, rounded down by the limiter: a little more so a reset at
+        # midnight is not shown as the day before.
+        record["at"] = (timezone.now() + timedelta(seconds=int(retry_after) + 2)).isoformat()
+    if kind == "budget":
+        record["period"] = period
+    return json.dumps(record)
+
+
+def _wait(at: str) -> str:
+    from datetime import datetime
+
+    from django.utils import timezone
+    from django.utils.translation import gettext as _
+    from django.utils.translation import ngettext
+
+    try:
+        seconds = int((datetime.fromisoformat(at) - timezone.now()).total_seconds())
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        return _("You can try again now.")
+    if seconds < 90:
+        return ngettext(
+            "Try again in %(count)d second.", "Try again in %(count)d seconds.", seconds
+        ) % {"count": seconds}
+    minutes = -(-seconds // 60)
+    return ngettext(
+        "Try again in %(count)d minute.", "Try again in %(count)d minutes.", minutes
+    ) % {"count": minutes}
+
+
+def _reset_date(at: str) -> str:
+    from datetime import datetime
+
+    from django.utils import formats, timezone
+
+    try:
+        when = timezone.localtime(datetime.fromisoformat(at))
+    except ValueError:
+        return ""
+    # The period ends at midnight: the reset is the first day of the next one.
+    return formats.date_format(when, "DATE_FORMAT")
+
+
+def _sentences(first: str, second: str) -> str:
+    from django.utils.translation import gettext as _
+
+    # Chinese sets sentences side by side, English with a space.
+    return _("%(first)s %(second)s") % {"first": first, "second": second}
+
+
+def failure_text(error: str) -> str:
+    """A failed reply's record in plain words, in the active language."""
+    from django.utils.translation import gettext as _
+
+    try:
+        record = json.loads(error) if error.startswith("{") else {}
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    kind = record.get("kind", "upstream")
+    model = str(record.get("model") or "")
+    at = str(record.get("at") or "")
+    if kind == "budget":
+        period = record.get("period")
+        spent = {
+            "daily": _("You have used today's budget."),
+            "weekly": _("You have used this week's budget."),
+            "monthly": _("You have used this month's budget."),
+        }.get(str(period), _("You have used your budget."))
+        date = _reset_date(at) if at else ""
+        if date:
+            return _sentences(spent, _("It resets on %(date)s.") % {"date": date})
+        return _sentences(spent, _("Ask an administrator for more."))
+    if kind == "rate_limit":
+        return _sentences(_("You are sending messages faster than your limit allows."), _wait(at))
+    if kind == "busy":
+        return _sentences(
+            _("The model is busy right now."), _wait(at) if at else _("Try again in a moment.")
+        )
+    if kind == "model":
+        return _("The model “%(model)s” is not available to you any more: pick another model.") % {
+            "model": model
+        }
+    if kind == "image":
+        return _("%(model)s cannot read images: remove the image or pick a model that can.") % {
+            "model": model
+        }
+    if kind == "context":
+        return _(
+            "This conversation is too long for the model: start a new chat, or pick a model "
+            "that can read more."
+        )
+    if kind == "timeout":
+        return _("The model took too long to answer. Try again, or pick another model.")
+    if kind == "rejected":
+        return _("The model could not accept this message. Rephrase it, or pick another model.")
+    if kind == "shutdown":
+        return _("The server was restarting and could not answer. Send your message again.")
+    if kind == "key":
+        return _("Your chat access is switched off. Ask an administrator to turn it back on.")
+    if kind == "account":
+        return _("Your account is disabled.")
+    return _("The model could not answer just now. Try again, or pick another model.")
