@@ -8,9 +8,11 @@ audit event), the page renders the result.
 
 from __future__ import annotations
 
+import contextvars
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
 from django.contrib import messages
@@ -32,6 +34,8 @@ from chatapp.forms import AddModelForm, ImportForm, ModelForm, ProviderForm, Rou
 from chatapp.health import run_checks
 from chatapp.models import CatalogModel, Provider, Route
 from chatapp.relay import routing
+
+T = TypeVar("T")
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -197,8 +201,8 @@ def provider_test(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     upstream_model = request.POST.get("upstream_model", "").strip()[:200] or None
     result: dict[str, Any] = {}
     try:
-        latency, reply = async_to_sync(actions.atest_provider)(
-            provider=stored, upstream_model=upstream_model
+        latency, reply = _run_async(
+            actions.atest_provider, provider=stored, upstream_model=upstream_model
         )
     except actions.CatalogError as exc:
         result = {"ok": False, "error": str(exc)}
@@ -243,7 +247,7 @@ def provider_import(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         listed = chosen
     else:
         try:
-            listed = async_to_sync(actions.alist_models)(provider=stored)
+            listed = _run_async(actions.alist_models, provider=stored)
         except actions.CatalogError as exc:
             listed, error = [], str(exc)
         form = ImportForm(offered=actions.check_importable(provider=stored, upstream_models=listed))
@@ -473,6 +477,16 @@ def _int(value: str | None) -> int | None:
         return int(value) if value else None
     except ValueError:
         return None
+
+
+def _run_async(function: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
+    """Run an async action from a sync view, in a context of its own.
+
+    asgiref's async_to_sync copies the context variables the coroutine set back into
+    the caller's thread: the pipeline's log context (a request id) would then stick to
+    every later line this thread logs.
+    """
+    return contextvars.copy_context().run(async_to_sync(function), **kwargs)
 
 
 # Mounted under /console/ in the "console" namespace (chatapp/urls.py): the catalog's pages.

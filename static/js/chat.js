@@ -46,8 +46,9 @@
   const refreshTitle = async () => {
     if (!conversation) return;
     const response = await fetch(`/chat/${conversation}/title/`);
+    const title = document.getElementById("chat-title");
+    if (title.contains(document.activeElement)) return;  // never under the user's typing
     if (response.ok) {
-      const title = document.getElementById("chat-title");
       title.innerHTML = await response.text();
       if (window.htmx) window.htmx.process(title);
     }
@@ -58,7 +59,8 @@
     sendButton.textContent = busy ? t("Stop") : t("Send");
     sendButton.classList.toggle("stop", busy);
   };
-  const refreshList = () => { if (window.htmx) window.htmx.trigger(document.body, "refresh-list"); };
+  // The list and the header show one title: whenever the list is refreshed, so is the header.
+  const refreshList = () => { if (window.htmx) window.htmx.trigger(document.body, "refresh-list"); refreshTitle(); };
   const replaceMessages = (html) => { messages.innerHTML = html; relabel(messages); streams.clear(); markStreams(); setBusy(); scrollDown(); };
   const markStreams = () => {
     messages.querySelectorAll('article.msg[data-status="streaming"]').forEach((article) => {
@@ -179,7 +181,10 @@
       }
       case "title":
         refreshList();
-        refreshTitle();
+        break;
+      case "opened":
+        // Subscribed now: a title given while this page loaded (before it listened) shows.
+        if (data.conversation === conversation) refreshList();
         break;
       case "error":
         if (!data.client_id || (pending && data.client_id === pending.clientId)) pending = null;

@@ -531,3 +531,22 @@ def test_the_django_admin_is_audited(db, carol: User) -> None:
     assert event.changes["api_key"] == [SECRET_SHOWN, SECRET_SHOWN]
     assert event.changes["timeout"] == ["600.0", "30.0"]
     assert NEW_SECRET not in json.dumps(event.changes)
+
+
+def test_an_async_action_run_from_a_view_leaves_no_log_context_behind() -> None:
+    # A provider test runs the pipeline, which names its request in the log context;
+    # the sync view that ran it must not carry that request id into its later lines.
+    import contextvars
+
+    from chatapp import logs
+    from chatapp.views import _run_async
+
+    async def action(*, request_id: str) -> str:
+        logs.begin(request_id)
+        return request_id
+
+    def view() -> dict[str, object]:
+        assert _run_async(action, request_id="req_test") == "req_test"
+        return dict(logs.current())
+
+    assert contextvars.Context().run(view) == {}

@@ -111,6 +111,13 @@ def test_the_phone_layout(browser: Browser, live_server_url: str, fake: FakeUpst
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     composer = box(page, "#composer")
     assert composer["y"] + composer["height"] <= height + 1
+    # ...and no shorter: the composer sits at the bottom of the screen.
+    assert composer["y"] + composer["height"] >= height - 60, (composer, height)
+    # One title: once the conversation has its title, the header shows the list's.
+    poll(
+        lambda: page.input_value("#chat-title input[name=title]") == "Show me code",
+        "the header to show the conversation's title",
+    )
     # The header is one line: menu, title, picker and settings side by side.
     tops = [
         box(page, selector)
