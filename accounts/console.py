@@ -44,7 +44,7 @@ SECTIONS = (
     Section("console:usage", _("Usage"), EVERYONE),
     Section("console:reports", _("Reports"), STAFF),
     Section("console:audit", _("Audit log"), ADMINS),
-    Section("console:docs", _("Docs"), EVERYONE),
+    Section("docs", _("Docs"), EVERYONE),  # the API guide, chatapp.docs (/docs/)
 )
 
 

@@ -121,6 +121,24 @@ class Env:
                 )
         return origins
 
+    def url(self, name: str) -> str | None:
+        """An absolute http(s) URL without query or fragment (trailing slash dropped); None when unset."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a junk port
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            valid = False
+        if not valid or parts.query or parts.fragment or " " in value.strip():
+            raise ImproperlyConfigured(
+                f"{name}={value!r} is not a URL: expected http(s)://host[:port][/path], "
+                "e.g. https://llm.example.com"
+            )
+        return value.strip().rstrip("/")
+
     def networks(self, name: str) -> list[str]:
         """Comma-separated IP addresses and CIDR networks, e.g. ``127.0.0.1,10.0.0.0/8``."""
         networks = []

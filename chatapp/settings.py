@@ -228,6 +228,10 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = SWITCHBOARD_MAX_BODY_BYTES
 # are refused: an upstream that fetches URLs itself (vLLM, Ollama) would fetch them
 # from inside the network.  Turn on only when every upstream is trusted with that.
 SWITCHBOARD_ALLOW_PRIVATE_IMAGE_URLS = env.flag("SWITCHBOARD_ALLOW_PRIVATE_IMAGE_URLS", False)
+# The API guide (/docs/): shown to anonymous visitors too when on (then without anything
+# personal); the base URL its samples use, else the request's own scheme and host.
+SWITCHBOARD_PUBLIC_DOCS = env.flag("SWITCHBOARD_PUBLIC_DOCS", False)
+SWITCHBOARD_PUBLIC_URL = env.url("SWITCHBOARD_PUBLIC_URL")
 # The one currency prices and money budgets are in (ISO 4217 code).
 SWITCHBOARD_CURRENCY = env.string("SWITCHBOARD_CURRENCY", "USD").upper()
 if not (len(SWITCHBOARD_CURRENCY) == 3 and SWITCHBOARD_CURRENCY.isalpha()):

@@ -6,7 +6,7 @@ from django.urls import URLPattern, URLResolver, include, path
 from django.views.generic import RedirectView
 
 from accounts import urls as accounts_urls
-from chatapp import metrics, views
+from chatapp import docs, metrics, views
 from keys import urls as keys_urls
 
 # One console, each app's pages beside the data they manage (accounts.console).
@@ -23,6 +23,7 @@ urlpatterns = [
     path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"), permanent=True)),
     path("metrics", metrics.metrics_view, name="metrics"),
     path("chat/", include("chatapp.chat.urls")),
+    path("docs/", docs.guide, name="docs"),
     path("v1/", include("chatapp.relay.urls")),
     path("accounts/", include("accounts.urls")),
     path("console/", include((console_urlpatterns, "console"))),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from chatapp.relay import views
+from chatapp.relay import openapi, views
 
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="v1-chat-completions"),
@@ -11,5 +11,6 @@ urlpatterns = [
     path("embeddings", views.embeddings, name="v1-embeddings"),
     path("models", views.models_list, name="v1-models"),
     path("models/<path:name>", views.model_detail, name="v1-model"),
+    path("openapi.json", openapi.openapi_json, name="v1-openapi"),
     re_path(r"^(?P<path>.*)$", views.not_found),
 ]
