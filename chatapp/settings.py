@@ -179,6 +179,15 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
+# Beat (only with a worker; the embedded mode catches up when dashboards read).
+CELERY_BEAT_SCHEDULE = {
+    "roll-up-usage": {"task": "keys.tasks.roll_up_usage", "schedule": 60.0},
+    "apply-usage-retention": {"task": "keys.tasks.apply_usage_retention", "schedule": 3600.0},
+}
+# Raw usage records older than this many days are deleted (roll-ups are kept); unset: keep all.
+SWITCHBOARD_USAGE_RETENTION_DAYS: int | None = (
+    env.integer("SWITCHBOARD_USAGE_RETENTION_DAYS", 0, minimum=1) or None
+)
 
 # --- Authentication. ---
 AUTH_USER_MODEL = "accounts.User"

@@ -229,6 +229,9 @@ class UsageRecord(models.Model):
     cost = models.DecimalField(default=0, max_digits=24, decimal_places=12)
     currency = models.CharField(max_length=8, blank=True)
     priced = models.BooleanField(default=False)
+    # What the provider charges us for this request (the route's upstream price at
+    # request time); cost - upstream_cost is the margin.  0 when the route has no price.
+    upstream_cost = models.DecimalField(default=0, max_digits=24, decimal_places=12)
     latency_ms = models.PositiveIntegerField(default=0)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
 
@@ -308,3 +311,130 @@ class KeyPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"key policy of {self.user}"
+
+
+# --- Usage roll-ups (keys.rollups): the ledger aggregated per 15-minute UTC bucket. ---
+
+BUCKET_SECONDS = 900  # 15 minutes divides every time zone's offset: local hours/days are exact
+# Fixed histogram bounds (ms, upper bounds inclusive); one more column counts what lies above.
+LATENCY_BOUNDS_MS = (100, 250, 500, 1000, 2000, 4000, 8000, 15000, 30000, 60000, 120000)
+TTFT_BOUNDS_MS = (50, 100, 250, 500, 1000, 2000, 4000, 8000, 15000, 30000)
+LATENCY_COLUMNS = tuple(f"latency_le_{bound}" for bound in LATENCY_BOUNDS_MS) + ("latency_over",)
+TTFT_COLUMNS = tuple(f"ttft_le_{bound}" for bound in TTFT_BOUNDS_MS) + ("ttft_over",)
+COST_SCALE = 12  # UsageRecord.cost's decimal places: roll-ups count cost in 10**-12 units
+
+
+class UsageSource(models.TextChoices):
+    API = "api", _("API")
+    BROWSER = "browser", _("browser")
+
+
+class StatusClass(models.TextChoices):
+    """One class per record: ``errors by kind`` are the roll-up rows of each class."""
+
+    OK = "ok", _("ok")
+    CANCELLED = "cancelled", _("cancelled")  # client disconnected or stopped by the user
+    INTERRUPTED = "interrupted", _("interrupted")  # server shutdown
+    RATE_LIMITED = "rate_limited", _("rate limited")  # HTTP 429
+    CLIENT_ERROR = "client_error", _("client error")  # other 4xx
+    UPSTREAM_ERROR = "upstream_error", _("upstream error")  # 5xx and anything else
+
+
+class UsageRollup(models.Model):
+    """Usage of one 15-minute UTC bucket × user × key × model × provider × route × source ×
+    status class.  Rows are only ever written by ``keys.rollups.recompute`` (a bucket's rows
+    are replaced as a whole from one GROUP BY over the ledger), never edited.
+
+    Cost is an integer of 10⁻¹² currency units: exact on PostgreSQL and SQLite alike
+    (SQLite keeps decimals as floats) and summed as integers.
+    """
+
+    bucket_start = models.DateTimeField()
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="+",
+        db_index=False,
+    )
+    key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, related_name="+", db_index=False
+    )
+    model = models.CharField(max_length=128)
+    provider = models.CharField(max_length=64, blank=True)
+    route_id = models.BigIntegerField(null=True, blank=True)
+    source = models.CharField(max_length=8, choices=UsageSource.choices)
+    status_class = models.CharField(max_length=16, choices=StatusClass.choices)
+
+    requests = models.PositiveIntegerField(default=0)
+    streamed = models.PositiveIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cost_units = models.BigIntegerField(default=0)
+    upstream_cost_units = models.BigIntegerField(default=0)
+    # Data-quality counts (finance reports flag them): token counts estimated locally,
+    # requests with tokens of a model without a price, requests with tokens costing 0.
+    estimated = models.PositiveIntegerField(default=0)
+    unpriced = models.PositiveIntegerField(default=0)
+    zero_cost = models.PositiveIntegerField(default=0)
+    latency_sum_ms = models.PositiveBigIntegerField(default=0)
+    ttft_count = models.PositiveIntegerField(default=0)
+    ttft_sum_ms = models.PositiveBigIntegerField(default=0)
+    # Histograms: requests per latency / time-to-first-token range (non-cumulative).
+    for _column in LATENCY_COLUMNS + TTFT_COLUMNS:
+        locals()[_column] = models.PositiveIntegerField(default=0)
+    del _column
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=[
+                    "bucket_start",
+                    "user",
+                    "key",
+                    "model",
+                    "provider",
+                    "route_id",
+                    "source",
+                    "status_class",
+                ],
+                name="usage_rollup_dimensions",
+            )
+        ]
+        # The unique constraint's index (bucket_start first) serves time-range reads;
+        # members' dashboards read by user, key pages by key.
+        indexes = [
+            models.Index(fields=["user", "bucket_start"], name="usage_rollup_user"),
+            models.Index(fields=["key", "bucket_start"], name="usage_rollup_key"),
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.bucket_start:%Y-%m-%d %H:%M} {self.model} {self.status_class}: {self.requests}"
+        )
+
+
+class UsageRollupState(models.Model):
+    """The roll-ups' bookkeeping: one row (pk=1), locked by every roll-up and retention run.
+
+    ``watermark_id``: every ledger row with an id at or below it is in the roll-ups (its
+    bucket was recomputed after the row committed).  A catch-up that takes several runs
+    (``max_buckets`` each) is a scan: the dirty buckets of ids in (watermark, ``scan_high``],
+    done in bucket order from ``scan_next``; the watermark moves when the scan completes.
+    ``unrolled_from``: buckets from this start on may hold rows at or below the watermark
+    that are not rolled up yet (they were open at the last scan): read raw, and rolled
+    up by the next scan once closed.
+    ``raw_kept_from``: retention deleted the raw rows before this bucket start; those
+    buckets are sealed and never recomputed.
+    """
+
+    watermark_id = models.BigIntegerField(default=0)
+    scan_high = models.BigIntegerField(null=True, blank=True)
+    scan_next = models.DateTimeField(null=True, blank=True)
+    unrolled_from = models.DateTimeField(null=True, blank=True)
+    raw_kept_from = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"usage roll-ups through id {self.watermark_id}"

@@ -1,0 +1,103 @@
+"""``manage.py usage demo|rollup``: synthetic usage that the roll-ups count exactly."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from decimal import Decimal
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from keys import rollups
+from keys.models import UsageRecord, UsageRollup, UsageRollupState
+
+
+def run(*args: str) -> str:
+    out = StringIO()
+    call_command("usage", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_demo_fills_the_ledger_and_the_rollups() -> None:
+    output = run("demo", "--records", "3000", "--days", "3", "--seed", "5")
+    assert "3000 demo records" in output
+    records = list(UsageRecord.objects.all())
+    assert len(records) == 3000
+    assert all(r.request_id.startswith("demo-") for r in records)
+    now = timezone.now()
+    assert all(now - timedelta(days=3, minutes=1) <= r.created_at <= now for r in records)
+    # Realistic: several users, models, sources, outcomes; costs from prices.
+    assert len({r.user_id for r in records}) >= 5
+    assert len({r.model for r in records}) >= 4
+    assert {r.dialect for r in records} >= {"browser", "openai"}
+    statuses = Counter(r.status for r in records)
+    assert statuses["ok"] > 2500
+    assert statuses["error"] > 0
+    assert any(r.http_status == 429 for r in records)
+    priced = [r for r in records if r.priced]
+    assert priced
+    assert all(
+        r.cost
+        == (
+            (r.input_tokens - r.cached_tokens) * r.input_price
+            + r.output_tokens * r.output_price
+            + r.cached_tokens * r.cached_input_price
+        )
+        / 1_000_000
+        for r in priced[:200]
+    )
+    # Rolled up: the closed buckets are in the roll-ups, exactly.
+    open_bucket = rollups.bucket_of(now)
+    # The buckets closed when the command ran (a 15-minute boundary may have passed since).
+    rolled = set(UsageRollup.objects.values_list("bucket_start", flat=True))
+    assert max(rolled) >= open_bucket - 2 * rollups.BUCKET
+    closed = [r for r in records if rollups.bucket_of(r.created_at) <= max(rolled)]
+    assert sum(UsageRollup.objects.values_list("requests", flat=True)) == len(closed)
+    assert sum(UsageRollup.objects.values_list("cost_units", flat=True)) == sum(
+        int(r.cost.scaleb(12)) for r in closed
+    )
+    start = rollups.bucket_of(now - timedelta(days=4))
+    (total,) = rollups.summarize(start, open_bucket + rollups.BUCKET, granularity="total")
+    assert total.totals.requests == 3000
+    assert total.totals.cost == sum((r.cost for r in records), Decimal(0))
+
+
+@pytest.mark.django_db
+def test_demo_refuses_a_database_with_real_usage(alice) -> None:
+    UsageRecord.objects.create(
+        request_id="real-1",
+        user=alice,
+        endpoint="messages",
+        dialect="anthropic",
+        model="m",
+        status="ok",
+    )
+    with pytest.raises(CommandError, match="real usage"):
+        run("demo", "--records", "10")
+    assert UsageRecord.objects.count() == 1
+    run("demo", "--records", "10", "--force", "--no-rollup")
+    assert UsageRecord.objects.count() == 11
+    # Demo data again is fine without --force.
+    UsageRecord.objects.filter(request_id="real-1").delete()
+    run("demo", "--records", "10", "--no-rollup")
+    assert UsageRecord.objects.count() == 20
+
+
+@pytest.mark.django_db
+def test_rollup_command_catches_up_and_rebuilds() -> None:
+    run("demo", "--records", "500", "--days", "1", "--no-rollup")
+    assert not UsageRollup.objects.exists()
+    assert "rolled up" in run("rollup")
+    rows = list(UsageRollup.objects.order_by("id").values_list("bucket_start", "requests"))
+    assert UsageRollupState.objects.get().watermark_id == UsageRecord.objects.latest("id").id
+    since = (timezone.now() - timedelta(days=2)).isoformat()
+    assert "rebuilt" in run(
+        "rollup", "--rebuild", "--since", since, "--until", timezone.now().isoformat()
+    )
+    assert sorted(UsageRollup.objects.values_list("bucket_start", "requests")) == sorted(rows)
+    with pytest.raises(CommandError):
+        run("rollup", "--rebuild")
