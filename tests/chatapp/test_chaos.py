@@ -141,6 +141,11 @@ def test_a_worker_killed_under_load_loses_no_answered_request(gateway: Gateway) 
             UsageRecord.objects.filter(request_id__in=wanted).values_list("request_id", flat=True)
         )
         assert set(counts.values()) == {1}
+        # The figures of issue 10's form (shown with pytest -s).
+        print(
+            f"chaos: {REQUESTS} requests, {broken} broken by the kill, {len(wanted)} answered, "
+            f"{len(wanted) - len(missing)} recorded once, {len(missing)} lost"
+        )
     finally:
         for server in [*servers, *([replacement] if replacement else [])]:
             if server.poll() is None:
