@@ -142,7 +142,7 @@ def test_a_worker_killed_under_load_loses_no_answered_request(gateway: Gateway) 
         )
         assert set(counts.values()) == {1}
         # The figures of issue 10's form (shown with pytest -s).
-        print(
+        print(  # noqa: T201 -- the issue's figures, shown with pytest -s
             f"chaos: {REQUESTS} requests, {broken} broken by the kill, {len(wanted)} answered, "
             f"{len(wanted) - len(missing)} recorded once, {len(missing)} lost"
         )
