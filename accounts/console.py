@@ -42,6 +42,7 @@ SECTIONS = (
     Section("console:models", _("Models"), STAFF),
     Section("console:prices", _("Prices"), STAFF),
     Section("console:usage", _("Usage"), EVERYONE),
+    Section("console:alerts", _("Alerts"), EVERYONE),
     Section("console:reports", _("Reports"), STAFF),
     Section("console:audit", _("Audit log"), ADMINS),
     Section("docs", _("Docs"), EVERYONE),  # the API guide, chatapp.docs (/docs/)

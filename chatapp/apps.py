@@ -17,12 +17,12 @@ class ChatappConfig(AppConfig):
 
         from chatapp.models import CatalogModel, Provider, Route
         from chatapp.relay import catalog
-        from keys.models import ModelPrice
+        from keys.models import ModelPrice, RoutePrice
 
         def changed(**kwargs: Any) -> None:
             catalog.invalidate()
 
-        for model in (Provider, CatalogModel, Route, ModelPrice):
+        for model in (Provider, CatalogModel, Route, ModelPrice, RoutePrice):
             # weak=False: the receiver is a closure that nothing else keeps alive.
             post_save.connect(
                 changed, sender=model, weak=False, dispatch_uid=f"catalog.save.{model.__name__}"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -219,3 +219,64 @@ class Env:
                 "rediss://... or unix:///path/to/socket"
             )
         return value
+
+    def email(self, name: str) -> dict[str, Any] | None:
+        """``smtp://[USER[:PASSWORD]@]HOST[:PORT][/?tls=1|ssl=1&timeout=S]`` (or ``smtps://``,
+        implicit TLS) as Django's ``EMAIL_*`` settings; None when unset.
+
+        ``tls=1`` is STARTTLS (port 587 by default), ``smtps://`` or ``ssl=1`` TLS from
+        the first byte (465); plain ``smtp://`` defaults to port 25.  User name and
+        password are percent-decoded (``%40`` for an ``@`` in a user name).
+        """
+        value = self.raw(name)
+        if value is None:
+            return None
+        expected = (
+            "expected smtp://[USER[:PASSWORD]@]HOST[:PORT][/?tls=1] or "
+            "smtps://[USER[:PASSWORD]@]HOST[:PORT]"
+        )
+        parts = urlsplit(value.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            raise ImproperlyConfigured(f"{name} has a malformed port: {expected}") from None
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ImproperlyConfigured(f"{name} is malformed: {expected}")
+        if parts.path.strip("/") or parts.fragment:
+            raise ImproperlyConfigured(f"{name} has a path: {expected}")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"tls", "ssl", "timeout"})
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{name} has an unknown option {unknown[0]!r}: expected tls, ssl or timeout"
+            )
+
+        def option(key: str) -> str | None:
+            return query[key][-1] if key in query else None
+
+        flags = {}
+        for key in ("tls", "ssl"):
+            text = (option(key) or "0").strip().lower()
+            if text not in _TRUE | _FALSE:
+                raise ImproperlyConfigured(f"{name}: {key}={text!r} is not a boolean (1 or 0)")
+            flags[key] = text in _TRUE
+        use_ssl = flags["ssl"] or parts.scheme == "smtps"
+        if use_ssl and flags["tls"]:
+            raise ImproperlyConfigured(
+                f"{name}: tls=1 (STARTTLS) and implicit TLS (smtps:// or ssl=1) exclude each other"
+            )
+        timeout_text = option("timeout") or "10"
+        if not timeout_text.isdigit() or int(timeout_text) < 1:
+            raise ImproperlyConfigured(
+                f"{name}: timeout={timeout_text!r} is not a whole number of seconds"
+            )
+        return {
+            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "EMAIL_HOST": parts.hostname,
+            "EMAIL_PORT": port or (465 if use_ssl else 587 if flags["tls"] else 25),
+            "EMAIL_HOST_USER": unquote(parts.username or ""),
+            "EMAIL_HOST_PASSWORD": unquote(parts.password or ""),
+            "EMAIL_USE_TLS": flags["tls"],
+            "EMAIL_USE_SSL": use_ssl,
+            "EMAIL_TIMEOUT": int(timeout_text),
+        }

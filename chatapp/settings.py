@@ -171,6 +171,21 @@ else:
         }
     }
 
+# --- Email (budget alerts): only when EMAIL_URL is set; otherwise notifications only. ---
+_email = env.email("EMAIL_URL")
+SWITCHBOARD_EMAIL = _email is not None
+if _email is not None:
+    EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+    EMAIL_HOST = _email["EMAIL_HOST"]
+    EMAIL_PORT = _email["EMAIL_PORT"]
+    EMAIL_HOST_USER = _email["EMAIL_HOST_USER"]
+    EMAIL_HOST_PASSWORD = _email["EMAIL_HOST_PASSWORD"]
+    EMAIL_USE_TLS = _email["EMAIL_USE_TLS"]
+    EMAIL_USE_SSL = _email["EMAIL_USE_SSL"]
+    EMAIL_TIMEOUT = _email["EMAIL_TIMEOUT"]
+SWITCHBOARD_EMAIL_FROM = env.string("SWITCHBOARD_EMAIL_FROM", "switchboard@localhost")
+DEFAULT_FROM_EMAIL = SERVER_EMAIL = SWITCHBOARD_EMAIL_FROM
+
 # --- Celery: eager in the embedded mode, Redis as broker when configured. ---
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_ALWAYS_EAGER = env.flag("CELERY_TASK_ALWAYS_EAGER", REDIS_URL is None)

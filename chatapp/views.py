@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib import messages
 from django.db.models import Count, Prefetch, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import URLPattern, URLResolver, path, reverse
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
@@ -34,6 +36,8 @@ from chatapp.forms import AddModelForm, ImportForm, ModelForm, ProviderForm, Rou
 from chatapp.health import run_checks
 from chatapp.models import CatalogModel, Provider, Route
 from chatapp.relay import routing
+from keys.actions import KeyActionError, do_set_route_price
+from keys.forms import ConsoleRoutePriceForm
 
 T = TypeVar("T")
 
@@ -459,6 +463,57 @@ def route(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     )
 
 
+@require_http_methods(["GET", "POST"])
+@console_page(read=ADMINS, write=ADMINS)
+def route_prices(request: HttpRequest, pk: int) -> HttpResponse:
+    """A route's upstream prices (what its provider charges us), with history; admins only.
+
+    Each usage record keeps the upstream cost computed at request time, so a new price
+    applies from its moment on and never changes a recorded margin.
+    """
+    stored = get_object_or_404(Route.objects.select_related("model", "provider"), pk=pk)
+    data = request.POST.copy() if request.method == "POST" else None
+    if data is not None:
+        data["route"] = str(stored.pk)  # this page prices this route only
+    form = ConsoleRoutePriceForm(data, initial={"route": stored.pk})
+    if form.is_bound and form.is_valid():
+        cleaned = form.cleaned_data
+        try:
+            price = do_set_route_price(
+                route=stored,
+                input_price=cleaned["input_per_mtok"],
+                output_price=cleaned["output_per_mtok"],
+                cached_input_price=cleaned["cached_input_per_mtok"],
+                effective_from=cleaned["effective_from"],
+            )
+        except KeyActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request,
+                _("New upstream price of this route saved, effective from %(when)s.")
+                % {"when": timezone.localtime(price.effective_from).strftime("%Y-%m-%d %H:%M")},
+            )
+            return redirect("console:route_prices", pk=stored.pk)
+    now = timezone.now()
+    prices = list(stored.upstream_prices.order_by("-effective_from", "-id"))
+    context = {
+        "route": stored,
+        "prices": prices,
+        "current": next((price for price in prices if price.effective_from <= now), None),
+        "now": now,
+        "form": form,
+        "currency": settings.SWITCHBOARD_CURRENCY,
+        "zone": timezone.get_current_timezone_name(),
+    }
+    return render(
+        request,
+        "chatapp/console/route_prices.html",
+        context,
+        status=400 if form.is_bound else 200,
+    )
+
+
 def _route_row(request: HttpRequest, route: Route, form: RouteForm | None = None) -> HttpResponse:
     return render(
         request,
@@ -503,4 +558,5 @@ console_urlpatterns: list[URLPattern | URLResolver] = [
     path("models/<int:pk>/enabled/", model_enabled, name="model_enabled"),
     path("models/<int:pk>/routes/", model_route_add, name="model_route_add"),
     path("routes/<int:pk>/", route, name="route"),
+    path("routes/<int:pk>/prices/", route_prices, name="route_prices"),
 ]

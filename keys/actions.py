@@ -21,17 +21,19 @@ from django.utils.translation import ngettext
 
 from accounts import audit
 from accounts.models import User
-from chatapp.models import CatalogModel
+from chatapp.models import CatalogModel, Route
 from keys.forms import (
     LIMIT_FIELDS,
+    AlertThresholdsForm,
     KeyForm,
     KeyIssueForm,
     KeyPolicyForm,
     LimitsForm,
     PriceForm,
+    RoutePriceForm,
     describe,
 )
-from keys.models import ApiKey, KeyPolicy, ModelPrice
+from keys.models import AlertThresholds, ApiKey, KeyPolicy, ModelPrice, RoutePrice
 
 # What the audit log keeps of a key (never key_hash: SECRET_FIELDS masks it anyway).
 KEY_AUDIT_FIELDS = [
@@ -53,6 +55,8 @@ PRICE_AUDIT_FIELDS = [
     "effective_from",
 ]
 POLICY_AUDIT_FIELDS = ["user", "max_keys", *KeyPolicy.CAPPED]
+ROUTE_PRICE_AUDIT_FIELDS = ["route", *PRICE_AUDIT_FIELDS[1:]]
+THRESHOLD_AUDIT_FIELDS = ["key", "user", "percents"]
 
 
 class KeyActionError(Exception):
@@ -398,6 +402,93 @@ def do_set_price(
             "create", price, changes=audit.diff({}, audit.snapshot(price, PRICE_AUDIT_FIELDS))
         )
     return price
+
+
+def _check_price_values(**values: Decimal | None) -> None:
+    """Refuse what a DecimalField would round or choke on, naming the command's flag."""
+    for name, value in values.items():
+        if value is not None and not value.is_finite():
+            raise KeyActionError(f"--{name}: expected a price of at least 0, got {value}")
+        if value is not None and value.as_tuple().exponent < -12:  # type: ignore[operator]
+            raise KeyActionError(f"--{name}: at most 12 decimal places, got {value}")
+
+
+def do_set_route_price(
+    *,
+    route: Route,
+    input_price: Decimal,
+    output_price: Decimal,
+    cached_input_price: Decimal | None = None,
+    effective_from: datetime | None = None,
+) -> RoutePrice:
+    """Add what the route's provider charges us from ``effective_from`` (default now) on.
+
+    History like model prices: earlier rows stay, and usage records keep the upstream
+    cost computed when they were made.  The save bumps the catalog version
+    (``chatapp.apps``), so every process prices the next request with it.
+    """
+    _check_price_values(
+        **{"input": input_price, "output": output_price, "cached-input": cached_input_price}
+    )
+    form = RoutePriceForm(
+        data={
+            "route": route.pk,
+            "input_per_mtok": input_price,
+            "output_per_mtok": output_price,
+            "cached_input_per_mtok": cached_input_price,
+            "effective_from": effective_from or timezone.now(),
+        }
+    )
+    if not form.is_valid():
+        flags = {
+            "input_per_mtok": "--input",
+            "output_per_mtok": "--output",
+            "cached_input_per_mtok": "--cached-input",
+        }
+        errors = {flags.get(name, name): messages for name, messages in form.errors.items()}
+        raise KeyActionError(describe(errors))
+    with transaction.atomic():
+        price = form.save()
+        audit.record(
+            "create",
+            price,
+            changes=audit.diff({}, audit.snapshot(price, ROUTE_PRICE_AUDIT_FIELDS)),
+        )
+    return price
+
+
+def do_set_alert_thresholds(
+    *, percents: Any, key: ApiKey | None = None, user: User | None = None
+) -> AlertThresholds:
+    """Set the budget alert thresholds of one key, or of every key of one user.
+
+    ``percents``: whole percentages (a list, or text such as ``"80, 95"``), checked by
+    ``keys.forms.AlertThresholdsForm``; empty clears them (a key then follows its
+    owner's).  Recorded in the audit log when something changed.
+    """
+    if (key is None) == (user is None):
+        raise KeyActionError("give either a key or a user")
+    with transaction.atomic():
+        # Lock the row: two saves at once must not both create it.
+        owner_filter = {"key": key} if key is not None else {"user": user}
+        row = AlertThresholds.objects.select_for_update().filter(
+            **owner_filter
+        ).first() or AlertThresholds(**owner_filter)
+        before = audit.snapshot(row, THRESHOLD_AUDIT_FIELDS) if row.pk else {}
+        form = AlertThresholdsForm(data={"percents": percents}, instance=row)
+        if not form.is_valid():
+            raise KeyActionError(describe(form.errors))
+        try:
+            with transaction.atomic():
+                row = form.save()
+        except IntegrityError:  # created meanwhile by a concurrent save: update that one
+            row = AlertThresholds.objects.select_for_update().get(**owner_filter)
+            row.percents = form.cleaned_data["percents"]
+            row.save(update_fields=["percents", "updated_at"])
+        changed = audit.diff(before, audit.snapshot(row, THRESHOLD_AUDIT_FIELDS))
+        if changed:
+            audit.record("update" if before else "create", row, changes=changed)
+    return row
 
 
 def do_get_web_key(*, user: User) -> ApiKey:

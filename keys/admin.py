@@ -19,9 +19,32 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from accounts.audit import AuditedModelAdmin
-from keys.actions import KEY_AUDIT_FIELDS, PRICE_AUDIT_FIELDS, do_create_key, do_revoke_key
-from keys.forms import KeyCreateForm, KeyForm, KeyPolicyForm, PriceForm
-from keys.models import ApiKey, KeyPolicy, ModelPrice, UsageRecord
+from keys import alerts  # noqa: F401 - registers its Celery task wherever the admin loads
+from keys.actions import (
+    KEY_AUDIT_FIELDS,
+    PRICE_AUDIT_FIELDS,
+    ROUTE_PRICE_AUDIT_FIELDS,
+    THRESHOLD_AUDIT_FIELDS,
+    do_create_key,
+    do_revoke_key,
+)
+from keys.forms import (
+    AlertThresholdsForm,
+    KeyCreateForm,
+    KeyForm,
+    KeyPolicyForm,
+    PriceForm,
+    RoutePriceForm,
+)
+from keys.models import (
+    AlertThresholds,
+    ApiKey,
+    BudgetAlert,
+    KeyPolicy,
+    ModelPrice,
+    RoutePrice,
+    UsageRecord,
+)
 
 
 @admin.register(ApiKey)
@@ -205,3 +228,84 @@ class KeyPolicyAdmin(AuditedModelAdmin, admin.ModelAdmin):
 
     def get_fields(self, request: HttpRequest, obj: KeyPolicy | None = None) -> Any:
         return ["user", *KeyPolicyForm._meta.fields]  # type: ignore[misc]
+
+
+@admin.register(RoutePrice)
+class RoutePriceAdmin(AuditedModelAdmin, admin.ModelAdmin):
+    """Upstream prices are history: add a new row to change one, never edit or delete one."""
+
+    form = RoutePriceForm
+    audit_fields = tuple(ROUTE_PRICE_AUDIT_FIELDS)
+    list_display = [
+        "route",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "currency",
+        "effective_from",
+    ]
+    list_select_related = ["route__model", "route__provider"]
+    list_filter = ["route__provider", "currency"]
+    date_hierarchy = "effective_from"
+    fields = [
+        "route",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "effective_from",
+    ]
+
+    def has_change_permission(self, request: HttpRequest, obj: RoutePrice | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: RoutePrice | None = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: RoutePrice, form: Any, change: bool) -> None:
+        obj.currency = settings.SWITCHBOARD_CURRENCY
+        super().save_model(request, obj, form, change)
+
+
+class AlertThresholdsAdminForm(AlertThresholdsForm):
+    class Meta:
+        model = AlertThresholds
+        fields = ["key", "user", "percents"]
+
+
+@admin.register(AlertThresholds)
+class AlertThresholdsAdmin(AuditedModelAdmin, admin.ModelAdmin):
+    """Budget alert thresholds of a key or of a user (also on the console's key pages)."""
+
+    form = AlertThresholdsAdminForm
+    audit_fields = tuple(THRESHOLD_AUDIT_FIELDS)
+    list_display = ["key", "user", "percents", "updated_at"]
+    list_select_related = ["key", "user"]
+    search_fields = ["user__email", "key__prefix"]
+    raw_id_fields = ["key", "user"]
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(admin.ModelAdmin):
+    """Budget alerts are recorded by the ledger writer only: read here, never edited."""
+
+    list_display = [
+        "created_at",
+        "key",
+        "user",
+        "kind",
+        "threshold",
+        "spent",
+        "budget",
+        "period_start",
+        "emailed_at",
+    ]
+    list_filter = ["kind", "period", "threshold"]
+    list_select_related = ["key", "user"]
+    search_fields = ["user__email", "key__prefix"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: BudgetAlert | None = None) -> bool:
+        return False

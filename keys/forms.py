@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from keys.limiter import MAX_MONEY_BUDGET
-from keys.models import ApiKey, KeyPolicy, ModelPrice
+from keys.models import AlertThresholds, ApiKey, KeyPolicy, ModelPrice, RoutePrice
 
 LIMIT_FIELDS = [
     "rpm",
@@ -163,6 +163,80 @@ class PriceForm(forms.ModelForm):
         return price
 
 
+class RoutePriceForm(PriceForm):
+    """A new upstream price of a route (what its provider charges us), from a moment on."""
+
+    class Meta:
+        model = RoutePrice
+        fields = [
+            "route",
+            "input_per_mtok",
+            "output_per_mtok",
+            "cached_input_per_mtok",
+            "effective_from",
+        ]
+
+    def save(self, commit: bool = True) -> RoutePrice:  # type: ignore[override]
+        price: RoutePrice = forms.ModelForm.save(self, commit=False)
+        price.currency = settings.SWITCHBOARD_CURRENCY
+        if commit:
+            price.save()
+        return price
+
+
+MAX_THRESHOLDS = 5
+
+
+class ThresholdsField(forms.CharField):
+    """Budget alert thresholds as whole percentages, ``80, 95`` → ``[80, 95]``.
+
+    Between 1 and 100 (a soft warning before the budget refuses), at most
+    ``MAX_THRESHOLDS``, sorted, each once.  Empty: none.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("required", False)
+        kwargs.setdefault("label", _("Budget alerts at (%)"))
+        kwargs.setdefault(
+            "help_text",
+            _("Comma-separated percentages of each budget, e.g. 80, 95. Empty: none."),
+        )
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return ", ".join(str(percent) for percent in value)
+        return value
+
+    def to_python(self, value: Any) -> list[int]:  # type: ignore[override]
+        if isinstance(value, list | tuple):
+            parts = [str(item) for item in value]
+        else:
+            parts = [part.strip().rstrip("%").strip() for part in str(value or "").split(",")]
+        percents = set()
+        for part in parts:
+            if not part:
+                continue
+            if not part.isdigit() or not 1 <= int(part) <= 100:
+                raise ValidationError(
+                    _("%(value)s is not a whole percentage from 1 to 100.") % {"value": part}
+                )
+            percents.add(int(part))
+        if len(percents) > MAX_THRESHOLDS:
+            raise ValidationError(_("At most %(count)d thresholds.") % {"count": MAX_THRESHOLDS})
+        return sorted(percents)
+
+
+class AlertThresholdsForm(forms.ModelForm):
+    """A key's or a user's budget alert thresholds (``keys.actions.do_set_alert_thresholds``)."""
+
+    percents = ThresholdsField()
+
+    class Meta:
+        model = AlertThresholds
+        fields = ["percents"]
+
+
 class KeyPolicyForm(forms.ModelForm):
     """An admin's caps on the keys a member creates for themselves."""
 
@@ -232,6 +306,13 @@ class CatalogChoicesMixin(forms.BaseForm):
 class ConsoleKeyCreateForm(CatalogChoicesMixin, KeyIssueForm):
     """An admin issues a key for any user, with every limit and budget."""
 
+    alert_thresholds = ThresholdsField(
+        help_text=_(
+            "Comma-separated percentages of each budget, e.g. 80, 95. "
+            "Empty: the owner's thresholds, if any."
+        )
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         from accounts.models import User
@@ -254,10 +335,19 @@ class MemberKeyForm(CatalogChoicesMixin, KeyCreateForm):
 
 
 class ConsoleKeyForm(CatalogChoicesMixin, KeyForm):
-    """An admin edits an issued key."""
+    """An admin edits an issued key (and its budget alert thresholds)."""
+
+    alert_thresholds = ThresholdsField(
+        help_text=_(
+            "Comma-separated percentages of each budget, e.g. 80, 95. "
+            "Empty: the owner's thresholds, if any."
+        )
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        own = AlertThresholds.objects.filter(key_id=self.instance.pk).first()
+        self.initial["alert_thresholds"] = own.percents if own else []
         money = self.instance.money_budget
         if money is not None:  # 25, not 25.000000000000
             self.initial["money_budget"] = f"{money.normalize():f}"
@@ -287,5 +377,19 @@ class ConsolePriceForm(PriceForm):
         self.fields["effective_from"].widget = LOCAL_INPUT
         self.fields["effective_from"].help_text = _(
             "Empty: now. May be in the future; earlier prices and recorded costs never change. "
+            "In your time zone (%(zone)s)."
+        ) % {"zone": timezone.get_current_timezone_name()}
+
+
+class ConsoleRoutePriceForm(RoutePriceForm):
+    """A route's new upstream price from the console; an empty effective-from means now."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["effective_from"].required = False
+        self.fields["effective_from"].initial = None
+        self.fields["effective_from"].widget = LOCAL_INPUT
+        self.fields["effective_from"].help_text = _(
+            "Empty: now. May be in the future; upstream costs already recorded never change. "
             "In your time zone (%(zone)s)."
         ) % {"zone": timezone.get_current_timezone_name()}

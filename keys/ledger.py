@@ -228,6 +228,7 @@ class LedgerWriter:
         while True:
             try:
                 self.write_isolating([r for r in batch if id(r) not in rejected], rejected)
+                check_alerts(batch)
                 return
             except Exception:
                 logger.exception(
@@ -352,6 +353,20 @@ def write_batch(batch: list[dict[str, Any]]) -> None:
             ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=when).update(
                 last_used_at=when
             )
+
+
+def check_alerts(batch: list[dict[str, Any]]) -> None:
+    """Budget alerts for the keys of a batch that just committed (``keys.alerts``).
+
+    Here, in the writer thread, the check is off every request's path.  It never
+    holds the ledger up: a failure is logged, and the keys' next records check again.
+    """
+    try:
+        from keys import alerts
+
+        alerts.check(batch)
+    except Exception:
+        logger.exception("checking budget alerts failed; the keys' next records check again")
 
 
 def check_decimals(row: models.Model) -> None:

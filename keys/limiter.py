@@ -558,6 +558,27 @@ def _spent_from_ledger(
     return (totals["input"] or 0) + (totals["output"] or 0), to_nano(totals["cost"] or Decimal(0))
 
 
+def spent_in_period(key_id: int, period: str, when: datetime) -> tuple[int, Decimal, Windows]:
+    """Tokens and money a key spent in the budget period holding ``when``, from the ledger.
+
+    The usage ledger is the record of truth on every backend (Redis or embedded), so
+    budget alerts (``keys.alerts``) read the same numbers whichever limiter runs.
+    """
+    from keys.models import COST_SCALE, UsageRecord
+    from keys.rollups import CostUnits
+
+    win = windows(when, period)
+    records = UsageRecord.objects.filter(key_id=key_id, created_at__gte=win.period_start)
+    if win.period_reset is not None:
+        records = records.filter(created_at__lt=win.period_reset)
+    # Cost summed as integer 10**-12 units: exact on SQLite too (it keeps decimals as floats).
+    totals = records.aggregate(
+        input=Sum("input_tokens"), output=Sum("output_tokens"), cost=CostUnits("cost")
+    )
+    money = Decimal(totals["cost"] or 0).scaleb(-COST_SCALE)
+    return (totals["input"] or 0) + (totals["output"] or 0), money, win
+
+
 def _windows_from_ledger(key_id: int, win: Windows) -> tuple[int, int, int, int]:
     """Requests and tokens in the current minute and day: (rm, tm, rd, td).
 

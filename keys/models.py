@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -438,3 +439,128 @@ class UsageRollupState(models.Model):
 
     def __str__(self) -> str:
         return f"usage roll-ups through id {self.watermark_id}"
+
+
+# --- Upstream prices per route, and budget alerts (issue 13). ---
+
+
+class RoutePrice(models.Model):
+    """What the provider charges us for one route, per 1M tokens, from ``effective_from`` on.
+
+    History like ``ModelPrice``: rows are added, never edited.  Each usage record keeps
+    the upstream cost computed at request time (``UsageRecord.upstream_cost``), so a
+    later price never rewrites it; cost - upstream cost is the margin.
+    """
+
+    route = models.ForeignKey(
+        "chatapp.Route", on_delete=models.CASCADE, related_name="upstream_prices"
+    )
+    input_per_mtok = models.DecimalField(_("input per 1M tokens"), max_digits=24, decimal_places=12)
+    output_per_mtok = models.DecimalField(
+        _("output per 1M tokens"), max_digits=24, decimal_places=12
+    )
+    cached_input_per_mtok = models.DecimalField(
+        _("cached input per 1M tokens"),
+        null=True,
+        blank=True,
+        help_text=_("Empty: the input price."),
+        max_digits=24,
+        decimal_places=12,
+    )
+    currency = models.CharField(max_length=8)
+    effective_from = models.DateTimeField(_("effective from"), default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["route", "-effective_from", "-id"]
+        indexes = [models.Index(fields=["route", "effective_from"])]
+        verbose_name = _("upstream price")
+        verbose_name_plural = _("upstream prices")
+
+    def __str__(self) -> str:
+        return f"route {self.route_id}: {self.input_per_mtok}/{self.output_per_mtok} {self.currency} per 1M from {self.effective_from:%Y-%m-%d %H:%M}"
+
+
+class AlertThresholds(models.Model):
+    """Soft budget thresholds, in percent of a budget, of one key or of one user's keys.
+
+    A key's own (non-empty) list wins; otherwise its owner's applies to each of their
+    keys that has a budget.  Crossing one records a ``BudgetAlert`` (keys.alerts).
+    """
+
+    key = models.OneToOneField(
+        ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="alert_thresholds"
+    )
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="alert_thresholds",
+    )
+    percents = models.JSONField(_("alert thresholds (%)"), default=list, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(key__isnull=True, user__isnull=False)
+                | models.Q(key__isnull=False, user__isnull=True),
+                name="alert_thresholds_key_or_user",
+            )
+        ]
+        verbose_name = _("alert thresholds")
+        verbose_name_plural = _("alert thresholds")
+
+    def __str__(self) -> str:
+        owner = f"key {self.key_id}" if self.key_id else f"user {self.user_id}"
+        return f"alert thresholds of {owner}: {', '.join(f'{p}%' for p in self.percents)}"
+
+
+class BudgetKind(models.TextChoices):
+    TOKENS = "tokens", _("token budget")
+    MONEY = "money", _("money budget")
+
+
+class BudgetAlert(models.Model):
+    """A key's spending crossed a threshold of one of its budgets in one budget period.
+
+    Unique per (key, budget kind, period start, threshold): however many workers see
+    the crossing at once, the database keeps one row, and only the worker whose insert
+    won sends the email.
+    """
+
+    key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="budget_alerts")
+    # The key's owner, kept on the row: members' lists filter on it (indexed).
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="budget_alerts"
+    )
+    kind = models.CharField(_("budget"), max_length=8, choices=BudgetKind.choices)
+    period = models.CharField(_("budget period"), max_length=10, choices=BudgetPeriod.choices)
+    period_start = models.DateTimeField(_("period start"))
+    threshold = models.PositiveSmallIntegerField(_("threshold (%)"))
+    budget = models.DecimalField(_("budget"), max_digits=24, decimal_places=12)
+    spent = models.DecimalField(_("spent"), max_digits=24, decimal_places=12)
+    created_at = models.DateTimeField(_("time"), default=timezone.now)
+    emailed_at = models.DateTimeField(_("emailed at"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["key", "kind", "period_start", "threshold"], name="one_alert_per_threshold"
+            )
+        ]
+        indexes = [models.Index(fields=["user", "id"], name="budget_alert_user")]
+        verbose_name = _("budget alert")
+        verbose_name_plural = _("budget alerts")
+
+    def __str__(self) -> str:
+        return f"key {self.key_id}: {self.kind} budget past {self.threshold}% ({self.period_start:%Y-%m-%d})"
+
+    @property
+    def share(self) -> Decimal:
+        """Spent as a percentage of the budget, to one decimal place."""
+        if not self.budget:
+            return Decimal(0)
+        return (self.spent * 100 / self.budget).quantize(Decimal("0.1"))

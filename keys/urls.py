@@ -13,6 +13,13 @@ console_urlpatterns: list[URLPattern | URLResolver] = [
     path("keys/<int:pk>/revoke/", views.key_revoke, name="key_revoke"),
     path("keys/<int:pk>/rotate/", views.key_rotate, name="key_rotate"),
     path("keys/policy/<int:user_id>/", views.key_policy, name="key_policy"),
+    path(
+        "keys/policy/<int:user_id>/alerts/",
+        views.user_alert_thresholds,
+        name="user_alert_thresholds",
+    ),
+    path("alerts/", views.alert_list, name="alerts"),
     path("prices/", views.price_list, name="prices"),
     path("prices/<path:ref>/", views.price_history, name="price_history"),
 ]
+

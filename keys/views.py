@@ -15,7 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Prefetch, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -31,7 +31,7 @@ from accounts.console import ADMINS, EVERYONE, STAFF, keyset_page
 from accounts.models import Role, User
 from accounts.roles import console_page
 from chatapp.models import CatalogModel
-from keys import limiter
+from keys import alerts, limiter
 from keys.actions import (
     LIMIT_FIELDS,
     KeyActionError,
@@ -42,6 +42,7 @@ from keys.actions import (
     do_edit_key,
     do_revoke_key,
     do_rotate_key,
+    do_set_alert_thresholds,
     do_set_policy,
     do_set_price,
     member_limits,
@@ -50,6 +51,7 @@ from keys.actions import (
 )
 from keys.exceptions import LimiterUnavailable
 from keys.forms import (
+    AlertThresholdsForm,
     ConsoleKeyCreateForm,
     ConsoleKeyForm,
     ConsolePriceForm,
@@ -57,7 +59,7 @@ from keys.forms import (
     MemberKeyForm,
     RotateForm,
 )
-from keys.models import ApiKey, ModelPrice
+from keys.models import AlertThresholds, ApiKey, ModelPrice
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -288,9 +290,23 @@ def _detail(
         and not key.is_web_key
         and key.state != "expired",
         "replaces": list(key.replaces.all()),
+        "thresholds": _thresholds_shown(key),
         "limits": [(_label(name), _limit_shown(key, name)) for name in LIMIT_FIELDS],  # fmt: skip
     }
     return render(request, "keys/console/key_detail.html", context, status=status)
+
+
+def _thresholds_shown(key: ApiKey) -> dict[str, Any]:
+    """The key's alert thresholds as they apply: its own, else its owner's."""
+    rows = {
+        (row.key_id is not None): row.percents
+        for row in AlertThresholds.objects.filter(Q(key=key) | Q(user_id=key.user_id))
+    }
+    own = rows.get(True) or []
+    return {
+        "percents": own or rows.get(False) or [],
+        "inherited": not own and bool(rows.get(False)),
+    }
 
 
 @require_GET
@@ -355,13 +371,16 @@ def _admin_create(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            key, raw = do_create_key(
-                user=data["user"],
-                name=data["name"],
-                models=data["allowed_models"],
-                expires_at=data["expires_at"],
-                limits={field: data[field] for field in LIMIT_FIELDS},
-            )
+            with transaction.atomic():  # the key and its thresholds, or neither
+                key, raw = do_create_key(
+                    user=data["user"],
+                    name=data["name"],
+                    models=data["allowed_models"],
+                    expires_at=data["expires_at"],
+                    limits={field: data[field] for field in LIMIT_FIELDS},
+                )
+                if data["alert_thresholds"]:
+                    do_set_alert_thresholds(key=key, percents=data["alert_thresholds"])
         except KeyActionError as exc:
             form.add_error(None, str(exc))
         else:
@@ -379,8 +398,12 @@ def key_edit(request: HttpRequest, pk: int) -> HttpResponse:
     form = ConsoleKeyForm(request.POST or None, instance=ApiKey.objects.get(pk=pk))
     if request.method == "POST" and form.is_valid():
         changes = {name: form.cleaned_data[name] for name in form.changed_data}
+        thresholds = changes.pop("alert_thresholds", None)
         try:
-            do_edit_key(key=key, **changes)
+            with transaction.atomic():  # the key's settings and its thresholds together
+                do_edit_key(key=key, **changes)
+                if thresholds is not None:
+                    do_set_alert_thresholds(key=key, percents=thresholds)
         except KeyActionError as exc:
             form.add_error(None, str(exc))
         else:
@@ -455,8 +478,60 @@ def key_policy(request: HttpRequest, user_id: int) -> HttpResponse:
             return redirect(f"{reverse('console:keys')}?user={owner.email}")
     status = 400 if request.method == "POST" else 200
     context = {"form": form, "owner": owner, "policy": policy, "held": usable_keys(owner),
-               "defaults": settings.SWITCHBOARD_KEY_DEFAULTS}  # fmt: skip
+               "defaults": settings.SWITCHBOARD_KEY_DEFAULTS,
+               "thresholds_form": _user_thresholds_form(owner)}  # fmt: skip
     return render(request, "keys/console/key_policy.html", context, status=status)
+
+
+def _user_thresholds_form(owner: User, data: Any = None) -> AlertThresholdsForm:
+    row = AlertThresholds.objects.filter(user=owner).first() or AlertThresholds(user=owner)
+    return AlertThresholdsForm(data, instance=row)
+
+
+@require_POST
+@console_page(read=ADMINS, write=ADMINS)
+def user_alert_thresholds(request: HttpRequest, user_id: int) -> HttpResponse:
+    """A user's budget alert thresholds (their keys without thresholds of their own)."""
+    owner = get_object_or_404(User, pk=user_id)
+    form = _user_thresholds_form(owner, request.POST)
+    if form.is_valid():
+        try:
+            do_set_alert_thresholds(user=owner, percents=form.cleaned_data["percents"])
+        except KeyActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request, _("Budget alert thresholds of %(email)s saved.") % {"email": owner.email}
+            )
+            return redirect("console:key_policy", user_id=owner.pk)
+    context = {"form": KeyPolicyForm(instance=policy_for(owner)), "owner": owner,
+               "policy": policy_for(owner), "held": usable_keys(owner),
+               "defaults": settings.SWITCHBOARD_KEY_DEFAULTS, "thresholds_form": form}  # fmt: skip
+    return render(request, "keys/console/key_policy.html", context, status=400)
+
+
+# --- Budget alerts ---
+
+
+@require_GET
+@console_page(read=EVERYONE)
+def alert_list(request: HttpRequest) -> HttpResponse:
+    """Budget alerts, newest first: all for admins and finance, a member's own keys' only."""
+    rows = alerts.visible_alerts(request.user)  # type: ignore[arg-type]
+    key_filter = None
+    key_param = request.GET.get("key", "").strip()
+    if key_param:  # one key's alerts: a key the viewer may not see shows none
+        if key_param.isdigit():
+            key_filter = visible_keys(request.user).filter(pk=int(key_param)).first()  # type: ignore[arg-type]
+        rows = rows.filter(key=key_filter) if key_filter else rows.none()
+    context = {
+        "page": keyset_page(request, rows),
+        "sees_all": _sees_all(request.user),
+        "key_filter": key_filter,
+        "currency": settings.SWITCHBOARD_CURRENCY,
+        "zone": timezone.get_current_timezone_name(),
+    }
+    return render(request, "keys/console/alerts.html", context)
 
 
 # --- Prices ---

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.db import transaction
@@ -44,6 +45,9 @@ class ModelInfo:
     created: int
     routes: tuple[RouteChoice, ...] = field(default_factory=tuple)
     prices: tuple[Price, ...] = field(default_factory=tuple)  # newest effective_from first
+    # What each route's provider charges us (route id -> prices, newest first): the
+    # upstream cost of a request is priced from the route that answered it.
+    upstream_prices: dict[int, tuple[Price, ...]] = field(default_factory=dict)
 
 
 _loaded_version: str | None = None
@@ -52,19 +56,14 @@ _models: dict[str, ModelInfo] = {}
 
 def _load() -> dict[str, ModelInfo]:
     from chatapp.models import CatalogModel, Route
-    from keys.models import ModelPrice
+    from keys.models import ModelPrice, RoutePrice
 
     prices: dict[int, list[Price]] = {}
     for row in ModelPrice.objects.order_by("-effective_from", "-id"):
-        prices.setdefault(row.model_id, []).append(
-            Price(
-                row.input_per_mtok,
-                row.output_per_mtok,
-                row.cached_input_per_mtok,
-                row.currency,
-                row.effective_from,
-            )
-        )
+        prices.setdefault(row.model_id, []).append(_price(row))
+    route_prices: dict[int, list[Price]] = {}
+    for upstream in RoutePrice.objects.order_by("-effective_from", "-id"):
+        route_prices.setdefault(upstream.route_id, []).append(_price(upstream))
 
     routes: dict[int, list[RouteChoice]] = {}
     for route in Route.objects.filter(enabled=True, provider__enabled=True).select_related(
@@ -104,9 +103,25 @@ def _load() -> dict[str, ModelInfo]:
             created=int(model.created_at.timestamp()),
             routes=tuple(routes.get(model.pk, ())),
             prices=tuple(prices.get(model.pk, ())),
+            upstream_prices={
+                choice.target.route_id: tuple(route_prices[choice.target.route_id])
+                for choice in routes.get(model.pk, ())
+                if choice.target.route_id in route_prices
+            },
         )
         for model in CatalogModel.objects.filter(enabled=True)
     }
+
+
+def _price(row: Any) -> Price:
+    """A ModelPrice or RoutePrice row as the request path prices with it."""
+    return Price(
+        row.input_per_mtok,
+        row.output_per_mtok,
+        row.cached_input_per_mtok,
+        row.currency,
+        row.effective_from,
+    )
 
 
 async def _current() -> dict[str, ModelInfo]:

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -110,9 +111,14 @@ class Call:
     upstream_input_tokens: int | None = None
     output_chars: list[str] = field(default_factory=list)
     price: Price | None = None
+    # The routes' upstream prices and the moment prices are taken at (admission):
+    # settle() prices the route that answered as of that moment.
+    upstream_prices: dict[int, tuple[Price, ...]] = field(default_factory=dict)
+    priced_at: datetime | None = None
     ticket: Ticket | None = None
     final_usage: Usage | None = None  # set by settle()
     cost: Decimal = Decimal(0)
+    upstream_cost: Decimal = Decimal(0)  # set by settle()
     status: str = ""  # set once, by the pipeline
     http_status: int = 200
     error_type: str = ""
@@ -207,7 +213,21 @@ class Call:
             if price is not None
             else Decimal(0)
         )
-        self.final_usage, self.cost = usage, cost
+        upstream = (
+            price_at(self.upstream_prices.get(self.target.route_id, ()), self.priced_at)
+            if self.target is not None and self.priced_at is not None
+            else None
+        )
+        upstream_cost = (
+            upstream.cost(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+            )
+            if upstream is not None
+            else Decimal(0)
+        )
+        self.final_usage, self.cost, self.upstream_cost = usage, cost, upstream_cost
         if self.ticket is not None:
             limiter.settle(
                 self.ticket,
@@ -248,6 +268,7 @@ class Call:
                 "cost": cost,
                 "currency": price.currency if price else settings.SWITCHBOARD_CURRENCY,
                 "priced": price is not None,
+                "upstream_cost": upstream_cost,
                 "latency_ms": int((now - self.started) * 1000),
                 "ttft_ms": int((self.first_token_at - self.started) * 1000)
                 if self.first_token_at
@@ -388,7 +409,9 @@ async def _reserve(call: Call, model: ModelInfo, input_bound: int | None = None)
     The worst case is an upper bound, never an estimate: the input by its UTF-8
     size (``tokens.bound_request``) plus every output token the request may produce.
     """
-    call.price = price_at(model.prices, limiter.clock())
+    call.priced_at = limiter.clock()
+    call.price = price_at(model.prices, call.priced_at)
+    call.upstream_prices = model.upstream_prices
     principal = call.principal
     if principal is None or not principal.limits.any:
         return
