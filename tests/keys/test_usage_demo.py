@@ -101,3 +101,30 @@ def test_rollup_command_catches_up_and_rebuilds() -> None:
     assert sorted(UsageRollup.objects.values_list("bucket_start", "requests")) == sorted(rows)
     with pytest.raises(CommandError):
         run("rollup", "--rebuild")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_large_postgresql_load_restores_every_index_and_constraint() -> None:
+    """A load of 100,000+ rows drops the ledger's indexes and keys for speed: all come back."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the index rebuild is PostgreSQL's")
+
+    def schema() -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'keys_usagerecord'"
+            )
+            indexes = set(cursor.fetchall())
+            cursor.execute(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = 'keys_usagerecord'::regclass"
+            )
+            return indexes, set(cursor.fetchall())
+
+    before = schema()
+    output = run("demo", "--records", "100000", "--days", "2", "--no-rollup")
+    assert "100000 demo records" in output
+    assert UsageRecord.objects.count() == 100_000
+    assert schema() == before
