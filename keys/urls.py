@@ -23,3 +23,13 @@ console_urlpatterns: list[URLPattern | URLResolver] = [
     path("prices/<path:ref>/", views.price_history, name="price_history"),
 ]
 
+# The usage dashboard and request log (keys.usage_views).
+from keys import usage_views  # noqa: E402
+
+console_urlpatterns += [
+    path("usage/", usage_views.usage_dashboard, name="usage"),
+    path("usage/live/", usage_views.usage_live, name="usage_live"),
+    path("usage/csv/", usage_views.usage_csv, name="usage_csv"),
+    path("usage/requests/", usage_views.usage_requests, name="usage_requests"),
+    path("usage/requests/<int:pk>/", usage_views.usage_request, name="usage_request"),
+]
