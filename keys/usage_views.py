@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from django.conf import settings
 from django.db.models import Q, QuerySet
@@ -53,6 +53,12 @@ TOP_ROWS = 10  # rows of the top keys / users tables
 LIVE_SECONDS = 60
 LIVE_POLL_SECONDS = 5
 MAX_CUSTOM_DAYS = 400
+# The time zone field's suggestions (the IANA names, without the legacy aliases).
+ZONES = sorted(
+    zone
+    for zone in available_timezones()
+    if "/" in zone and not zone.startswith(("Etc/", "SystemV/"))
+) + ["UTC"]
 
 PRESETS: list[tuple[str, Promise]] = [
     ("1h", gettext_lazy("Last hour")),
@@ -380,6 +386,17 @@ def money(value: Decimal) -> str:
     return "0" if text in ("-0", "0E-12") else text
 
 
+def tile_value(value: Decimal, *, is_money: bool) -> str:
+    """A headline number as read at a glance: grouped digits; money to the cent (four
+    places under 1) with the currency.  The tile's title and table keep the exact value."""
+    if is_money:
+        places = Decimal("0.01") if abs(value) >= 1 else Decimal("0.0001")
+        return f"{value.quantize(places):,f} {settings.SWITCHBOARD_CURRENCY}"
+    if value == value.to_integral_value():
+        return f"{int(value):,}"
+    return f"{value:,f}"
+
+
 def percent(part: int, whole: int) -> str:
     """A share as a percentage with two decimals (exact decimal arithmetic)."""
     if not whole:
@@ -603,7 +620,7 @@ def by_model_figures(periods: list[rollups.Period]) -> tuple[Figure, Figure]:
         ],
         latency_rows,
         stacked=False,
-        unit="ms",
+        unit=_("ms"),
         horizontal=True,
     )
     return errors, latency
@@ -697,7 +714,8 @@ def top_users_figure(periods: list[rollups.Period], names: Names) -> Figure:
 @dataclass
 class Tile:
     label: str
-    value: str
+    value: str  # as shown: grouped digits, money rounded (the exact value is ``exact``)
+    exact: str
     change: str  # "+12.5%", "−3.0%", "" when there is nothing to compare with
     trend: str  # up | down | flat
 
@@ -730,10 +748,12 @@ def tiles_figure(
 
     now_values, before_values = numbers(current), numbers(previous)
     tiles, rows = [], []
-    for (label, value), (_label, before) in zip(now_values, before_values, strict=True):
+    for index, ((label, value), (_label, before)) in enumerate(
+        zip(now_values, before_values, strict=True)
+    ):
         change, trend = _change(value, before)
         shown = money(value)
-        tiles.append(Tile(label, shown, change, trend))
+        tiles.append(Tile(label, tile_value(value, is_money=index == 2), shown, change, trend))
         rows.append([label, shown, money(before), change])
     figure = Figure(
         "tiles",
@@ -825,6 +845,7 @@ def _choices(query: UsageQuery, viewer_sees_all: bool) -> dict[str, Any]:
         "statuses": [(status.value, status.label) for status in STATUS_ORDER],
         "key_choices": keys[:500],
         "user_choices": users[:500],
+        "zones": ZONES,
     }
 
 

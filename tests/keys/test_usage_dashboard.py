@@ -309,3 +309,23 @@ def test_the_live_strip_counts_the_last_60_seconds(carol, alice) -> None:
     values = dict(re.findall(r'data-live="(\w+)">([^<]*)<', html))
     assert values == {"requests": "2", "tokens": "220", "errors": "1", "cost": "0.250123456789"}
     assert 'hx-trigger="every' in html
+
+
+def test_the_dashboard_reads_in_chinese(carol, usage) -> None:
+    client = signed_in(carol)
+    client.cookies["django_language"] = "zh-hans"
+    page = client.get(reverse("console:usage")).content.decode()
+    for chinese in ("费用趋势", "查看数据", "下载 CSV", "最近 24 小时", "按模型", "被限流", "毫秒"):
+        assert chinese in page
+    for english in ("Cost over time", "Show the numbers", "Last 24 hours", "rate limited"):
+        assert english not in page
+
+
+def test_tiles_show_grouped_digits_and_money_to_the_cent(carol, alice) -> None:
+    key = ApiKey.objects.filter(user=alice).first()
+    for _ in range(3):
+        record(alice, key, input_tokens=600_000, output_tokens=1, cost=Decimal("1.234567"))
+    page = signed_in(carol).get(reverse("console:usage")).content.decode()
+    assert "1,800,003" in page  # tokens, grouped
+    assert "3.70 USD" in page  # money rounded to the cent for the glance...
+    assert 'title="3.703701"' in page  # ...and exact a hover away
