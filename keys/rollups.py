@@ -126,11 +126,16 @@ class BucketIndex(Func):
         )
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        # Django keeps SQLite datetimes as UTC text; strftime('%s') reads them as UTC.
+        # Django keeps SQLite datetimes as UTC text; strftime('%s') reads them as UTC.  Only
+        # the whole seconds (substr: "YYYY-MM-DD HH:MM:SS"): SQLite rounds fractions to the
+        # millisecond, which put 23:59:59.9996 into the next bucket (and the next month).
         return super().as_sql(
             compiler,
             connection,
-            template=f"(CAST(strftime('%%%%s', %(expressions)s) AS INTEGER) / {BUCKET_SECONDS})",
+            template=(
+                f"(CAST(strftime('%%%%s', substr(%(expressions)s, 1, 19)) AS INTEGER)"
+                f" / {BUCKET_SECONDS})"
+            ),
             **extra,
         )
 

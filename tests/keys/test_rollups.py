@@ -338,3 +338,34 @@ def test_windows_must_be_aligned(db) -> None:
         rollups.summarize(ORIGIN + timedelta(minutes=5), ORIGIN + SPAN)
     with pytest.raises(ValueError, match="granularity"):
         rollups.summarize(ORIGIN, ORIGIN + SPAN, granularity="year")
+
+
+def test_a_record_in_the_last_microsecond_of_a_bucket_stays_in_that_bucket(cast) -> None:
+    # SQLite rounds fractional seconds to the millisecond: 15:59:59.999999 must not become
+    # 16:00 (here: the next day in Shanghai, and the next month).
+    users, keys = cast
+    edge = datetime(2026, 10, 31, 16, 0, tzinfo=UTC)
+    for offset, cost in ((timedelta(microseconds=-1), "0.5"), (timedelta(0), "2")):
+        UsageRecord.objects.create(
+            created_at=edge + offset,
+            request_id=f"edge{cost}",
+            user_id=keys[0].user_id,
+            key=keys[0],
+            model="m",
+            provider="p",
+            endpoint="chat.completions",
+            dialect="openai",
+            status="ok",
+            http_status=200,
+            cost=Decimal(cost),
+        )
+    settle()
+    before = UsageRollup.objects.filter(bucket_start=edge - rollups.BUCKET).get()
+    assert before.requests == 1
+    days = rollups.summarize(
+        edge - timedelta(days=1), edge + timedelta(days=1), zone="Asia/Shanghai", now=NOW
+    )
+    assert [(p.start.date().isoformat(), p.totals.cost) for p in days] == [
+        ("2026-10-31", Decimal("0.5")),
+        ("2026-11-01", Decimal("2")),
+    ]
