@@ -484,6 +484,7 @@ def route_prices(request: HttpRequest, pk: int) -> HttpResponse:
                 input_price=cleaned["input_per_mtok"],
                 output_price=cleaned["output_per_mtok"],
                 cached_input_price=cleaned["cached_input_per_mtok"],
+                cache_write_price=cleaned["cache_write_per_mtok"],
                 effective_from=cleaned["effective_from"],
             )
         except KeyActionError as exc:

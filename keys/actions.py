@@ -51,6 +51,7 @@ PRICE_AUDIT_FIELDS = [
     "input_per_mtok",
     "output_per_mtok",
     "cached_input_per_mtok",
+    "cache_write_per_mtok",
     "currency",
     "effective_from",
 ]
@@ -368,12 +369,14 @@ def do_set_price(
     output_price: Decimal,
     cached_input_price: Decimal | None = None,
     effective_from: datetime | None = None,
+    cache_write_price: Decimal | None = None,
 ) -> ModelPrice:
     """Add a price from ``effective_from`` (default now); earlier prices stay as history."""
     for name, value in (
         ("input", input_price),
         ("output", output_price),
         ("cached-input", cached_input_price),
+        ("cache-write", cache_write_price),
     ):
         if value is not None and not value.is_finite():
             raise KeyActionError(f"--{name}: expected a price of at least 0, got {value}")
@@ -385,6 +388,7 @@ def do_set_price(
             "input_per_mtok": input_price,
             "output_per_mtok": output_price,
             "cached_input_per_mtok": cached_input_price,
+            "cache_write_per_mtok": cache_write_price,
             "effective_from": effective_from or timezone.now(),
         }
     )
@@ -393,6 +397,7 @@ def do_set_price(
             "input_per_mtok": "--input",
             "output_per_mtok": "--output",
             "cached_input_per_mtok": "--cached-input",
+            "cache_write_per_mtok": "--cache-write",
         }
         errors = {flags.get(name, name): messages for name, messages in form.errors.items()}
         raise KeyActionError(describe(errors))
@@ -420,6 +425,7 @@ def do_set_route_price(
     output_price: Decimal,
     cached_input_price: Decimal | None = None,
     effective_from: datetime | None = None,
+    cache_write_price: Decimal | None = None,
 ) -> RoutePrice:
     """Add what the route's provider charges us from ``effective_from`` (default now) on.
 
@@ -428,7 +434,12 @@ def do_set_route_price(
     (``chatapp.apps``), so every process prices the next request with it.
     """
     _check_price_values(
-        **{"input": input_price, "output": output_price, "cached-input": cached_input_price}
+        **{
+            "input": input_price,
+            "output": output_price,
+            "cached-input": cached_input_price,
+            "cache-write": cache_write_price,
+        }
     )
     form = RoutePriceForm(
         data={
@@ -436,6 +447,7 @@ def do_set_route_price(
             "input_per_mtok": input_price,
             "output_per_mtok": output_price,
             "cached_input_per_mtok": cached_input_price,
+            "cache_write_per_mtok": cache_write_price,
             "effective_from": effective_from or timezone.now(),
         }
     )
@@ -444,6 +456,7 @@ def do_set_route_price(
             "input_per_mtok": "--input",
             "output_per_mtok": "--output",
             "cached_input_per_mtok": "--cached-input",
+            "cache_write_per_mtok": "--cache-write",
         }
         errors = {flags.get(name, name): messages for name, messages in form.errors.items()}
         raise KeyActionError(describe(errors))

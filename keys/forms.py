@@ -137,6 +137,7 @@ class PriceForm(forms.ModelForm):
             "input_per_mtok",
             "output_per_mtok",
             "cached_input_per_mtok",
+            "cache_write_per_mtok",
             "effective_from",
         ]
 
@@ -154,6 +155,9 @@ class PriceForm(forms.ModelForm):
 
     def clean_cached_input_per_mtok(self) -> Decimal | None:
         return self._price("cached_input_per_mtok")
+
+    def clean_cache_write_per_mtok(self) -> Decimal | None:
+        return self._price("cache_write_per_mtok")
 
     def save(self, commit: bool = True) -> ModelPrice:
         price: ModelPrice = super().save(commit=False)
@@ -173,6 +177,7 @@ class RoutePriceForm(PriceForm):
             "input_per_mtok",
             "output_per_mtok",
             "cached_input_per_mtok",
+            "cache_write_per_mtok",
             "effective_from",
         ]
 

@@ -214,6 +214,9 @@ class UsageRecord(models.Model):
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
+    # Input tokens written to the provider's prompt cache (part of input_tokens).
+    # (db_default too: bulk loads by COPY name only the columns they fill.)
+    cache_write_tokens = models.PositiveIntegerField(default=0, db_default=0)
     estimated = models.BooleanField(
         default=False, help_text=_("Token counts are a local estimate: the upstream reported none.")
     )
@@ -227,6 +230,9 @@ class UsageRecord(models.Model):
     input_price = models.DecimalField(default=0, max_digits=24, decimal_places=12)
     output_price = models.DecimalField(default=0, max_digits=24, decimal_places=12)
     cached_input_price = models.DecimalField(default=0, max_digits=24, decimal_places=12)
+    cache_write_price = models.DecimalField(
+        default=0, db_default=0, max_digits=24, decimal_places=12
+    )
     cost = models.DecimalField(default=0, max_digits=24, decimal_places=12)
     currency = models.CharField(max_length=8, blank=True)
     priced = models.BooleanField(default=False)
@@ -263,6 +269,16 @@ class ModelPrice(models.Model):
         null=True,
         blank=True,
         help_text=_("Empty: the input price."),
+        max_digits=24,
+        decimal_places=12,
+    )
+    cache_write_per_mtok = models.DecimalField(
+        _("cache write per 1M tokens"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Input written to the provider's prompt cache (Anthropic). Empty: the input price."
+        ),
         max_digits=24,
         decimal_places=12,
     )
@@ -464,6 +480,16 @@ class RoutePrice(models.Model):
         null=True,
         blank=True,
         help_text=_("Empty: the input price."),
+        max_digits=24,
+        decimal_places=12,
+    )
+    cache_write_per_mtok = models.DecimalField(
+        _("cache write per 1M tokens"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Input written to the provider's prompt cache (Anthropic). Empty: the input price."
+        ),
         max_digits=24,
         decimal_places=12,
     )

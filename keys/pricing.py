@@ -17,14 +17,27 @@ class Price:
     cached_input: Decimal | None  # per 1M cached input tokens; None: the input price
     currency: str
     effective_from: datetime
+    cache_write: Decimal | None = None  # per 1M input tokens written to a prompt cache; None: input
 
-    def cost(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Decimal:
-        """Exact cost: cached input at its own price, the rest of the input at the input price."""
+    def cost(
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+    ) -> Decimal:
+        """Exact cost: cache reads and cache writes at their own prices (the input price
+        when unset), the rest of the input at the input price, output at the output price.
+        ``input_tokens`` counts every input token, cache reads and writes included."""
         cached = min(cached_tokens, input_tokens)
+        written = min(cache_write_tokens, input_tokens - cached)
         cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input if self.cache_write is None else self.cache_write
         return (
-            (input_tokens - cached) * self.input
+            (input_tokens - cached - written) * self.input
             + cached * cached_price
+            + written * write_price
             + output_tokens * self.output
         ) / MILLION
 

@@ -33,21 +33,3 @@ console_urlpatterns += [
     path("usage/requests/", usage_views.usage_requests, name="usage_requests"),
     path("usage/requests/<int:pk>/", usage_views.usage_request, name="usage_request"),
 ]
-
-# Monthly statements, closed months and adjustments (keys.statement_views).
-from keys import statement_views  # noqa: E402
-
-console_urlpatterns += [
-    path("reports/statements/", statement_views.statement_list, name="statements"),
-    path(
-        "reports/statements/produce/", statement_views.statement_produce, name="statement_produce"
-    ),
-    path(
-        "reports/statements/<str:month>/", statement_views.statement_month, name="statement_month"
-    ),
-    path(
-        "reports/statements/file/<int:pk>.<str:kind>",
-        statement_views.statement_file,
-        name="statement_file",
-    ),
-]

@@ -1025,6 +1025,7 @@ def usage_request(request: HttpRequest, pk: int) -> HttpResponse:
                 for name in (
                     "input_price",
                     "cached_input_price",
+                    "cache_write_price",
                     "output_price",
                     "cost",
                     "upstream_cost",

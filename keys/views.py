@@ -562,6 +562,7 @@ def _save_price(request: HttpRequest, form: ConsolePriceForm) -> ModelPrice | No
             input_price=data["input_per_mtok"],
             output_price=data["output_per_mtok"],
             cached_input_price=data["cached_input_per_mtok"],
+            cache_write_price=data["cache_write_per_mtok"],
             effective_from=data["effective_from"],
         )
     except KeyActionError as exc:

@@ -79,6 +79,8 @@ class Reply:
     #: default: streamed text pieces + tool-argument fragments (times ``n`` for OpenAI)
     output_tokens: int | None = None
     cached_tokens: int = 0
+    #: input tokens written to the prompt cache (Anthropic's cache_creation_input_tokens)
+    cache_write_tokens: int = 0
     #: False: no usage at all, neither in JSON nor in the stream
     include_usage: bool = True
     #: seconds before the response headers
@@ -795,7 +797,7 @@ def _anthropic_usage(body: Mapping[str, Any], reply: Reply, output: int) -> dict
         "input_tokens": prompt,
         "output_tokens": output,
         "cache_read_input_tokens": reply.cached_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": reply.cache_write_tokens,
     }
 
 

@@ -140,9 +140,10 @@ class ChatRequest:
 
 @dataclass(slots=True)
 class Usage:
-    input_tokens: int = 0
+    input_tokens: int = 0  # every input token: cache reads and cache writes included
     output_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # input tokens read from the provider's prompt cache
+    cache_write_tokens: int = 0  # input tokens written to it (Anthropic bills them apart)
 
 
 # --- Events: what an upstream call produces, in order. ---

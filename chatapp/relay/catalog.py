@@ -121,6 +121,7 @@ def _price(row: Any) -> Price:
         row.cached_input_per_mtok,
         row.currency,
         row.effective_from,
+        row.cache_write_per_mtok,
     )
 
 

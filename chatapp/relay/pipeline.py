@@ -209,6 +209,7 @@ class Call:
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 cached_tokens=usage.cached_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
             )
             if price is not None
             else Decimal(0)
@@ -223,6 +224,7 @@ class Call:
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 cached_tokens=usage.cached_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
             )
             if upstream is not None
             else Decimal(0)
@@ -252,6 +254,7 @@ class Call:
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,
                 "cached_tokens": usage.cached_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
                 "estimated": estimated,
                 "status": self.status or ERROR,
                 "http_status": self.http_status,
@@ -262,6 +265,11 @@ class Call:
                 "output_price": price.output if price else Decimal(0),
                 "cached_input_price": (
                     price.input if price.cached_input is None else price.cached_input
+                )
+                if price
+                else Decimal(0),
+                "cache_write_price": (
+                    price.input if price.cache_write is None else price.cache_write
                 )
                 if price
                 else Decimal(0),

@@ -307,6 +307,7 @@ def test_the_price_command_sets_and_lists_route_prices(route: Route) -> None:
         "input": "0.25",
         "output": "1.5",
         "cached_input": None,
+        "cache_write": None,
         "currency": "USD",
         "per": "1M tokens",
         "effective_from": "2026-11-01T00:00:00+00:00",

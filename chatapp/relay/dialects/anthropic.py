@@ -263,9 +263,12 @@ def _usage(usage: Usage, *, with_input: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {"output_tokens": usage.output_tokens}
     if with_input:
         body = {
-            # Anthropic counts cache reads apart from input_tokens; canonical input is the total.
-            "input_tokens": max(0, usage.input_tokens - usage.cached_tokens),
-            "cache_creation_input_tokens": 0,
+            # Anthropic counts cache reads and writes apart from input_tokens; canonical
+            # input is the total.
+            "input_tokens": max(
+                0, usage.input_tokens - usage.cached_tokens - usage.cache_write_tokens
+            ),
+            "cache_creation_input_tokens": usage.cache_write_tokens,
             "cache_read_input_tokens": usage.cached_tokens,
             **body,
         }
@@ -431,7 +434,12 @@ class StreamRenderer:
         finish = self.finish or Finish("stop")
         usage: dict[str, Any] = {"output_tokens": self.usage.output_tokens}
         if self.usage.input_tokens:
-            usage["input_tokens"] = max(0, self.usage.input_tokens - self.usage.cached_tokens)
+            usage["input_tokens"] = max(
+                0,
+                self.usage.input_tokens - self.usage.cached_tokens - self.usage.cache_write_tokens,
+            )
+            if self.usage.cache_write_tokens:
+                usage["cache_creation_input_tokens"] = self.usage.cache_write_tokens
             usage["cache_read_input_tokens"] = self.usage.cached_tokens
         out.append(
             _sse(

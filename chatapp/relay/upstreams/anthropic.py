@@ -213,6 +213,7 @@ def usage_from(raw: Any) -> Usage | None:
         input_tokens=int(raw.get("input_tokens") or 0) + cached + created,
         output_tokens=int(raw.get("output_tokens") or 0),
         cached_tokens=cached,
+        cache_write_tokens=created,
     )
 
 
@@ -288,10 +289,9 @@ class StreamParser:
             if reported.get("input_tokens") is not None:
                 refreshed = usage_from(reported)
                 if refreshed is not None:
-                    self.usage.input_tokens, self.usage.cached_tokens = (
-                        refreshed.input_tokens,
-                        refreshed.cached_tokens,
-                    )
+                    self.usage.input_tokens = refreshed.input_tokens
+                    self.usage.cached_tokens = refreshed.cached_tokens
+                    self.usage.cache_write_tokens = refreshed.cache_write_tokens
             if delta.get("stop_reason"):
                 self.finish = Finish(
                     FINISH.get(delta["stop_reason"], "stop"), delta.get("stop_sequence")

@@ -37,6 +37,7 @@ def price_row(price: ModelPrice) -> dict[str, Any]:
         "input": decimal_text(price.input_per_mtok),
         "output": decimal_text(price.output_per_mtok),
         "cached_input": decimal_text(price.cached_input_per_mtok),
+        "cache_write": decimal_text(price.cache_write_per_mtok),
         "currency": price.currency,
         "per": "1M tokens",
         "effective_from": iso(price.effective_from),
@@ -53,6 +54,7 @@ def route_price_row(price: RoutePrice) -> dict[str, Any]:
         "input": decimal_text(price.input_per_mtok),
         "output": decimal_text(price.output_per_mtok),
         "cached_input": decimal_text(price.cached_input_per_mtok),
+        "cache_write": decimal_text(price.cache_write_per_mtok),
         "currency": price.currency,
         "per": "1M tokens",
         "effective_from": iso(price.effective_from),
@@ -90,6 +92,12 @@ def add_price_arguments(parser: ArgumentParser) -> None:
         help="per 1M cached input tokens (default: --input)",
     )
     parser.add_argument(
+        "--cache-write",
+        type=price_value,
+        metavar="PRICE",
+        help="per 1M input tokens written to the prompt cache (Anthropic; default: --input)",
+    )
+    parser.add_argument(
         "--from", dest="effective_from", metavar="ISO-8601", help="when the price takes effect"
     )
     parser.add_argument("--json", action="store_true")
@@ -117,6 +125,12 @@ class Command(BaseCommand):
             type=price_value,
             metavar="PRICE",
             help="per 1M cached input tokens (default: --input)",
+        )
+        add.add_argument(
+            "--cache-write",
+            type=price_value,
+            metavar="PRICE",
+            help="per 1M input tokens written to the prompt cache (default: --input)",
         )
         add.add_argument(
             "--from", dest="effective_from", metavar="ISO-8601", help="when the price takes effect"
@@ -152,6 +166,7 @@ class Command(BaseCommand):
             input_price=options["input"],
             output_price=options["output"],
             cached_input_price=options["cached_input"],
+            cache_write_price=options["cache_write"],
             effective_from=parse_expiry(options["effective_from"])
             if options["effective_from"]
             else None,
@@ -162,6 +177,10 @@ class Command(BaseCommand):
         cached = (
             f", cached input {price.cached_input_per_mtok}"
             if price.cached_input_per_mtok is not None
+            else ""
+        ) + (
+            f", cache write {price.cache_write_per_mtok}"
+            if price.cache_write_per_mtok is not None
             else ""
         )
         self.stdout.write(
@@ -192,6 +211,7 @@ class Command(BaseCommand):
             input_price=options["input"],
             output_price=options["output"],
             cached_input_price=options["cached_input"],
+            cache_write_price=options["cache_write"],
             effective_from=parse_expiry(options["effective_from"])
             if options["effective_from"]
             else None,
@@ -201,6 +221,7 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(row, indent=2))
             return
         cached = f", cached input {row['cached_input']}" if row["cached_input"] else ""
+        cached += f", cache write {row['cache_write']}" if row["cache_write"] else ""
         self.stdout.write(
             f"{row['model']} via {row['provider']}/{row['upstream_model']}: upstream input "
             f"{row['input']}, output {row['output']}{cached} {row['currency']} per 1M tokens "
