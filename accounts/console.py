@@ -43,7 +43,7 @@ SECTIONS = (
     Section("console:prices", _("Prices"), STAFF),
     Section("console:usage", _("Usage"), EVERYONE),
     Section("console:alerts", _("Alerts"), EVERYONE),
-    Section("console:reports", _("Reports"), STAFF),
+    Section("console:reports", _("Reports"), EVERYONE),  # members: their own usage and statements
     Section("console:audit", _("Audit log"), ADMINS),
     Section("docs", _("Docs"), EVERYONE),  # the API guide, chatapp.docs (/docs/)
 )

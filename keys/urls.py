@@ -33,3 +33,11 @@ console_urlpatterns += [
     path("usage/requests/", usage_views.usage_requests, name="usage_requests"),
     path("usage/requests/<int:pk>/", usage_views.usage_request, name="usage_request"),
 ]
+
+# The finance reports and their exports (keys.report_views).
+from keys import report_views  # noqa: E402
+
+console_urlpatterns += [
+    path("reports/", report_views.report_page, name="reports"),
+    path("reports/export/", report_views.report_export, name="reports_export"),
+]

@@ -97,6 +97,16 @@ _NOT_ERRORS = [
 ]
 
 
+# The finance report's data-quality flags (keys.reports.FLAGS), as ledger rows; the
+# same tests as the roll-ups' counts (keys.rollups._ledger_measures).
+_USED_TOKENS = Q(input_tokens__gt=0) | Q(output_tokens__gt=0)
+FLAGS: dict[str, Q] = {
+    "unpriced": Q(priced=False) & _USED_TOKENS,
+    "estimated": Q(estimated=True),
+    "zero_cost": Q(cost=0) & _USED_TOKENS,
+}
+
+
 def sees_all(user: Any) -> bool:
     """Finance and admins read everyone's usage; members only their own."""
     return isinstance(user, User) and user.has_role(Role.FINANCE, Role.ADMIN)
@@ -126,6 +136,9 @@ class UsageQuery:
     status: str = ""
     stack: str = "model"
     request_id: str = ""
+    route: int | None = None
+    flag: str = ""  # unpriced | estimated | zero_cost: the report's data-quality flags
+    ranged: bool = False  # the query named a range: the request log keeps to it
     raw: dict[str, str] = field(default_factory=dict)  # the accepted values, for the form
     errors: list[str] = field(default_factory=list)
 
@@ -137,6 +150,7 @@ class UsageQuery:
             "model": self.model or None,
             "provider": self.provider or None,
             "source": self.source or None,
+            "route": self.route,
             "status_class": self.status or None,
         }
 
@@ -278,8 +292,17 @@ def parse_query(request: HttpRequest, *, now: datetime | None = None) -> UsageQu
     query.preset = preset
     raw["range"] = preset
     query.granularity = granularity_for(query.start, query.end)
+    query.ranged = bool(params.get("range", "").strip()) and not (errors and "from" not in raw)
+    flag = params.get("flag", "").strip()
+    if flag in FLAGS:
+        query.flag = flag
+        raw["flag"] = flag
+    elif flag:
+        errors.append(
+            _("Unknown %(name)s “%(value)s”; it was ignored.") % {"name": "flag", "value": flag}
+        )
 
-    for name in ("user", "key"):
+    for name in ("user", "key", "route"):
         text = params.get(name, "").strip()
         if not text:
             continue
@@ -975,6 +998,10 @@ def filtered_records(query: UsageQuery) -> QuerySet[UsageRecord]:
         records = records.exclude(dialect="browser")
     if query.status:
         records = records.filter(status_q(query.status))
+    if query.route is not None:
+        records = records.filter(route_id=query.route)
+    if query.flag:
+        records = records.filter(FLAGS[query.flag])
     if query.request_id:
         records = records.filter(request_id=query.request_id)
     return records
@@ -987,6 +1014,8 @@ def usage_requests(request: HttpRequest) -> HttpResponse:
     query = parse_query(request)
     viewer_sees_all = sees_all(request.user)
     records = filtered_records(query).select_related("user", "key")
+    if query.ranged:  # a link from a report or a dashboard: that range's requests only
+        records = records.filter(created_at__gte=query.start, created_at__lt=query.end)
     page = keyset_page(request, records)
     for record in page.rows:
         record.cost_text = money(record.cost)  # type: ignore[attr-defined]
