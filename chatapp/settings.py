@@ -89,6 +89,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "chatapp.security.content_security_policy",
     "django_htmx.middleware.HtmxMiddleware",
+    # Without a Celery beat: the first request after a month turns produces its statements.
+    "keys.statements.StatementsMiddleware",
 ]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -189,6 +191,9 @@ DEFAULT_FROM_EMAIL = SERVER_EMAIL = SWITCHBOARD_EMAIL_FROM
 # --- Celery: eager in the embedded mode, Redis as broker when configured. ---
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_ALWAYS_EAGER = env.flag("CELERY_TASK_ALWAYS_EAGER", REDIS_URL is None)
+# No beat runs in the eager mode: the first request after a month turns produces last
+# month's statements instead (keys.statements.StatementsMiddleware).
+SWITCHBOARD_STATEMENTS_ON_REQUEST = CELERY_TASK_ALWAYS_EAGER
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -198,6 +203,9 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "keys.tasks.roll_up_usage", "schedule": 60.0},
     "apply-usage-retention": {"task": "keys.tasks.apply_usage_retention", "schedule": 3600.0},
+    # Hourly, so the first run after a month turns in any TIME_ZONE produces last month's
+    # statements (a beat that was down catches up); every later run finds them produced.
+    "monthly-statements": {"task": "keys.tasks.produce_monthly_statements", "schedule": 3600.0},
 }
 # Raw usage records older than this many days are deleted (roll-ups are kept); unset: keep all.
 SWITCHBOARD_USAGE_RETENTION_DAYS: int | None = (

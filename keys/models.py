@@ -590,3 +590,125 @@ class BudgetAlert(models.Model):
         if not self.budget:
             return Decimal(0)
         return (self.spent * 100 / self.budget).quantize(Decimal("0.1"))
+
+
+# --- Monthly statements, closed months and adjustments (issue 13; keys.statements). ---
+
+
+class StatementMonth(models.Model):
+    """One calendar month of statements, in the reporting time zone it was produced in.
+
+    Produced once (``month`` is unique: two runs of the task meet on this row); while
+    open it may be produced again (late records), once closed never: a correction is
+    then an ``Adjustment``.
+    """
+
+    month = models.DateField(_("month"), unique=True)  # its first day
+    zone = models.CharField(_("time zone"), max_length=64)
+    currency = models.CharField(max_length=8)
+    produced_at = models.DateTimeField(_("produced at"), null=True, blank=True)
+    closed_at = models.DateTimeField(_("closed at"), null=True, blank=True)
+    closed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        verbose_name=_("closed by"),
+    )
+
+    class Meta:
+        ordering = ["-month"]
+        verbose_name = _("statement month")
+        verbose_name_plural = _("statement months")
+
+    def __str__(self) -> str:
+        return f"{self.month:%Y-%m}"
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed_at is not None
+
+
+class Statement(models.Model):
+    """A month's statement: one per user with usage, and one summary (``user`` empty).
+
+    Its files are kept in the database (every worker serves them; no shared disk),
+    exactly as they were produced.
+    """
+
+    month = models.ForeignKey(StatementMonth, on_delete=models.CASCADE, related_name="statements")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,  # a statement outlives nothing it names
+        related_name="statements",
+    )
+    requests = models.PositiveBigIntegerField(default=0)
+    failed = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=24, decimal_places=12, default=Decimal(0))
+    upstream_cost = models.DecimalField(max_digits=24, decimal_places=12, default=Decimal(0))
+    csv_file = models.BinaryField()
+    xlsx_file = models.BinaryField()
+    produced_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["month", "user__email"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["month", "user"],
+                condition=models.Q(user__isnull=False),
+                name="one_statement_per_user_and_month",
+            ),
+            models.UniqueConstraint(
+                fields=["month"],
+                condition=models.Q(user__isnull=True),
+                name="one_summary_per_month",
+            ),
+        ]
+        verbose_name = _("statement")
+        verbose_name_plural = _("statements")
+
+    def __str__(self) -> str:
+        who = self.user.email if self.user_id and self.user else "summary"
+        return f"statement {self.month} {who}"
+
+
+class Adjustment(models.Model):
+    """A dated correction of a month's statement, with its reason: added, never edited.
+
+    ``user`` empty: an adjustment of the whole month (the summary only); otherwise of
+    that user's statement (and so of the summary too).
+    """
+
+    month = models.ForeignKey(StatementMonth, on_delete=models.PROTECT, related_name="adjustments")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        verbose_name=_("user"),
+    )
+    amount = models.DecimalField(_("amount"), max_digits=24, decimal_places=12)
+    reason = models.CharField(_("reason"), max_length=500)
+    created_at = models.DateTimeField(_("date"), default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        verbose_name=_("by"),
+    )
+
+    class Meta:
+        ordering = ["month", "created_at", "id"]
+        verbose_name = _("adjustment")
+        verbose_name_plural = _("adjustments")
+
+    def __str__(self) -> str:
+        return f"adjustment of {self.month}: {self.amount.normalize():f} ({self.reason[:40]})"

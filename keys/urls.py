@@ -41,3 +41,21 @@ console_urlpatterns += [
     path("reports/", report_views.report_page, name="reports"),
     path("reports/export/", report_views.report_export, name="reports_export"),
 ]
+
+# Monthly statements, closed months and adjustments (keys.statement_views).
+from keys import statement_views  # noqa: E402
+
+console_urlpatterns += [
+    path("reports/statements/", statement_views.statement_list, name="statements"),
+    path(
+        "reports/statements/produce/", statement_views.statement_produce, name="statement_produce"
+    ),
+    path(
+        "reports/statements/<str:month>/", statement_views.statement_month, name="statement_month"
+    ),
+    path(
+        "reports/statements/file/<int:pk>.<str:kind>",
+        statement_views.statement_file,
+        name="statement_file",
+    ),
+]

@@ -21,6 +21,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from accounts.models import AuditEvent, Role, User
+from keys import ledger
 from tests.conftest import make_user
 
 LOGIN = "/accounts/login/"
@@ -77,13 +78,18 @@ class Cast:
 
 
 # Kinds of object a member owns: another member asking for one gets 404.
-OWNED_BY_ALICE = {"user", "key"}
+OWNED_BY_ALICE = {"user", "key", "usage", "statement"}
 
 
 @pytest.fixture
-def cast(db) -> Cast:
+def cast(transactional_db) -> Cast:
+    # transactional_db: a provider's Test relays a real request, and the ledger's writer
+    # thread records it on its own connection; the tables are emptied after each test, so
+    # no such record outlives it (with `db` it was committed outside the test's transaction).
+    from datetime import date
+
     from chatapp.models import CatalogModel, Provider, Route
-    from keys.models import ApiKey, ModelPrice
+    from keys.models import ApiKey, ModelPrice, Statement, StatementMonth, UsageRecord
 
     alice = make_user("alice@example.com")
     key, _raw = ApiKey.issue(user=alice, name="laptop")
@@ -95,6 +101,11 @@ def cast(db) -> Cast:
     price = ModelPrice.objects.create(
         model=model, input_per_mtok=Decimal("1"), output_per_mtok=Decimal("2"), currency="USD"
     )
+    record = UsageRecord.objects.create(
+        request_id="req-1", user=alice, key=key, model="gpt-test", status="ok"
+    )
+    month = StatementMonth.objects.create(month=date(2026, 10, 1), zone="UTC", currency="USD")
+    statement = Statement.objects.create(month=month, user=alice, csv_file=b"a", xlsx_file=b"b")
     return Cast(
         alice=alice,
         bob=make_user("bob@example.com"),
@@ -107,6 +118,9 @@ def cast(db) -> Cast:
             "model": model,
             "route": route,
             "price": price,
+            "usage": record,
+            "statement": statement,
+            "month": month,
         },
     )
 
@@ -131,6 +145,13 @@ def fill(url: ConsoleURL, cast: Cast) -> tuple[str, set[str]]:
         if kind == "model name":
             kwargs[param] = cast.objects["model"].name
             kinds.add("model")
+            continue
+        if param == "kind":  # a statement file's format
+            kwargs[param] = "csv"
+            continue
+        if kind == "month":  # a statement month, by its YYYY-MM
+            kwargs[param] = str(cast.objects["month"])
+            kinds.add(kind)
             continue
         if kind not in cast.objects:
             pytest.fail(
@@ -253,6 +274,7 @@ def test_the_console_answers_each_role_as_the_view_declares(url: ConsoleURL, cas
             if method == "GET":
                 # A GET never changes anything: every change writes an audit event.
                 assert AuditEvent.objects.count() == events, f"GET {address} changed something"
+    ledger.flush(5)  # what this test relayed is written while its database is still here
 
 
 def test_every_console_url_is_in_the_matrix() -> None:
