@@ -22,6 +22,7 @@ from chatapp import credentials
 class ProviderType(models.TextChoices):
     OPENAI = "openai", _("OpenAI-compatible")
     ANTHROPIC = "anthropic", _("Anthropic Messages API")
+    GEMINI = "gemini", _("Google Gemini API")
     LOCAL = "local", _("Local GGUF model (llama.cpp)")
 
 
@@ -34,7 +35,8 @@ class Provider(models.Model):
         blank=True,
         help_text=_(
             "As the provider's own SDK takes it: https://api.openai.com/v1 for OpenAI-compatible "
-            "servers, https://api.anthropic.com (no /v1) for Anthropic."
+            "servers, https://api.anthropic.com (no /v1) for Anthropic, "
+            "https://generativelanguage.googleapis.com (no /v1beta) for Gemini."
         ),
     )
     model_path = models.CharField(

@@ -200,7 +200,7 @@ def test_provider_add_without_a_key_stores_none() -> None:
             ["--type=anthropic", "--base-url=https://api.anthropic.com/v1"],
             "base_url: Anthropic base URLs stop before /v1",
         ),
-        (["--type=gemini", "--base-url=https://example.com"], "invalid choice: 'gemini'"),
+        (["--type=cohere", "--base-url=https://example.com"], "invalid choice: 'cohere'"),
         (["--type=openai", "--base-url=https://x.test", "--timeout=0"], "timeout: Ensure"),
         (
             ["--type=openai", "--base-url=https://x.test", "--header=NoColon"],

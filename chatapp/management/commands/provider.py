@@ -42,8 +42,8 @@ class Command(BaseCommand):
         add.add_argument(
             "--base-url",
             default="",
-            help="https://api.openai.com/v1 for OpenAI-compatible, https://api.anthropic.com for Anthropic "
-            "(required for those types)",
+            help="https://api.openai.com/v1 for OpenAI-compatible, https://api.anthropic.com for Anthropic, "
+            "https://generativelanguage.googleapis.com for Gemini (required for those types)",
         )
         add.add_argument(
             "--model-path",

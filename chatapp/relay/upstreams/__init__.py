@@ -1,6 +1,6 @@
 """Upstream types behind one protocol, found through one registry.
 
-An upstream type (``openai``, ``anthropic``, ``local``) is a class in a module of
+An upstream type (``openai``, ``anthropic``, ``gemini``, ``local``) is a class in a module of
 its own: it builds its provider's HTTP requests from canonical types and decodes
 its provider's answers into canonical events.  The pipeline does the I/O and never
 asks which type it talks to.  Adding a type is one module and one line in
@@ -30,6 +30,7 @@ MAX_MODEL_PAGES = 20
 UPSTREAMS = {
     "openai": "chatapp.relay.upstreams.openai.OpenAIUpstream",
     "anthropic": "chatapp.relay.upstreams.anthropic.AnthropicUpstream",
+    "gemini": "chatapp.relay.upstreams.gemini.GeminiUpstream",
     "local": "chatapp.relay.upstreams.local.LocalUpstream",
 }
 
