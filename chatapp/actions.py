@@ -45,6 +45,8 @@ MODEL_FIELDS = (
     "supports_vision",
     "supports_tools",
     "supports_embeddings",
+    "param_rules",
+    "fold_system",
     "enabled",
 )
 ROUTE_FIELDS = ("model", "provider", "upstream_model", "priority", "weight", "enabled")

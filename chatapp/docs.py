@@ -766,6 +766,10 @@ ERROR_HELP: dict[str, tuple[Promise, Promise]] = {
         _("A field has the wrong type or a value out of range; the message names it (param)."),
         _("Fix that field, e.g. temperature between 0 and 2 (OpenAI) or 0 and 1 (Anthropic)."),
     ),
+    "unsupported_parameter": (
+        _("The model does not accept this parameter (its parameter rules refuse it); the message names the parameter and the model."),
+        _("Leave the parameter out for this model, or ask an admin to drop or rename it in the model's rules."),
+    ),
     "missing_required_parameter": (
         _("A required field (model, messages, input, max_tokens for Anthropic) is missing."),
         _("Add the field named in param."),

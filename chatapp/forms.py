@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.core.exceptions import ValidationError
 from django.utils.translation import gettext_lazy as _
 
 from chatapp.models import CatalogModel, Provider, ProviderType, Route
-from chatapp.relay import upstreams
+from chatapp.relay import params, upstreams
 
 
 def provider_type_choices() -> list[tuple[str, Any]]:
@@ -62,8 +63,37 @@ class ProviderForm(forms.ModelForm):
         return {name: getattr(self.instance, name) for name in self.Meta.fields}
 
 
+class ParamRulesField(forms.CharField):
+    """Parameter rules as text, one per line (``temperature: drop``), stored as JSON."""
+
+    widget = forms.Textarea(attrs={"rows": 4, "spellcheck": "false", "class": "mono"})
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return params.as_text(params.from_json(value))
+        return value
+
+    def to_python(self, value: Any) -> list[dict[str, Any]]:  # type: ignore[override]
+        text = super().to_python(value) or ""
+        try:
+            return [rule.as_json() for rule in params.parse_text(text)]
+        except params.RuleError as exc:
+            raise ValidationError(str(exc)) from None
+
+
 class ModelForm(forms.ModelForm):
-    """A catalog model's description and capabilities."""
+    """A catalog model's description, capabilities and parameter rules."""
+
+    param_rules = ParamRulesField(
+        label=_("Parameter rules"),
+        required=False,
+        help_text=_(
+            "What the upstream model accepts, one rule per line, for the body sent upstream: "
+            "“temperature: drop”, “max_tokens: rename max_completion_tokens”, “top_p: fix 1”, "
+            "“logprobs: refuse” (a 400 naming the parameter). A dot reaches into nested "
+            "objects: “generationConfig.temperature: drop”."
+        ),
+    )
 
     class Meta:
         model = CatalogModel
@@ -76,6 +106,8 @@ class ModelForm(forms.ModelForm):
             "supports_vision",
             "supports_tools",
             "supports_embeddings",
+            "param_rules",
+            "fold_system",
         ]
         widgets = {"description": forms.Textarea(attrs={"rows": 3})}
 

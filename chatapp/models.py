@@ -94,6 +94,24 @@ class Provider(models.Model):
         upstream.clean_provider(self)
 
 
+def validate_param_rules(value: Any) -> None:
+    """The stored form of parameter rules: a list of {"param", "action", "value"} objects."""
+    from chatapp.relay import params
+
+    if not isinstance(value, list):
+        raise ValidationError(_("Parameter rules must be a list."))
+    try:
+        text = params.as_text(
+            [
+                params.Rule(str(item["param"]), str(item["action"]), item.get("value"))
+                for item in value
+            ]
+        )
+        params.parse_text(text)
+    except (KeyError, TypeError, params.RuleError) as exc:
+        raise ValidationError(_("Invalid parameter rules: %(error)s") % {"error": exc}) from None
+
+
 class CatalogModel(models.Model):
     """A model as clients name it; served through one or more routes."""
 
@@ -111,6 +129,15 @@ class CatalogModel(models.Model):
     supports_vision = models.BooleanField(_("vision"), default=False)
     supports_tools = models.BooleanField(_("tools"), default=False)
     supports_embeddings = models.BooleanField(_("embeddings"), default=False)
+    # What the upstream model accepts (chatapp.relay.params): [{"param", "action", "value"}].
+    param_rules = models.JSONField(
+        _("parameter rules"), default=list, blank=True, validators=[validate_param_rules]
+    )
+    fold_system = models.BooleanField(
+        _("fold the system message into the first user turn"),
+        default=False,
+        help_text=_("For models that refuse system messages."),
+    )
     enabled = models.BooleanField(_("enabled"), default=True)
     is_chat_default = models.BooleanField(
         _("default for new chats"),

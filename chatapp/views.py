@@ -35,7 +35,7 @@ from chatapp import actions
 from chatapp.forms import AddModelForm, ImportForm, ModelForm, ProviderForm, RouteForm
 from chatapp.health import run_checks
 from chatapp.models import CatalogModel, Provider, Route
-from chatapp.relay import routing
+from chatapp.relay import params, routing
 from keys.actions import KeyActionError, do_set_route_price
 from keys.forms import ConsoleRoutePriceForm
 
@@ -351,6 +351,7 @@ def _model_context(model: CatalogModel, **extra: Any) -> dict[str, Any]:
         "model": model,
         "routes": routes,
         "route_add_form": AddModelForm(initial={"name": model.name}),
+        "rules_text": params.as_text(params.from_json(model.param_rules)),
         **extra,
     }
 

@@ -17,6 +17,7 @@ from channels.db import database_sync_to_async
 from django.db import transaction
 
 from chatapp import hotstore
+from chatapp.relay import params
 from chatapp.relay.upstreams import Target
 from keys.pricing import Price
 
@@ -83,6 +84,8 @@ def _load() -> dict[str, ModelInfo]:
                     extra_headers=dict(provider.extra_headers or {}),
                     max_output_tokens=route.model.max_output_tokens,
                     model_path=provider.model_path,
+                    param_rules=params.from_json(route.model.param_rules),
+                    fold_system=route.model.fold_system,
                 ),
                 route.priority,
                 route.weight,

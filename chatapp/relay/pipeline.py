@@ -40,7 +40,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from chatapp import logs, metrics, shutdown
-from chatapp.relay import catalog, routing, sse, tokens
+from chatapp.relay import catalog, params, routing, sse, tokens
 from chatapp.relay import http as relay_http
 from chatapp.relay.canonical import (
     ChatRequest,
@@ -470,6 +470,28 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
+def chat_http(target: Target, request: ChatRequest) -> HttpCall:
+    """The upstream's chat request with the model's parameter rules applied: the one place.
+
+    A refused parameter is the client's error (400 naming it and the model), raised
+    before anything is sent; it is the same on every route of the model.
+    """
+    http_call = target.upstream.build_chat(target, request)
+    if target.param_rules or target.fold_system:
+        name = params.refused(http_call.body, target.param_rules)
+        if name is not None:
+            raise RelayError(
+                400,
+                f"The model '{request.model}' does not accept the parameter '{name}'.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        http_call.body = params.apply(
+            http_call.body, target.param_rules, fold_system=target.fold_system
+        )
+    return http_call
+
+
 async def _send(http_call: HttpCall, target: Target, *, stream: bool) -> httpx.Response:
     client = relay_http.client()
     request = client.build_request(
@@ -639,7 +661,7 @@ async def _complete(
     async def attempt(target: Target) -> Reply:
         upstream = target.upstream
         async with upstream.connect(target) as connected:
-            response = await _send(upstream.build_chat(connected, request), connected, stream=False)
+            response = await _send(chat_http(connected, request), connected, stream=False)
         body = _json_object(response, target)
         return Reply(target, body, upstream.parse_completion(body))
 
@@ -797,7 +819,7 @@ async def _open(call: Call, targets: list[Target], request: ChatRequest) -> Chat
         connection = upstream.connect(target)
         connected = await connection.__aenter__()
         try:
-            response = await _send(upstream.build_chat(connected, request), connected, stream=True)
+            response = await _send(chat_http(connected, request), connected, stream=True)
         except BaseException:
             await connection.__aexit__(None, None, None)
             raise

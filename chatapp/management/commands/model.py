@@ -1,4 +1,5 @@
-"""``manage.py model add|list|enable|disable``: the models clients ask for, and their routes."""
+"""``manage.py model add|list|enable|disable|rules``: the models clients ask for, their routes,
+and what their upstreams accept (parameter rules)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Prefetch
 
-from chatapp.actions import CatalogError, check_provider, do_add_model, do_set_model_enabled
+from chatapp.actions import (
+    CatalogError,
+    check_provider,
+    do_add_model,
+    do_set_model_enabled,
+    do_update_model,
+)
 from chatapp.models import CatalogModel, Route
+from chatapp.relay import params
 
 
 def capabilities(model: CatalogModel) -> list[str]:
@@ -63,6 +71,27 @@ class Command(BaseCommand):
             action = sub.add_parser(name, help=text)
             action.add_argument("name")
 
+        rules = sub.add_parser(
+            "rules",
+            help="show or set what the model's upstream accepts",
+            description=(
+                "Parameter rules, applied to the body sent upstream: 'PARAM: drop', "
+                "'PARAM: rename NEW', 'PARAM: fix JSON-VALUE', 'PARAM: refuse' (a 400 naming it). "
+                "--rule replaces every rule; without options the rules are shown."
+            ),
+        )
+        rules.add_argument("name")
+        rules.add_argument(
+            "--rule", action="append", metavar="'PARAM: ACTION [ARG]'", help="repeat for each rule"
+        )
+        rules.add_argument("--clear", action="store_true", help="remove every rule")
+        rules.add_argument(
+            "--fold-system",
+            action=BooleanOptionalAction,
+            default=None,
+            help="fold the system message into the first user turn",
+        )
+
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             getattr(self, f"handle_{options['action']}")(options)
@@ -92,6 +121,30 @@ class Command(BaseCommand):
             f" (priority {route.priority}, weight {route.weight};"
             f" {', '.join(capabilities(model)) or 'no capabilities'})"
         )
+
+    def handle_rules(self, options: dict[str, Any]) -> None:
+        model = CatalogModel.objects.filter(name=options["name"]).first()
+        if model is None:
+            raise CommandError(f"no model named {options['name']!r}")
+        changes: dict[str, Any] = {}
+        if options["clear"] and options["rule"]:
+            raise CommandError("--clear and --rule exclude each other")
+        if options["clear"]:
+            changes["param_rules"] = []
+        elif options["rule"]:
+            try:
+                found = params.parse_text("\n".join(options["rule"]))
+            except params.RuleError as exc:
+                raise CommandError(f"--rule: {exc}".replace("line ", "rule ")) from None
+            changes["param_rules"] = [rule.as_json() for rule in found]
+        if options["fold_system"] is not None:
+            changes["fold_system"] = options["fold_system"]
+        if changes:
+            model = do_update_model(model=model, changes=changes)
+        text = params.as_text(params.from_json(model.param_rules)) or "(no parameter rules)"
+        self.stdout.write(f"{model.name}:\n{text}")
+        if model.fold_system:
+            self.stdout.write("system message folded into the first user turn")
 
     def handle_list(self, options: dict[str, Any]) -> None:
         routes = Route.objects.select_related("provider").order_by("priority", "-weight", "id")

@@ -49,6 +49,9 @@ class Target:
     extra_headers: dict[str, str] = field(default_factory=dict)
     max_output_tokens: int = 4096
     model_path: str = ""  # local providers: the GGUF file their server loads
+    # The model's parameter rules (chatapp.relay.params), applied to every chat body.
+    param_rules: tuple[Any, ...] = ()
+    fold_system: bool = False
 
     @property
     def upstream(self) -> Upstream:
