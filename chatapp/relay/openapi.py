@@ -244,6 +244,164 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    # -- OpenAI responses --
+    "ResponseContentPart": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": ["input_text", "output_text", "input_image"]},
+            "text": {"type": "string"},
+            "image_url": {
+                "type": "string",
+                "description": "https URL or data:image/...;base64,...",
+            },
+            "detail": {"enum": ["auto", "low", "high"]},
+        },
+    },
+    "ResponseInputItem": {
+        "type": "object",
+        "description": (
+            "A message (type message, or no type), a function_call the model made, or a "
+            "function_call_output; replayed reasoning items are dropped."
+        ),
+        "properties": {
+            "type": {"enum": ["message", "function_call", "function_call_output", "reasoning"]},
+            "role": {"enum": ["user", "assistant", "system", "developer"]},
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": _ref("ResponseContentPart")},
+                ]
+            },
+            "call_id": {"type": "string"},
+            "name": {"type": "string"},
+            "arguments": {"type": "string"},
+            "output": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": _ref("ResponseContentPart")},
+                ]
+            },
+        },
+    },
+    "ResponseFunctionTool": {
+        "type": "object",
+        "required": ["type", "name"],
+        "properties": {
+            "type": {"const": "function"},
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object"},
+            "strict": {"type": "boolean"},
+        },
+    },
+    "ResponsesRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "description": (
+            "Nothing is stored: previous_response_id, conversation, prompt and background "
+            "are refused (400); send the whole conversation in input."
+        ),
+        "properties": {
+            "model": {"type": "string"},
+            "input": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "minItems": 1, "items": _ref("ResponseInputItem")},
+                ]
+            },
+            "instructions": {"type": "string"},
+            "tools": {"type": "array", "items": _ref("ResponseFunctionTool")},
+            "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]}, {"type": "object"}]},
+            "parallel_tool_calls": {"type": "boolean"},
+            "max_output_tokens": POSITIVE,
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "stream": {"type": "boolean"},
+            "store": {"type": "boolean", "description": "Accepted; nothing is ever stored."},
+            "text": {
+                "type": "object",
+                "properties": {
+                    "format": {
+                        "type": "object",
+                        "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+                    }
+                },
+            },
+            "metadata": {"type": "object"},
+            "user": {"type": "string"},
+        },
+    },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "created_at", "status", "model", "output", "store"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "created_at": {"type": "integer"},
+            "status": {"enum": ["completed", "incomplete"]},
+            "incomplete_details": {
+                "anyOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "properties": {"reason": {"enum": ["max_output_tokens", "content_filter"]}},
+                    },
+                ]
+            },
+            "model": {"type": "string"},
+            "store": {"const": False},
+            "output": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "type", "status"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "type": {"enum": ["message", "function_call"]},
+                        "status": {"enum": ["completed", "incomplete"]},
+                        "role": {"const": "assistant"},
+                        "content": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["type", "text"],
+                                "properties": {
+                                    "type": {"const": "output_text"},
+                                    "text": {"type": "string"},
+                                },
+                            },
+                        },
+                        "call_id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "arguments": {"type": "string"},
+                    },
+                },
+            },
+            "usage": {
+                "anyOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["input_tokens", "output_tokens", "total_tokens"],
+                        "properties": {
+                            "input_tokens": {"type": "integer"},
+                            "input_tokens_details": {
+                                "type": "object",
+                                "properties": {
+                                    "cached_tokens": {"type": "integer"},
+                                    "cache_write_tokens": {"type": "integer"},
+                                },
+                            },
+                            "output_tokens": {"type": "integer"},
+                            "output_tokens_details": {"type": "object"},
+                            "total_tokens": {"type": "integer"},
+                        },
+                    },
+                ]
+            },
+        },
+    },
     # -- OpenAI embeddings --
     "EmbeddingRequest": {
         "type": "object",
@@ -433,7 +591,10 @@ SSE = {
     "text/event-stream": {
         "schema": {
             "type": "string",
-            "description": "Server-sent events in the dialect's own format, then the end marker.",
+            "description": (
+                "Server-sent events in the dialect's own format, then its end "
+                "(data: [DONE], message_stop or response.completed)."
+            ),
         }
     }
 }
@@ -526,6 +687,21 @@ def document(base_url: str) -> dict[str, Any]:
                         },
                     },
                     "ChatCompletionRequest",
+                )
+            },
+            "/v1/responses": {
+                "post": _operation(
+                    "Response (OpenAI Responses format); typed SSE events with stream: true",
+                    "createResponse",
+                    "openai",
+                    {
+                        "description": (
+                            "The response, or its events (response.created … "
+                            "response.completed) as server-sent events"
+                        ),
+                        "content": {"application/json": {"schema": _ref("Response")}, **SSE},
+                    },
+                    "ResponsesRequest",
                 )
             },
             "/v1/embeddings": {

@@ -6,6 +6,7 @@ from chatapp.relay import openapi, views
 
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="v1-chat-completions"),
+    path("responses", views.responses, name="v1-responses"),
     path("messages", views.messages, name="v1-messages"),
     path("messages/count_tokens", views.count_tokens, name="v1-count-tokens"),
     path("embeddings", views.embeddings, name="v1-embeddings"),

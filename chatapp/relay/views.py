@@ -30,6 +30,7 @@ from chatapp.relay.canonical import ChatRequest
 from chatapp.relay.dialects import HTTP_DIALECTS, HttpDialect, detect
 from chatapp.relay.dialects import anthropic as anthropic_dialect
 from chatapp.relay.dialects import openai as openai_dialect
+from chatapp.relay.dialects import responses as responses_dialect
 from chatapp.relay.errors import RelayError, body_too_large, from_domain
 from chatapp.relay.pipeline import Call
 from chatapp.relay.validation import acheck_image_hosts
@@ -265,6 +266,21 @@ async def messages(
         parse=anthropic_dialect.parse_messages_request,
     )
     return await _relay_chat(call, dialect)
+
+
+@api_view("openai")  # errors in OpenAI's body; the answer in the Responses dialect
+async def responses(
+    request: HttpRequest, principal: Principal, request_id: str, dialect: HttpDialect
+) -> HttpResponseBase:
+    call = await _parsed_call(
+        request,
+        principal,
+        request_id,
+        endpoint="responses",
+        dialect=responses_dialect.DIALECT,
+        parse=responses_dialect.parse_responses_request,
+    )
+    return await _relay_chat(call, responses_dialect.DIALECT.bind(call.request, request_id))
 
 
 @api_view("anthropic")
