@@ -284,6 +284,8 @@ class Message(models.Model):
     )
     role = models.CharField(max_length=16, choices=[("user", "user"), ("assistant", "assistant")])
     content = models.TextField(blank=True)
+    # The model's reasoning before its answer (a reply's thinking), shown folded above it.
+    reasoning = models.TextField(blank=True)
     model = models.CharField(max_length=128, blank=True)
     status = models.CharField(
         max_length=16, choices=MessageStatus.choices, default=MessageStatus.COMPLETE

@@ -92,6 +92,18 @@ class Reply:
     #: (name, data) events a newer API version might add, sent after the first content
     #: event (Anthropic; an OpenAI stream gets each data as a chunk of its own)
     extra_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: the model's reasoning before its answer: Anthropic a signed ``thinking`` block
+    #: (streamed as thinking_delta words, then a signature_delta), OpenAI
+    #: ``reasoning_content`` on the message and on stream deltas (as DeepSeek sends it)
+    reasoning: str = ""
+    #: Anthropic: a ``redacted_thinking`` block with this (encrypted) data, before the text
+    redacted_thinking: str = ""
+    #: OpenAI: ``completion_tokens_details.reasoning_tokens`` (a part of completion_tokens)
+    reasoning_tokens: int = 0
+
+
+#: what the fake signs its Anthropic thinking blocks with
+THINKING_SIGNATURE = "EqQBCkYIBxgCKkBfakesignature"
 
 
 @dataclass
@@ -198,7 +210,11 @@ def _output_tokens(reply: Reply) -> int:
     if reply.output_tokens is not None:
         return reply.output_tokens
     calls = reply.tool_calls or []
-    return len(split_words(reply.text)) + sum(len(_fragments(_arguments_json(c))) for c in calls)
+    return (
+        len(split_words(reply.reasoning))
+        + len(split_words(reply.text))
+        + sum(len(_fragments(_arguments_json(c))) for c in calls)
+    )
 
 
 def _finish(reply: Reply) -> str:
@@ -619,7 +635,7 @@ def _openai_usage(body: Mapping[str, Any], reply: Reply, choices: int) -> dict[s
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": reply.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": reply.reasoning_tokens,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
@@ -639,6 +655,8 @@ def _tool_call_ids(reply: Reply, prefix: str) -> list[str]:
 def _openai_completion(body: Mapping[str, Any], reply: Reply) -> dict[str, Any]:
     n = _choices(body)
     message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
     if reply.tool_calls:
         message["tool_calls"] = [
             {
@@ -691,6 +709,7 @@ def _openai_stream(body: Mapping[str, Any], reply: Reply) -> tuple[list[str], in
     deltas: list[tuple[dict[str, Any], str | None]] = [
         ({"role": "assistant", "content": "" if reply.text else None, "refusal": None}, None)
     ]
+    deltas += [({"reasoning_content": word}, None) for word in split_words(reply.reasoning)]
     deltas += [({"content": word}, None) for word in split_words(reply.text)]
     calls = zip(reply.tool_calls or [], _tool_call_ids(reply, "call_"), strict=True)
     for index, (call, call_id) in enumerate(calls):
@@ -807,6 +826,15 @@ def _tool_uses(reply: Reply) -> Iterator[tuple[str, Mapping[str, Any]]]:
 
 def _anthropic_message(body: Mapping[str, Any], reply: Reply) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
+    if reply.reasoning:
+        thinking = {
+            "type": "thinking",
+            "thinking": reply.reasoning,
+            "signature": THINKING_SIGNATURE,
+        }
+        content.append(thinking)
+    if reply.redacted_thinking:
+        content.append({"type": "redacted_thinking", "data": reply.redacted_thinking})
     if reply.text:
         content.append({"type": "text", "text": reply.text})
     for call_id, call in _tool_uses(reply):
@@ -852,6 +880,21 @@ def _anthropic_stream(body: Mapping[str, Any], reply: Reply) -> tuple[list[str],
         message["usage"] = _anthropic_usage(body, reply, 1)
     events = [_sse({"type": "message_start", "message": message})]
     index = 0
+    if reply.reasoning:
+        block: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+        events.append(_sse({"type": "content_block_start", "index": index, "content_block": block}))
+        for word in split_words(reply.reasoning):
+            delta = {"type": "thinking_delta", "thinking": word}
+            events.append(_sse({"type": "content_block_delta", "index": index, "delta": delta}))
+        delta = {"type": "signature_delta", "signature": THINKING_SIGNATURE}
+        events.append(_sse({"type": "content_block_delta", "index": index, "delta": delta}))
+        events.append(_sse({"type": "content_block_stop", "index": index}))
+        index += 1
+    if reply.redacted_thinking:
+        block = {"type": "redacted_thinking", "data": reply.redacted_thinking}
+        events.append(_sse({"type": "content_block_start", "index": index, "content_block": block}))
+        events.append(_sse({"type": "content_block_stop", "index": index}))
+        index += 1
     if reply.text:
         text_block = {"type": "text", "text": ""}
         events.append(
@@ -866,7 +909,7 @@ def _anthropic_stream(body: Mapping[str, Any], reply: Reply) -> tuple[list[str],
         events.append(_sse({"type": "content_block_stop", "index": index}))
         index += 1
     for call_id, call in _tool_uses(reply):
-        block: dict[str, Any] = {
+        block = {
             "type": "tool_use",
             "id": call_id,
             "name": call["name"],

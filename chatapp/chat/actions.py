@@ -309,14 +309,15 @@ def do_switch_branch(*, user_id: int, message_id: Any) -> Any:
     return conversation
 
 
-def do_mark_interrupted(*, message_id: int, text: str) -> Message | None:
-    """Save a reply that no live process is writing as interrupted, with the text it had.
+def do_mark_interrupted(*, message_id: int, text: str, reasoning: str = "") -> Message | None:
+    """Save a reply that no live process is writing as interrupted, with the text (and
+    reasoning) it had.
 
     Only a reply still marked streaming changes (a writer that finished meanwhile
     wins); returns the message when it changed.
     """
     changed = Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(
-        status=MessageStatus.INTERRUPTED, content=text
+        status=MessageStatus.INTERRUPTED, content=text, reasoning=reasoning
     )
     if not changed:
         return None

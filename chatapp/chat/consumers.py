@@ -18,8 +18,10 @@ server → client
   {"type": "opened", "conversation": ID}
   {"type": "created", "conversation": ID, "url": "/chat/ID/"}
   {"type": "messages", "conversation": ID, "client_id": "...", "html": "..."}  the branch, re-rendered
-  {"type": "snapshot", "message": ID, "seq": N, "text": "..."}                  text so far
+  {"type": "snapshot", "message": ID, "seq": N, "text": "...", "reasoning": "..."}  so far
   {"type": "delta", "message": ID, "seq": N, "text": "..."}                     the next piece
+  {"type": "reasoning", "message": ID, "seq": N, "text": "..."}                 the next piece of
+                                                   the reasoning (one seq with the deltas)
   {"type": "render", "message": ID, "seq": N, "html": "..."}                    markdown so far
   {"type": "left_out", "message": ID, "count": N}
   {"type": "done", "message": ID, "status": "complete|stopped|failed", "html": "..."}

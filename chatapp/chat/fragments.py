@@ -25,6 +25,7 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
     return {
         "message": message,
         "html": render_markdown(message.content) if message.role == "assistant" else "",
+        "reasoning_html": render_markdown(message.reasoning) if message.reasoning else "",
         "error": failure_text(message.error) if message.status == "failed" else "",
         "attachments": list(message.attachments.all()),
         "version": index + 1,

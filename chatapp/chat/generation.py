@@ -100,8 +100,9 @@ async def recover(conversation_id: int) -> None:
             continue
         snapshot = await hotstore.aget(snapshot_key(message_id))
         text = snapshot[1] if snapshot else ""
+        reasoning = snapshot[2] if snapshot and len(snapshot) > 2 else ""
         message = await database_sync_to_async(actions.do_mark_interrupted)(
-            message_id=message_id, text=text
+            message_id=message_id, text=text, reasoning=reasoning
         )
         if message is not None:
             logger.warning("reply %s had no live writer: saved as interrupted", message_id)
@@ -193,9 +194,7 @@ async def run(message_id: int, language: str | None = None) -> None:
         error = browser.failure(code=f"internal:{type(exc).__name__}")
     finally:
         await asyncio.shield(
-            _finish(
-                message_id, conversation_id, call, status, error, writer.text, left_out, started
-            )
+            _finish(message_id, conversation_id, call, status, error, writer, left_out, started)
         )
         with contextlib.suppress(Exception):
             await asyncio.shield(heartbeat.stop())
@@ -232,14 +231,15 @@ async def _finish(
     call: pipeline.Call | None,
     status: str,
     error: str,
-    text: str,
+    writer: browser.ReplyWriter,
     left_out: int,
     started: float,
 ) -> None:
     """Save the reply (the pipeline has settled it), tell every tab, title the conversation."""
     usage = call.final_usage if call is not None else None
     fields: dict[str, Any] = {
-        "content": text,
+        "content": writer.text,
+        "reasoning": writer.reasoning,
         "status": status,
         "error": error,
         "left_out": left_out,

@@ -71,6 +71,7 @@ def chat_strings() -> dict[str, str]:
         "RemoveImage": _("Remove the image"),
         "SettingsFailed": _("The settings could not be saved: %(errors)s"),
         "EditMessage": _("Edit your message"),
+        "Reasoning": _("Reasoning"),
     }
 
 

@@ -116,6 +116,10 @@ class ChatRequest:
     seed: int | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
+    # Reasoning asked for: OpenAI's effort or Anthropic's thinking budget, each read into
+    # both (``chatapp.relay.reasoning``) so every upstream type gets it in its own terms.
+    reasoning_effort: str | None = None
+    reasoning_budget: int | None = None  # thinking tokens; 0: thinking off
     stream: bool = False
     include_usage: bool = False  # the client asked for usage in the stream (OpenAI)
     metadata: dict[str, Any] | None = None
@@ -144,6 +148,7 @@ class Usage:
     output_tokens: int = 0
     cached_tokens: int = 0  # input tokens read from the provider's prompt cache
     cache_write_tokens: int = 0  # input tokens written to it (Anthropic bills them apart)
+    reasoning_tokens: int = 0  # the part of output_tokens the model spent thinking
 
 
 # --- Events: what an upstream call produces, in order. ---
@@ -158,6 +163,14 @@ class Start:
 
 @dataclass(slots=True)
 class TextDelta:
+    text: str
+    choice: int = 0
+
+
+@dataclass(slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (thinking), shown apart from the answer."""
+
     text: str
     choice: int = 0
 
@@ -189,7 +202,7 @@ class Finish:
     choice: int = 0
 
 
-Event = Start | TextDelta | ToolCallStart | ToolCallDelta | UsageEvent | Finish
+Event = Start | TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | UsageEvent | Finish
 
 
 @dataclass(slots=True)
@@ -205,6 +218,7 @@ class Completion:
 @dataclass(slots=True)
 class CompletionChoice:
     text: str = ""
+    reasoning: str = ""
     tool_calls: list[ToolCallPart] = field(default_factory=list)
     finish: FinishReason = "stop"
     stop_sequence: str | None = None

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, JsonResponse
 
+from chatapp.relay import reasoning
 from chatapp.relay.errors import ERROR_TYPES, KEY_REFUSALS, RelayError
 
 RELAY_DIR = Path(__file__).resolve().parent
@@ -203,6 +204,13 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
             },
+            "reasoning_effort": {
+                "enum": list(reasoning.EFFORTS),
+                "description": (
+                    "Passed on to OpenAI-compatible upstreams; a thinking budget for Anthropic "
+                    "and Gemini ones (low 1024, medium 4096, high 16384 tokens)."
+                ),
+            },
         },
     },
     "ChatCompletion": {
@@ -226,6 +234,10 @@ SCHEMAS: dict[str, Any] = {
                             "properties": {
                                 "role": {"const": "assistant"},
                                 "content": STRING_OR_NULL,
+                                "reasoning_content": {
+                                    "type": "string",
+                                    "description": "The model's reasoning, when it shows any.",
+                                },
                                 "tool_calls": {"type": "array", "items": _ref("ToolCall")},
                             },
                         },
@@ -319,6 +331,11 @@ SCHEMAS: dict[str, Any] = {
             "top_p": {"type": "number", "minimum": 0, "maximum": 1},
             "stream": {"type": "boolean"},
             "store": {"type": "boolean", "description": "Accepted; nothing is ever stored."},
+            "reasoning": {
+                "type": "object",
+                "properties": {"effort": {"enum": list(reasoning.EFFORTS)}},
+                "description": "The effort, as reasoning_effort on chat completions.",
+            },
             "text": {
                 "type": "object",
                 "properties": {
@@ -358,8 +375,12 @@ SCHEMAS: dict[str, Any] = {
                     "required": ["id", "type", "status"],
                     "properties": {
                         "id": {"type": "string"},
-                        "type": {"enum": ["message", "function_call"]},
+                        "type": {"enum": ["message", "function_call", "reasoning"]},
                         "status": {"enum": ["completed", "incomplete"]},
+                        "summary": {
+                            "type": "array",
+                            "description": "A reasoning item: the reasoning the model showed.",
+                        },
                         "role": {"const": "assistant"},
                         "content": {
                             "type": "array",
@@ -490,8 +511,20 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["type"],
         "properties": {
-            "type": {"enum": ["text", "image", "tool_use", "tool_result"]},
+            "type": {
+                "enum": [
+                    "text",
+                    "image",
+                    "tool_use",
+                    "tool_result",
+                    "thinking",
+                    "redacted_thinking",
+                ]
+            },
             "text": {"type": "string"},
+            "thinking": {"type": "string"},
+            "signature": {"type": "string"},
+            "data": {"type": "string"},
             "source": {
                 "type": "object",
                 "properties": {
@@ -545,6 +578,18 @@ SCHEMAS: dict[str, Any] = {
             "tools": {"type": "array", "items": _ref("AnthropicTool")},
             "tool_choice": {"type": "object"},
             "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
+            "thinking": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["enabled", "disabled"]},
+                    "budget_tokens": {"type": "integer", "minimum": 1024},
+                },
+                "description": (
+                    "Passed on to Anthropic upstreams; an effort for OpenAI-compatible ones "
+                    "(under 4096 low, under 16384 medium, else high), a thinking budget for "
+                    "Gemini ones."
+                ),
+            },
         },
     },
     "CountTokensRequest": {

@@ -47,6 +47,7 @@ from chatapp.relay.canonical import (
     Completion,
     Event,
     Finish,
+    ReasoningDelta,
     Start,
     TextDelta,
     ToolCallDelta,
@@ -132,7 +133,7 @@ class Call:
 
     def observe(self, events: list[Event]) -> None:
         for event in events:
-            if isinstance(event, TextDelta):
+            if isinstance(event, TextDelta | ReasoningDelta):
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 self.output_chars.append(event.text)
@@ -150,6 +151,7 @@ class Call:
     def observe_completion(self, completion: Completion) -> None:
         self.first_token_at = time.perf_counter()
         for choice in completion.choices:
+            self.output_chars.append(choice.reasoning)
             self.output_chars.append(choice.text)
             self.output_chars.extend(call.arguments for call in choice.tool_calls)
         self.usage = completion.usage
@@ -709,7 +711,7 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-CONTENT_EVENTS = (TextDelta, ToolCallStart, ToolCallDelta, Finish, UsageEvent)
+CONTENT_EVENTS = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta, Finish, UsageEvent)
 
 
 async def _items(

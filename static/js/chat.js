@@ -35,7 +35,7 @@
   // --- helpers ---------------------------------------------------------------
   // Per reply being written: text so far, its last sequence number, the latest
   // server-rendered HTML and how many characters of the text it covers.
-  const newState = () => ({ seq: 0, text: "", html: "", htmlLength: 0, lengths: new Map() });
+  const newState = () => ({ seq: 0, text: "", reasoning: "", html: "", htmlLength: 0, lengths: new Map() });
   const showError = (text) => { errorBox.textContent = text; errorBox.hidden = !text; };
   const scrollDown = () => {
     messages.scrollTop = messages.scrollHeight;
@@ -73,6 +73,21 @@
     const article = document.getElementById("m" + id);
     if (!state || !article) return;
     const body = article.querySelector(".body");
+    if (state.reasoning) {
+      // Folded above the answer (closed unless the reader opened it), as plain text until done.
+      let folded = article.querySelector("details.reasoning");
+      if (!folded) {
+        folded = document.createElement("details");
+        folded.className = "reasoning";
+        const summary = document.createElement("summary");
+        summary.textContent = t("Reasoning");
+        const inner = document.createElement("div");
+        inner.className = "reasoning-body plain";
+        folded.append(summary, inner);
+        body.before(folded);
+      }
+      folded.querySelector(".reasoning-body").textContent = state.reasoning;
+    }
     body.innerHTML = state.html;  // server-sanitized markdown of the text so far
     const tail = state.text.slice(state.htmlLength);
     if (tail) {
@@ -131,12 +146,14 @@
         break;
       case "snapshot": {
         const state = streams.get(data.message) || newState();
-        if (data.seq >= state.seq) { state.seq = data.seq; state.text = data.text; state.html = ""; state.htmlLength = 0; state.lengths.set(data.seq, data.text.length); }
+        if (data.seq >= state.seq) { state.seq = data.seq; state.text = data.text; state.reasoning = data.reasoning || ""; state.html = ""; state.htmlLength = 0; state.lengths.set(data.seq, data.text.length); }
         streams.set(data.message, state);
         paint(data.message);
         break;
       }
-      case "delta": {
+      case "delta":
+      case "reasoning": {
+        // One sequence for both: a piece of the answer, or of the reasoning before it.
         const state = streams.get(data.message);
         if (!state) { send({ action: "open", conversation }); break; }  // joined mid-reply: get a snapshot
         if (data.seq <= state.seq) break;              // already in the snapshot
@@ -145,7 +162,7 @@
           break;
         }
         state.seq = data.seq;
-        state.text += data.text;
+        if (data.type === "reasoning") state.reasoning += data.text; else state.text += data.text;
         state.lengths.set(data.seq, state.text.length);
         paint(data.message);
         break;
@@ -172,7 +189,11 @@
       case "done": {
         streams.delete(data.message);
         const article = document.getElementById("m" + data.message);
+        // A reasoning fold the reader opened while the reply streamed stays open.
+        const opened = article && article.querySelector("details.reasoning[open]");
         if (article) article.outerHTML = data.html;
+        const fold = opened && document.querySelector(`#m${data.message} details.reasoning`);
+        if (fold) fold.open = true;
         relabel(messages);
         setBusy();
         scrollDown();

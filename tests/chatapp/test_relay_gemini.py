@@ -560,13 +560,18 @@ def test_cached_and_thinking_tokens_are_recorded_and_priced(gem: Gateway) -> Non
         messages=USER,  # type: ignore[arg-type]
     ) as stream:
         message = stream.get_final_message()
-    # Then: the thought summary is not the answer, and each dialect says the same numbers
+    # Then: the thought summary is not the answer but the reasoning before it, and each
+    # dialect says the same numbers
     assert completion.choices[0].message.content == "The answer."
-    assert message.content[0].text == "The answer."  # type: ignore[union-attr]
+    assert completion.choices[0].message.reasoning_content == "Let me think about it."  # type: ignore[attr-defined]
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "Let me think about it."  # type: ignore[union-attr]
+    assert message.content[1].text == "The answer."  # type: ignore[union-attr]
     usage = completion.usage
     assert usage is not None
     assert usage.prompt_tokens_details is not None
     assert (usage.prompt_tokens, usage.completion_tokens) == (4_000, 240)
+    assert usage.completion_tokens_details.reasoning_tokens == 200  # type: ignore[union-attr]
     assert usage.prompt_tokens_details.cached_tokens == 3_000
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (1_000, 3_000)
     assert message.usage.output_tokens == 240
@@ -1011,9 +1016,12 @@ def test_raw_http_shows_no_gemini_field_names_to_an_openai_client(gem: Gateway) 
         json={"model": "gemini-fake", "messages": USER},
     )
     assert response.status_code == 200
-    assert "secret thinking" not in response.text
     assert "candidates" not in response.text
+    assert "thought" not in response.text
     assert response.json()["object"] == "chat.completion"
+    # The thought summary is the reasoning, apart from the answer, as DeepSeek sends it.
+    message = response.json()["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("plain", "secret thinking")
 
 
 def test_route_failover_from_a_failing_gemini_route_to_an_openai_route(gem: Gateway) -> None:

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from chatapp.relay import reasoning
 from chatapp.relay.canonical import (
     ChatRequest,
     Completion,
@@ -16,6 +17,7 @@ from chatapp.relay.canonical import (
     Message,
     OpaquePart,
     Part,
+    ReasoningDelta,
     Start,
     TextDelta,
     TextPart,
@@ -98,6 +100,7 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
             messages.append(Message(role, parts))
     stream = bool(field(body, "stream", "", bool, default=False))
     metadata = field(body, "metadata", "", dict)
+    budget = _thinking_budget(body.get("thinking"))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -109,6 +112,9 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
         top_p=number(body, "top_p", "", 0, 1),
         top_k=integer(body, "top_k", "", 0),
         stop=stop_list(body.get("stop_sequences"), "stop_sequences"),
+        reasoning_budget=budget,
+        # Thinking turned off asks nothing of an effort-speaking upstream: no effort.
+        reasoning_effort=reasoning.effort_for(budget) if budget else None,
         stream=stream,
         include_usage=True,
         metadata=metadata,
@@ -118,6 +124,25 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
         raw=body,
         dialect="anthropic",
     )
+
+
+def _thinking_budget(raw: Any) -> int | None:
+    """``thinking``: ``{"type": "enabled", "budget_tokens": n}`` → n; disabled → 0."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise bad(
+            "thinking", 'expected an object such as {"type": "enabled", "budget_tokens": 2048}'
+        )
+    kind = raw.get("type")
+    if kind == "disabled":
+        return 0
+    if kind != "enabled":
+        return None  # a newer kind: passed on to an Anthropic upstream, not translated
+    budget = integer(raw, "budget_tokens", "thinking", 1)
+    if budget is None:
+        raise bad("thinking.budget_tokens", "this field is required when thinking is enabled")
+    return budget
 
 
 def _system(raw: Any) -> list[TextPart]:
@@ -278,6 +303,9 @@ def _usage(usage: Usage, *, with_input: bool = True) -> dict[str, Any]:
 def render_message(completion: Completion, model: str) -> dict[str, Any]:
     choice = completion.choices[0]
     content: list[dict[str, Any]] = []
+    if choice.reasoning:
+        # Another provider's reasoning: unsigned, so an Anthropic upstream would not take it back.
+        content.append({"type": "thinking", "thinking": choice.reasoning, "signature": ""})
     if choice.text:
         content.append({"type": "text", "text": choice.text})
     for call in choice.tool_calls:
@@ -390,6 +418,21 @@ class StreamRenderer:
                         "type": "content_block_delta",
                         "index": self.block,
                         "delta": {"type": "text_delta", "text": event.text},
+                    },
+                )
+            )
+        elif isinstance(event, ReasoningDelta):
+            if self.block_kind != "thinking":
+                out += self._open_block(
+                    "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                )
+            out.append(
+                _sse(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": self.block,
+                        "delta": {"type": "thinking_delta", "thinking": event.text},
                     },
                 )
             )

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatapp.relay import tokens
-from chatapp.relay.canonical import ChatRequest, ImagePart, Part, TextDelta, TextPart
+from chatapp.relay.canonical import (
+    ChatRequest,
+    ImagePart,
+    Part,
+    ReasoningDelta,
+    TextDelta,
+    TextPart,
+)
 from chatapp.relay.canonical import Message as Turn
 from chatapp.relay.upstreams import UpstreamItem
 
@@ -110,36 +117,55 @@ def fit_context(request: ChatRequest, context_window: int, max_output: int) -> i
 
 
 class ReplyWriter:
-    """The frames of one reply: text deltas with sequence numbers, and the text so far."""
+    """The frames of one reply: deltas with sequence numbers, and the text so far.
+
+    Reasoning and answer share one sequence: a ``reasoning`` frame carries a piece of
+    the model's thinking, a ``delta`` frame a piece of its answer.
+    """
 
     def __init__(self, message_id: int) -> None:
         self.message_id = message_id
         self.seq = 0
         self.text = ""
+        self.reasoning = ""
 
     def item(self, item: UpstreamItem) -> list[dict[str, Any]]:
         frames: list[dict[str, Any]] = []
         for event in item.events:
-            if not isinstance(event, TextDelta) or event.choice != 0 or not event.text:
+            if not isinstance(event, TextDelta | ReasoningDelta) or event.choice != 0:
+                continue
+            if not event.text:
                 continue
             self.seq += 1
-            self.text += event.text
+            if isinstance(event, ReasoningDelta):
+                self.reasoning += event.text
+                kind = "reasoning"
+            else:
+                self.text += event.text
+                kind = "delta"
             frames.append(
-                {"type": "delta", "message": self.message_id, "seq": self.seq, "text": event.text}
+                {"type": kind, "message": self.message_id, "seq": self.seq, "text": event.text}
             )
         return frames
 
     @property
-    def snapshot(self) -> tuple[int, str]:
-        return self.seq, self.text
+    def snapshot(self) -> tuple[int, str, str]:
+        return self.seq, self.text, self.reasoning
 
     def render_frame(self, html: str) -> dict[str, Any]:
         return {"type": "render", "message": self.message_id, "seq": self.seq, "html": html}
 
 
-def snapshot_frame(message_id: int, snapshot: tuple[int, str] | None) -> dict[str, Any]:
-    seq, text = snapshot if snapshot else (0, "")
-    return {"type": "snapshot", "message": message_id, "seq": seq, "text": text}
+def snapshot_frame(message_id: int, snapshot: tuple[Any, ...] | None) -> dict[str, Any]:
+    """What a reply still streaming has so far: (seq, text) or (seq, text, reasoning)."""
+    seq, text, reasoning = (*snapshot, "")[:3] if snapshot else (0, "", "")
+    return {
+        "type": "snapshot",
+        "message": message_id,
+        "seq": seq,
+        "text": text,
+        "reasoning": reasoning,
+    }
 
 
 def left_out_frame(message_id: int, count: int) -> dict[str, Any]:

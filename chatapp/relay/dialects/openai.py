@@ -7,6 +7,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from chatapp.relay import reasoning
 from chatapp.relay.canonical import (
     ChatRequest,
     Completion,
@@ -16,6 +17,7 @@ from chatapp.relay.canonical import (
     Message,
     OpaquePart,
     Part,
+    ReasoningDelta,
     Start,
     TextDelta,
     TextPart,
@@ -97,6 +99,9 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         "json_schema",
     ):
         raise bad("response_format.type", "expected text, json_object or json_schema")
+    effort = field(body, "reasoning_effort", "", str)
+    if effort is not None and effort not in reasoning.EFFORTS:
+        raise bad("reasoning_effort", f"expected one of {', '.join(reasoning.EFFORTS)}")
     return ChatRequest(
         model=model,
         messages=messages,
@@ -113,6 +118,8 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         seed=integer(body, "seed", "", -(2**63)),
         user=field(body, "user", "", str),
         response_format=response_format,
+        reasoning_effort=effort,
+        reasoning_budget=reasoning.budget_for(effort) if effort is not None else None,
         stream=stream,
         include_usage=bool(stream_options.get("include_usage")),
         metadata=field(body, "metadata", "", dict),
@@ -275,7 +282,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.input_tokens + usage.output_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -287,6 +294,8 @@ def render_completion(completion: Completion, model: str) -> dict[str, Any]:
             "content": choice.text or (None if choice.tool_calls else ""),
             "refusal": None,
         }
+        if choice.reasoning:
+            message["reasoning_content"] = choice.reasoning  # as DeepSeek names it
         if choice.tool_calls:
             message["tool_calls"] = [
                 {
@@ -373,6 +382,19 @@ class StreamRenderer:
                         {
                             "index": event.choice,
                             "delta": {"content": event.text},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            ]
+        if isinstance(event, ReasoningDelta):
+            return self._opening(event.choice) + [
+                self._chunk(
+                    [
+                        {
+                            "index": event.choice,
+                            "delta": {"reasoning_content": event.text},
                             "logprobs": None,
                             "finish_reason": None,
                         }

@@ -12,8 +12,11 @@ rendered response says ``"store": false`` so a client knows not to refer back to
 ``item_reference`` items all need stored state and are refused with a 400 naming
 them; a client sends the whole conversation in ``input`` instead (as it does with
 ``store: false`` anywhere).  ``reasoning`` items a client replays are dropped: their
-(encrypted) content means nothing to another model.  Errors use the OpenAI error
-body, as on the other OpenAI endpoints.
+(encrypted) content means nothing to another model.  The reasoning a model shows
+(Claude's thinking, DeepSeek's ``reasoning_content``, Gemini's thoughts) comes first as a
+``reasoning`` item whose summary is that text, streamed with the
+``response.reasoning_summary_*`` events.  Errors use the OpenAI error body, as on the
+other OpenAI endpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from chatapp.relay import reasoning
 from chatapp.relay.canonical import (
     ChatRequest,
     Completion,
@@ -34,6 +38,7 @@ from chatapp.relay.canonical import (
     ImagePart,
     Message,
     Part,
+    ReasoningDelta,
     Start,
     TextDelta,
     TextPart,
@@ -104,6 +109,7 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
         raise bad("input", "at least one message or function call output is required")
     stream = bool(field(body, "stream", "", bool, default=False))
     user = field(body, "user", "", str)
+    effort = _effort(body.get("reasoning"))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -115,12 +121,26 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
         top_p=number(body, "top_p", "", 0, 1),
         user=user if user is not None else field(body, "safety_identifier", "", str),
         response_format=_text_format(body.get("text")),
+        reasoning_effort=effort,
+        reasoning_budget=reasoning.budget_for(effort) if effort is not None else None,
         stream=stream,
         include_usage=True,  # response.completed always carries usage
         metadata=field(body, "metadata", "", dict),
         raw=body,
         dialect="responses",
     )
+
+
+def _effort(raw: Any) -> str | None:
+    """``reasoning.effort`` (its ``summary`` asks for what we show anyway, when there is any)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise bad("reasoning", 'expected an object such as {"effort": "low"}')
+    effort = field(raw, "effort", "reasoning", str)
+    if effort is not None and effort not in reasoning.EFFORTS:
+        raise bad("reasoning.effort", f"expected one of {', '.join(reasoning.EFFORTS)}")
+    return effort
 
 
 def _items(items: list[Any], system: list[TextPart]) -> list[Message]:
@@ -324,7 +344,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "cache_write_tokens": usage.cache_write_tokens,
         },
         "output_tokens": usage.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.input_tokens + usage.output_tokens,
     }
 
@@ -362,7 +382,7 @@ def _response(
         "output": output,
         "parallel_tool_calls": raw.get("parallel_tool_calls") is not False,
         "previous_response_id": None,
-        "reasoning": None,
+        "reasoning": raw.get("reasoning"),
         "store": False,  # nothing is stored, whatever the request said
         "temperature": request.temperature if request is not None else None,
         "text": raw.get("text") or {"format": {"type": "text"}},
@@ -389,6 +409,20 @@ def _message_item(id: str, text: str | None, status: str) -> dict[str, Any]:
     }
 
 
+def _summary_part(text: str) -> dict[str, Any]:
+    return {"type": "summary_text", "text": text}
+
+
+def _reasoning_item(id: str, text: str | None, status: str) -> dict[str, Any]:
+    """The model's reasoning as a reasoning item's summary (no encrypted content: not replayable)."""
+    return {
+        "id": id,
+        "type": "reasoning",
+        "status": status,
+        "summary": [] if text is None else [_summary_part(text)],
+    }
+
+
 def _call_item(id: str, call: ToolCallPart, status: str) -> dict[str, Any]:
     return {
         "id": id,
@@ -409,8 +443,10 @@ def render_response(
     status = "incomplete" if finish in INCOMPLETE else "completed"
     output: list[dict[str, Any]] = []
     # Item ids as the stream names them: the response's id and the item's position.
+    if choice is not None and choice.reasoning:
+        output.append(_reasoning_item(f"rs_{request_id}_0", choice.reasoning, "completed"))
     if choice is not None and (choice.text or not choice.tool_calls):
-        output.append(_message_item(f"msg_{request_id}_0", choice.text, status))
+        output.append(_message_item(f"msg_{request_id}_{len(output)}", choice.text, status))
     for call in choice.tool_calls if choice is not None else ():
         output.append(_call_item(f"fc_{request_id}_{len(output)}", call, "completed"))
     return _response(
@@ -502,6 +538,18 @@ class StreamRenderer:
         index = self.output.index(item)
         status = "incomplete" if self.finish in INCOMPLETE else "completed"
         out = []
+        if item["type"] == "reasoning":
+            part = item["summary"][0]
+            where = {"item_id": item["id"], "output_index": index, "summary_index": 0}
+            out.append(
+                self._event("response.reasoning_summary_text.done", **where, text=part["text"])
+            )
+            out.append(
+                self._event("response.reasoning_summary_part.done", **where, part=dict(part))
+            )
+            item["status"] = "completed"  # the reasoning ended, whatever the answer does
+            out.append(self._event("response.output_item.done", output_index=index, item=item))
+            return out
         if item["type"] == "message":
             part = item["content"][0]
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
@@ -554,6 +602,37 @@ class StreamRenderer:
             )
         return out
 
+    def _reasoning(self, text: str) -> list[bytes]:
+        out: list[bytes] = []
+        item = self.open
+        index = len(self.output) - 1
+        if item is None or item["type"] != "reasoning":
+            item = _reasoning_item(f"rs_{self.request_id}_{len(self.output)}", None, "in_progress")
+            out += self._add(item)
+            index = len(self.output) - 1
+            part = _summary_part("")
+            item["summary"].append(part)
+            out.append(
+                self._event(
+                    "response.reasoning_summary_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    summary_index=0,
+                    part=dict(part),
+                )
+            )
+        item["summary"][0]["text"] += text
+        out.append(
+            self._event(
+                "response.reasoning_summary_text.delta",
+                item_id=item["id"],
+                output_index=index,
+                summary_index=0,
+                delta=text,
+            )
+        )
+        return out
+
     def render(self, event: Event) -> list[bytes]:
         if event.__class__ is not UsageEvent and getattr(event, "choice", 0) != 0:
             return []  # one output per response
@@ -562,6 +641,8 @@ class StreamRenderer:
             return out
         if isinstance(event, TextDelta):
             out += self._text(event.text)
+        elif isinstance(event, ReasoningDelta) and event.text:
+            out += self._reasoning(event.text)
         elif isinstance(event, ToolCallStart):
             item = _call_item(
                 f"fc_{self.request_id}_{len(self.output)}",
@@ -596,7 +677,7 @@ class StreamRenderer:
 
     def end(self, *, passthrough: bool) -> list[bytes]:
         out = self._start()
-        if not self.output:
+        if all(item["type"] == "reasoning" for item in self.output):
             out += self._text("")  # an empty answer is still one (empty) message
         out += self._close()
         incomplete = self.finish in INCOMPLETE

@@ -10,6 +10,7 @@ from urllib.parse import quote
 from django.core.exceptions import ValidationError
 from django.utils.translation import gettext as _
 
+from chatapp.relay import reasoning
 from chatapp.relay.canonical import (
     ChatRequest,
     Completion,
@@ -19,6 +20,7 @@ from chatapp.relay.canonical import (
     FinishReason,
     ImagePart,
     Part,
+    ReasoningDelta,
     Start,
     TextDelta,
     TextPart,
@@ -198,7 +200,36 @@ def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]
         if choice.disable_parallel and choice.mode != "none":
             mapped["disable_parallel_tool_use"] = True
         body["tool_choice"] = mapped
+    _thinking(body, request, target)
     return body
+
+
+def _thinking(body: dict[str, Any], request: ChatRequest, target: Target) -> None:
+    """Reasoning asked for (an effort or a budget) as Anthropic's ``thinking``.
+
+    Anthropic wants a budget of at least 1,024 tokens, below ``max_tokens``: a smaller
+    ``max_tokens`` is kept for the answer on top of the budget, as far as the model's
+    output limit allows (the budget shrinks to fit under it, or thinking stays off).  Thinking does not go with
+    a forced tool (left without thinking) nor with a changed temperature (dropped), and
+    top_p must be at least 0.95.
+    """
+    budget = request.reasoning_budget
+    if not budget:
+        return
+    forced = body.get("tool_choice", {}).get("type") in ("any", "tool")
+    if forced:
+        return
+    budget = max(budget, reasoning.ANTHROPIC_MIN_BUDGET)
+    if body["max_tokens"] <= budget:
+        body["max_tokens"] = min(body["max_tokens"] + budget, target.max_output_tokens)
+        # The model's output limit comes first: the budget shrinks below it.
+        budget = min(budget, body["max_tokens"] - 1)
+        if budget < reasoning.ANTHROPIC_MIN_BUDGET:
+            return
+    body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    body.pop("temperature", None)
+    if body.get("top_p", 1) < 0.95:
+        body["top_p"] = 0.95
 
 
 # --- Responses ---
@@ -223,6 +254,8 @@ def parse_completion(body: dict[str, Any]) -> Completion:
         for block in body["content"]:
             if block.get("type") == "text":
                 choice.text += block["text"]
+            elif block.get("type") == "thinking":
+                choice.reasoning += block.get("thinking") or ""
             elif block.get("type") == "tool_use":
                 choice.tool_calls.append(
                     ToolCallPart(
@@ -272,11 +305,15 @@ class StreamParser:
                 return [ToolCallStart(position, block.get("id", ""), block.get("name", ""))]
             if block.get("type") == "text" and block.get("text"):
                 return [TextDelta(block["text"])]
+            if block.get("type") == "thinking" and block.get("thinking"):
+                return [ReasoningDelta(block["thinking"])]
             return []
         if kind == "content_block_delta":
             delta = data.get("delta") or {}
             if delta.get("type") == "text_delta":
                 return [TextDelta(delta.get("text", ""))]
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                return [ReasoningDelta(delta["thinking"])]
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
                 position = self.tool_index.get(int(data.get("index", 0)), 0)
                 return [ToolCallDelta(position, delta["partial_json"])]

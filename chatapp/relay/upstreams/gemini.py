@@ -22,9 +22,11 @@ How canonical requests cross over:
   ``thoughtSignature`` it came with; canonical tool calls do not carry it, so every
   one is sent with the value Google documents for calls from elsewhere
   (``skip_thought_signature_validator``);
-- thought parts (``thought: true``) are not part of the answer; their tokens
-  (``thoughtsTokenCount``) are billed as output, and ``cachedContentTokenCount``
-  is the cached part of the input.
+- thought parts (``thought: true``, thought summaries) are the reasoning, not the
+  answer; their tokens (``thoughtsTokenCount``) are reasoning tokens, billed as output,
+  and ``cachedContentTokenCount`` is the cached part of the input;
+- a reasoning effort or budget is ``thinkingConfig.thinkingBudget`` (0 turns thinking
+  off), with ``includeThoughts`` so the summaries come back.
 
 Gemini speaks no client dialect of ours, so every client gets a rendering of the
 events.  It has no embeddings or token count in a shape the pipeline reads: those fall
@@ -52,6 +54,7 @@ from chatapp.relay.canonical import (
     ImagePart,
     Message,
     Part,
+    ReasoningDelta,
     Start,
     TextDelta,
     TextPart,
@@ -255,6 +258,12 @@ def _body(target: Target, request: ChatRequest) -> dict[str, Any]:
         config["candidateCount"] = request.n
     if request.response_format:
         _response_format(config, request.response_format)
+    if request.reasoning_budget is not None:
+        # includeThoughts: the thought summaries come back, shown as the reasoning.
+        thinking: dict[str, Any] = {"thinkingBudget": request.reasoning_budget}
+        if request.reasoning_budget:
+            thinking["includeThoughts"] = True
+        config["thinkingConfig"] = thinking
     if config:
         body["generationConfig"] = config
     return body
@@ -273,6 +282,7 @@ def usage_from(raw: Any) -> Usage | None:
         output_tokens=int(raw.get("candidatesTokenCount") or 0)
         + int(raw.get("thoughtsTokenCount") or 0),
         cached_tokens=int(raw.get("cachedContentTokenCount") or 0),
+        reasoning_tokens=int(raw.get("thoughtsTokenCount") or 0),
     )
 
 
@@ -324,7 +334,9 @@ def parse_completion(body: dict[str, Any]) -> Completion:
             for part in _parts_of(candidate):
                 if "functionCall" in part:
                     choice.tool_calls.append(_call(part))
-                elif isinstance(part.get("text"), str) and not part.get("thought"):
+                elif isinstance(part.get("text"), str) and part.get("thought"):
+                    choice.reasoning += part["text"]
+                elif isinstance(part.get("text"), str):
                     choice.text += part["text"]
             choice.finish = _finish(candidate, bool(choice.tool_calls))
             choices.append(choice)
@@ -384,8 +396,9 @@ class StreamParser:
                     self.calls[index] = position + 1
                     events.append(ToolCallStart(position, call.id, call.name, index))
                     events.append(ToolCallDelta(position, call.arguments, index))
-                elif isinstance(part.get("text"), str) and part["text"] and not part.get("thought"):
-                    events.append(TextDelta(part["text"], index))
+                elif isinstance(part.get("text"), str) and part["text"]:
+                    kind = ReasoningDelta if part.get("thought") else TextDelta
+                    events.append(kind(part["text"], index))
             if candidate.get("finishReason") and index in self.open:
                 self.open.discard(index)
                 self.closed.add(index)

@@ -13,6 +13,7 @@ from chatapp.relay.canonical import (
     FinishReason,
     ImagePart,
     Message,
+    ReasoningDelta,
     Start,
     TextDelta,
     TextPart,
@@ -147,6 +148,7 @@ def _body_from_canonical(target: Target, request: ChatRequest) -> dict[str, Any]
         "seed": request.seed,
         "user": request.user,
         "response_format": request.response_format,
+        "reasoning_effort": request.reasoning_effort,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     if request.stop:
@@ -183,11 +185,25 @@ def usage_from(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
     details = raw.get("prompt_tokens_details") or {}
+    output_details = raw.get("completion_tokens_details") or {}
     return Usage(
         input_tokens=int(raw.get("prompt_tokens") or 0),
         output_tokens=int(raw.get("completion_tokens") or 0),
         cached_tokens=int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0),
+        reasoning_tokens=int(
+            (output_details.get("reasoning_tokens") if isinstance(output_details, dict) else 0) or 0
+        ),
     )
+
+
+def reasoning_of(raw: dict[str, Any]) -> str:
+    """A message's or delta's reasoning: ``reasoning_content`` (DeepSeek, vLLM, Qwen) or
+    ``reasoning`` (OpenRouter, newer vLLM)."""
+    for name in ("reasoning_content", "reasoning"):
+        value = raw.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def parse_completion(body: dict[str, Any]) -> Completion:
@@ -207,7 +223,12 @@ def parse_completion(body: dict[str, Any]) -> Completion:
             if calls and finish == "stop":
                 finish = "tool_calls"  # OpenAI says "stop" when tool_choice named the function
             choices.append(
-                CompletionChoice(text=message.get("content") or "", tool_calls=calls, finish=finish)
+                CompletionChoice(
+                    text=message.get("content") or "",
+                    reasoning=reasoning_of(message),
+                    tool_calls=calls,
+                    finish=finish,
+                )
             )
         return Completion(
             id=str(body.get("id", "")),
@@ -236,6 +257,9 @@ class StreamParser:
         for choice in chunk.get("choices") or ():
             index = int(choice.get("index") or 0)
             delta = choice.get("delta") or {}
+            thought = reasoning_of(delta)
+            if thought:
+                events.append(ReasoningDelta(thought, index))
             if delta.get("content"):
                 events.append(TextDelta(delta["content"], index))
             for call in delta.get("tool_calls") or ():
