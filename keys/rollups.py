@@ -11,7 +11,14 @@ embedded mode (no worker, no beat) ``summarize()`` runs a bounded catch-up itsel
 
 Reading.  ``summarize()`` adds the roll-ups of clean closed buckets to the raw ledger
 of the dirty and open ones, so a chart is never behind and never counts a row twice.
-Any zone is exact: 15 minutes divides every zone's UTC offset.
+Any zone is exact: 15 minutes divides every zone's UTC offset.  The database sums per
+local period (``_rollup_periods``: within a stretch of constant offset a local hour or
+day is an integer expression of the bucket), and whole local days come from a coarser
+tier, ``UsageRollupDay`` (24-hour windows starting at the zone's midnight, each the
+sum of its 96 buckets; written by the roll-up for UTC and ``TIME_ZONE``, on first read
+for other zones, and deleted with any recompute that touches them).  A 30-day
+dashboard over 10 million records reads some 30,000 day rows instead of 900,000
+bucket rows.
 
 Retention (``apply_retention``) deletes raw rows only of rolled-up buckets, and seals
 them (``UsageRollupState.raw_kept_from``) so they are never recomputed from nothing.
@@ -28,7 +35,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 from django.db.models import (
     Aggregate,
     BigIntegerField,
@@ -54,6 +61,7 @@ from keys.models import (
     LATENCY_COLUMNS,
     TTFT_BOUNDS_MS,
     TTFT_COLUMNS,
+    ApiKey,
     StatusClass,
     UsageRecord,
     UsageRollup,
@@ -64,6 +72,8 @@ from keys.models import (
 logger = logging.getLogger(__name__)
 
 BUCKET = timedelta(seconds=BUCKET_SECONDS)
+DAY = timedelta(days=1)
+FILL_DAYS = 62  # day windows one read may write (the first read of a new zone's days)
 DIMENSIONS = ("user_id", "key_id", "model", "provider", "route_id", "source", "status_class")
 SUMS = ("input_tokens", "cached_tokens", "output_tokens", "latency_sum_ms", "ttft_sum_ms")
 COUNTS = (
@@ -80,6 +90,64 @@ COUNTS = (
 )
 MEASURES = (*COUNTS, *SUMS)
 GRANULARITIES = ("15min", "hour", "day", "week", "month", "total")
+
+
+def _measure_field(name: str) -> models.Field[Any, Any]:
+    field = UsageRollup._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field.clone()
+
+
+class UsageRollupDay(models.Model):
+    """The roll-ups of one 24-hour window × the same dimensions: a coarser tier for long ranges.
+
+    A window starts at any 15-minute boundary (``day_start``, UTC): each reporting
+    zone's local days are their own windows (Shanghai's start at 16:00 UTC,
+    Kathmandu's at 18:15).  Rows are the sums of the 15-minute roll-ups of the window,
+    written on first read of a closed, clean day (``fill_days``) and deleted with every
+    recompute that touches the window, so they are never stale.  Every written window
+    has one marker row (``requests=0``, no dimensions) that reads skip: it says the
+    window is there (a tiny partial index finds it), usage or not.  Days of 23 or 25 hours (DST
+    changes) are never windows: they are read from the 15-minute roll-ups.
+
+    (Kept here, next to the only code that writes and reads it; it belongs with
+    ``UsageRollup`` in ``keys.models``.)
+    """
+
+    day_start = models.DateTimeField()
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="+",
+        db_index=False,
+    )
+    key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, related_name="+", db_index=False
+    )
+    model = models.CharField(max_length=128)
+    provider = models.CharField(max_length=64, blank=True)
+    route_id = models.BigIntegerField(null=True, blank=True)
+    source = models.CharField(max_length=8, blank=True)
+    status_class = models.CharField(max_length=16, blank=True)
+    for _name in (*COUNTS, *SUMS):
+        locals()[_name] = _measure_field(_name)
+    del _name
+
+    objects: models.Manager[UsageRollupDay] = models.Manager()
+
+    class Meta:
+        app_label = "keys"
+        indexes = [
+            models.Index(fields=["day_start"], name="usage_rollup_day_start"),
+            models.Index(fields=["user", "day_start"], name="usage_rollup_day_user"),
+            models.Index(
+                fields=["day_start"], condition=Q(requests=0), name="usage_rollup_day_written"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day_start:%Y-%m-%d %H:%M}+24h {self.model} {self.status_class}"
 
 
 # --- Buckets --------------------------------------------------------------------------
@@ -244,15 +312,18 @@ def _in_buckets(buckets: Iterable[datetime]) -> Q:
 
 
 def ledger_groups(
-    records: QuerySet[UsageRecord], dimensions: Sequence[str] = DIMENSIONS
+    records: QuerySet[UsageRecord],
+    dimensions: Sequence[str] = DIMENSIONS,
+    measures: Sequence[str] = MEASURES,
 ) -> QuerySet[Any, dict[str, Any]]:
     """The ledger rows grouped by bucket (an epoch index) and ``dimensions``, with measures."""
     if "status_class" not in records.query.annotations:
         records = records.annotate(source=_source(), status_class=_status_class())
+    wanted = {name: value for name, value in _ledger_measures().items() if name in measures}
     return (
         records.annotate(bucket=BucketIndex())
         .values("bucket", *dimensions)
-        .annotate(**_ledger_measures())
+        .annotate(**wanted)  # in _ledger_measures' order (see there)
         .order_by()
     )
 
@@ -279,19 +350,35 @@ def recompute(buckets: Iterable[datetime]) -> int:
         wanted = [b for b in wanted if b >= sealed_before]
     if not wanted:
         return 0
-    rows = [
-        UsageRollup(
-            bucket_start=datetime.fromtimestamp(group.pop("bucket") * BUCKET_SECONDS, UTC),
-            **{name: value or 0 for name, value in group.items() if name in MEASURES},
-            **{name: group[name] for name in DIMENSIONS},
-        )
-        for group in ledger_groups(UsageRecord.objects.filter(_in_buckets(wanted)))
-    ]
+    # One INSERT ... SELECT: the ledger's GROUP BY goes straight into the roll-ups,
+    # no row passes through Python (set-based: a catch-up of millions of rows is a few
+    # statements, not a Python object per roll-up row).
+    groups = ledger_groups(UsageRecord.objects.filter(_in_buckets(wanted)))
+    sql, params = groups.query.sql_with_params()
+    bucket = (
+        f"to_timestamp(g.bucket * {BUCKET_SECONDS})"
+        if connection.vendor == "postgresql"
+        else f"datetime(g.bucket * {BUCKET_SECONDS}, 'unixepoch')"  # Django's SQLite text
+    )
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(name) for name in ("bucket_start", *DIMENSIONS, *MEASURES))
+    selected = ", ".join(
+        [bucket, *(f"g.{qn(name)}" for name in DIMENSIONS)]
+        + [f"COALESCE(g.{qn(name)}, 0)" for name in MEASURES]
+    )
     # One transaction: readers see the old rows or the new ones, never neither.
-    with transaction.atomic():
+    with transaction.atomic(), connection.cursor() as cursor:
+        _reporting_memory()  # a week of buckets groups a few hundred thousand rows
         UsageRollup.objects.filter(bucket_start__in=wanted).delete()
-        UsageRollup.objects.bulk_create(rows, batch_size=500)
-    return len(rows)
+        for low, high in _ranges(wanted):  # the day windows these buckets are in
+            UsageRollupDay.objects.filter(day_start__gt=low - DAY, day_start__lt=high).delete()
+        cursor.execute(
+            f"INSERT INTO {qn(UsageRollup._meta.db_table)} ({columns}) "
+            f"SELECT {selected} FROM ({sql}) g",
+            params,
+        )
+        written = cursor.rowcount
+    return written
 
 
 @dataclass
@@ -302,11 +389,18 @@ class RollUpResult:
     done: bool = True  # False: more dirty buckets than max_buckets; run again
 
 
-def dirty_buckets(after_id: int, up_to_id: int | None = None) -> dict[datetime, int]:
-    """Buckets holding ledger rows with an id above ``after_id``: bucket → lowest such id."""
+def dirty_buckets(
+    after_id: int, up_to_id: int | None = None, since: datetime | None = None
+) -> dict[datetime, int]:
+    """Buckets holding ledger rows with an id above ``after_id``: bucket → lowest such id.
+
+    ``since``: only buckets from there on (a scan's later runs skip what it has done).
+    """
     records = UsageRecord.objects.filter(pk__gt=after_id)
     if up_to_id is not None:
         records = records.filter(pk__lte=up_to_id)
+    if since is not None:
+        records = records.filter(created_at__gte=since)
     return {
         datetime.fromtimestamp(row["bucket"] * BUCKET_SECONDS, UTC): row["first"]
         for row in records.annotate(bucket=BucketIndex())
@@ -366,9 +460,11 @@ def roll_up(*, max_buckets: int = 96, now: datetime | None = None) -> RollUpResu
     high = committed_high()  # before the state lock: the table lock must not be held long
     with transaction.atomic():
         current = state(lock=True)  # held to the end: one roll-up or retention at a time
+        fields = ("watermark_id", "scan_high", "scan_next", "unrolled_from")
+        before = [getattr(current, name) for name in fields]
         if current.scan_high is None:
             current.scan_high, current.scan_next = high, None
-        dirty = dirty_buckets(current.watermark_id, current.scan_high)
+        dirty = dirty_buckets(current.watermark_id, current.scan_high, current.scan_next)
         if current.unrolled_from is not None:
             for bucket in unrolled_buckets(current.unrolled_from):
                 dirty.setdefault(bucket, current.watermark_id)
@@ -400,15 +496,36 @@ def roll_up(*, max_buckets: int = 96, now: datetime | None = None) -> RollUpResu
             current.watermark_id = max(current.watermark_id, current.scan_high)
             current.unrolled_from = min((b for b in dirty if b >= open_bucket), default=None)
             current.scan_high = current.scan_next = None
-        current.save(
-            update_fields=["watermark_id", "scan_high", "scan_next", "unrolled_from", "updated_at"]
-        )
+        if [getattr(current, name) for name in fields] != before or result.buckets:
+            # (Nothing new: no write, no commit to wait for; reads roll up this way often.)
+            current.save(update_fields=[*fields, "updated_at"])
         result.watermark_id = current.watermark_id
+    _prefill_days(todo, open_bucket)
     return result
 
 
-def catch_up(*, max_buckets: int = 96, max_runs: int = 100) -> RollUpResult:
-    """Run ``roll_up`` until nothing closed is left to do (or ``max_runs``)."""
+def _prefill_days(buckets: Sequence[datetime], open_bucket: datetime) -> None:
+    """Write the day windows that these recomputed buckets completed, for UTC and
+    ``TIME_ZONE`` days: the default zone's dashboards never wait for them.  (Other
+    zones' windows are written on their first read.)
+    """
+    if not buckets:
+        return
+    low = bucket_of(min(buckets) - DAY)
+    high = min(bucket_of(max(buckets) + DAY), open_bucket)
+    days: set[datetime] = set()
+    for name in {"UTC", settings.TIME_ZONE}:
+        days.update(_whole_days(low, high, ZoneInfo(name), open_bucket, ()))
+    fill_days(sorted(days), limit=len(days))
+
+
+def catch_up(*, max_buckets: int = 96 * 7, max_runs: int = 100) -> RollUpResult:
+    """Run ``roll_up`` until nothing closed is left to do (or ``max_runs``).
+
+    A week of buckets a run: each run of a scan reads the ledger rows above the
+    watermark to find its dirty buckets, so fewer, larger runs catch up a large
+    backlog faster (10M rows: 30 runs of a day spent most of their time there).
+    """
     total = RollUpResult()
     for _ in range(max_runs):
         result = roll_up(max_buckets=max_buckets)
@@ -486,6 +603,23 @@ def apply_retention(
 # --- Reading ----------------------------------------------------------------------------
 
 
+_SCALARS = frozenset(
+    (
+        "requests",
+        "streamed",
+        *SUMS,
+        "cost_units",
+        "upstream_cost_units",
+        "estimated",
+        "unpriced",
+        "zero_cost",
+        "ttft_count",
+    )
+)
+_LATENCY_INDEX = {column: index for index, column in enumerate(LATENCY_COLUMNS)}
+_TTFT_INDEX = {column: index for index, column in enumerate(TTFT_COLUMNS)}
+
+
 @dataclass
 class Totals:
     requests: int = 0
@@ -506,25 +640,32 @@ class Totals:
     by_status: dict[str, int] = field(default_factory=dict)
 
     def add(self, group: dict[str, Any]) -> None:
-        for name in (
-            "requests",
-            "streamed",
-            *SUMS,
-            "cost_units",
-            "upstream_cost_units",
-            "estimated",
-            "unpriced",
-            "zero_cost",
-            "ttft_count",
-        ):
-            setattr(self, name, getattr(self, name) + (group.get(name) or 0))
-        for index, column in enumerate(LATENCY_COLUMNS):
-            self.latency_histogram[index] += group.get(column) or 0
-        for index, column in enumerate(TTFT_COLUMNS):
-            self.ttft_histogram[index] += group.get(column) or 0
+        # Only the columns the row has (a read may sum a few measures): a dashboard
+        # adds thousands of rows, so the loop is over the row, not over every measure.
+        for name, value in group.items():
+            if not value:
+                continue
+            if name in _SCALARS:
+                setattr(self, name, getattr(self, name) + value)
+            elif name in _LATENCY_INDEX:
+                self.latency_histogram[_LATENCY_INDEX[name]] += value
+            elif name in _TTFT_INDEX:
+                self.ttft_histogram[_TTFT_INDEX[name]] += value
         if "status_class" in group:
             status = group["status_class"]
             self.by_status[status] = self.by_status.get(status, 0) + (group.get("requests") or 0)
+
+    def add_totals(self, other: Totals) -> None:
+        for name in ("requests", "streamed", *SUMS, "cost_units", "upstream_cost_units"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("estimated", "unpriced", "zero_cost", "ttft_count"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for index, count in enumerate(other.latency_histogram):
+            self.latency_histogram[index] += count
+        for index, count in enumerate(other.ttft_histogram):
+            self.ttft_histogram[index] += count
+        for status, count in other.by_status.items():
+            self.by_status[status] = self.by_status.get(status, 0) + count
 
     @property
     def cost(self) -> Decimal:
@@ -598,7 +739,8 @@ def _period_start(local: datetime, granularity: str) -> datetime:
 def _period_end(start: datetime, granularity: str, zone: ZoneInfo) -> datetime:
     naive = start.replace(tzinfo=None)
     if granularity == "15min":
-        return start + BUCKET  # UTC arithmetic: a bucket is always 15 real minutes
+        # UTC arithmetic: a bucket is always 15 real minutes (aware + is wall-clock).
+        return (start.astimezone(UTC) + BUCKET).astimezone(zone)
     if granularity == "hour":
         return (start.astimezone(UTC) + timedelta(hours=1)).astimezone(zone)
     if granularity == "day":
@@ -626,6 +768,8 @@ def summarize(
     status_class: str | None = None,
     now: datetime | None = None,
     catch_up_first: bool | None = None,
+    measures: Sequence[str] | None = None,
+    by_status: bool = True,
 ) -> list[Period]:
     """Usage in [start, end) per period of ``granularity`` in ``zone`` (and per ``by``).
 
@@ -634,7 +778,9 @@ def summarize(
     ``user=request.user.pk``.  ``by`` is one of the dimensions (``user_id``, ``key_id``,
     ``model``, ``provider``, ``route_id``, ``source``, ``status_class``), or a tuple of
     them (each period's ``group`` is then the tuple of their values).  Periods with
-    no usage are left out.  ``catch_up_first`` (default: in the embedded mode, where no
+    no usage are left out.  ``measures`` (default: all of ``MEASURES``) names the sums a
+    caller reads: the others stay 0, and a narrower read is faster.  ``by_status=False``
+    leaves the status classes out (``Totals.by_status`` stays empty; fewer rows).  ``catch_up_first`` (default: in the embedded mode, where no
     beat runs) rolls up dirty closed buckets before reading.
     """
     check_aligned(start, "start")
@@ -646,6 +792,10 @@ def summarize(
         if name not in DIMENSIONS:
             raise ValueError(f"by={name!r}: expected one of {', '.join(DIMENSIONS)}")
     tz = zone if isinstance(zone, ZoneInfo) else ZoneInfo(zone)
+    summed = tuple(measures) if measures is not None else MEASURES
+    for name in summed:
+        if name not in MEASURES:
+            raise ValueError(f"measure {name!r}: expected some of {', '.join(MEASURES)}")
     now = now or timezone.now()
     if catch_up_first is None:
         catch_up_first = settings.CELERY_TASK_ALWAYS_EAGER
@@ -662,58 +812,438 @@ def summarize(
         "status_class": status_class,
     }
     wanted = {name: value for name, value in filters.items() if value is not None}
-    group_on = tuple(dict.fromkeys((*by_fields, "status_class")))
+    group_on = tuple(dict.fromkeys((*by_fields, *(("status_class",) if by_status else ()))))
+    if not group_on:
+        raise ValueError("by_status=False needs a by")
 
-    # Buckets read raw: the open one and the dirty ones (rows not yet rolled up).
-    raw = {b for b in raw_buckets(state()) if start <= b < end}
-    open_bucket = bucket_of(now)
-    if start <= open_bucket < end:
-        raw.add(open_bucket)
+    # The reads in one transaction: one snapshot of roll-ups and ledger, and (on
+    # PostgreSQL) memory enough to group in it.
+    with transaction.atomic():
+        _reporting_memory()
+        # Buckets read raw: the open one and the dirty ones (rows not yet rolled up).
+        raw = {b for b in raw_buckets(state()) if start <= b < end}
+        open_bucket = bucket_of(now)
+        if start <= open_bucket < end:
+            raw.add(open_bucket)
 
-    groups: list[dict[str, Any]] = []
-    rollups = UsageRollup.objects.filter(bucket_start__gte=start, bucket_start__lt=end, **wanted)
-    if raw:
-        rollups = rollups.exclude(bucket_start__in=raw)
-    for row in (
-        rollups.values("bucket_start", *group_on)
-        .annotate(**{name: Sum(name) for name in MEASURES})
-        .order_by()
-    ):
-        groups.append(row)
-    if raw:
-        records = (
-            UsageRecord.objects.filter(_in_buckets(raw))
-            .annotate(source=_source(), status_class=_status_class())
-            .filter(**wanted)
+        # The roll-ups are summed per period in SQL (one row per period and group, not per
+        # bucket): see ``_rollup_periods``.  The raw buckets are few (the open one and any
+        # not rolled up yet): grouped per bucket, then placed in their periods here.
+        periods: dict[tuple[datetime, Any], Period] = {}
+        # A few periods, thousands of rows.  Keyed with the fold: the two 01:00 of a DST
+        # change compare (and hash) equal in their zone.
+        utc_of: dict[tuple[datetime, int], datetime] = {}
+
+        def add(period_start: datetime, row: dict[str, Any]) -> None:
+            if isinstance(by, str):
+                group_value = row.get(by)
+            elif by_fields:
+                group_value = tuple(row.get(name) for name in by_fields)
+            else:
+                group_value = None
+            # Keyed by the UTC instant: the two 01:00 of a DST change are two periods.
+            utc = utc_of.get((period_start, period_start.fold))
+            if utc is None:
+                utc = utc_of[(period_start, period_start.fold)] = period_start.astimezone(UTC)
+            slot = (utc, group_value)
+            found = periods.get(slot)
+            if found is None:
+                if granularity == "total":
+                    period_end = end.astimezone(tz)
+                else:
+                    period_end = _period_end(period_start, granularity, tz)
+                found = periods[slot] = Period(period_start, period_end, group_value, Totals())
+            found.totals.add(row)
+
+        # Whole local days, closed and clean, come from the day windows; the rest of the
+        # range (its ends, DST days, days with raw buckets) from the 15-minute roll-ups.
+        days: list[datetime] = []
+        if granularity in ("day", "week", "month", "total"):
+            days = fill_days(_whole_days(start, end, tz, min(open_bucket, end), raw))
+            day_periods: dict[datetime, datetime] = {}
+            for row in _day_rows(days, group_on, wanted, summed, by_day=granularity != "total"):
+                day_start = row.pop("day_start", start)
+                if day_start not in day_periods:
+                    day_periods[day_start] = _period_of(day_start, start, tz, granularity)
+                add(day_periods[day_start], row)
+        rollups = UsageRollup.objects.filter(**wanted)
+        if raw:
+            rollups = rollups.exclude(_bucket_ranges("bucket_start", raw))
+        rest = _without(start, end, [(day, day + DAY) for day in days])
+        for period_start, row in _rollup_periods(
+            rollups, rest, start, tz, granularity, group_on, summed
+        ):
+            add(period_start, row)
+        if raw:
+            records = (
+                UsageRecord.objects.filter(_in_buckets(raw))
+                .annotate(source=_source(), status_class=_status_class())
+                .filter(**wanted)
+            )
+            for row in ledger_groups(records, group_on, summed):
+                bucket_start = datetime.fromtimestamp(row.pop("bucket") * BUCKET_SECONDS, UTC)
+                add(_period_of(bucket_start, start, tz, granularity), row)
+        return sorted(periods.values(), key=lambda p: (p.start.astimezone(UTC), str(p.group)))
+
+
+REPORTING_WORK_MEM = "64MB"
+
+
+def _reporting_memory() -> None:
+    """Let this transaction's GROUP BYs hash in memory (PostgreSQL; reads and recomputes).
+
+    A 24-hour read groups some 30,000 roll-up rows of 10 million records; with the
+    default 4 MB ``work_mem`` PostgreSQL sorts them on disk instead (measured: 80 ms
+    against 25 ms).  SET LOCAL ends with the transaction.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET LOCAL work_mem = '{REPORTING_WORK_MEM}'")
+
+
+def regroup(periods: Iterable[Period], index: int) -> list[Period]:
+    """Periods read ``by`` a tuple of dimensions, summed by the ``index``-th of them.
+
+    One read by (model, key_id, user_id) gives the by-model, by-key and by-user
+    figures alike: each equals ``summarize`` by that one dimension.
+    """
+    merged: dict[tuple[datetime, Any], Period] = {}
+    for period in periods:
+        group = period.group[index]
+        slot = (period.start.astimezone(UTC), group)
+        found = merged.get(slot)
+        if found is None:
+            found = merged[slot] = Period(period.start, period.end, group, Totals())
+        found.totals.add_totals(period.totals)
+    return sorted(merged.values(), key=lambda p: (p.start.astimezone(UTC), str(p.group)))
+
+
+def _period_of(bucket_start: datetime, start: datetime, tz: ZoneInfo, granularity: str) -> datetime:
+    """The start (in ``tz``) of the period holding a bucket."""
+    local = bucket_start.astimezone(tz)
+    if granularity == "total":
+        return start.astimezone(tz)
+    if granularity in ("15min", "hour"):
+        # By UTC arithmetic: right in a repeated DST hour and in +05:45 alike.
+        minutes = local.minute % 60 if granularity == "hour" else 0
+        return (bucket_start - timedelta(minutes=minutes)).astimezone(tz)
+    return _period_start(local, granularity).replace(tzinfo=None).replace(tzinfo=tz)
+
+
+def _bucket_ranges(column: str, buckets: Iterable[datetime]) -> Q:
+    """``column`` within the given buckets, as ranges of consecutive buckets."""
+    q = Q(pk__in=[])
+    for low, high in _ranges(buckets):
+        q |= Q(**{f"{column}__gte": low, f"{column}__lt": high})
+    return q
+
+
+def _ranges(buckets: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
+    ranges: list[list[datetime]] = []
+    for start in sorted(set(buckets)):
+        if ranges and ranges[-1][1] == start:
+            ranges[-1][1] = start + BUCKET
+        else:
+            ranges.append([start, start + BUCKET])
+    return [(low, high) for low, high in ranges]
+
+
+def offset_segments(
+    start: datetime, end: datetime, tz: ZoneInfo
+) -> list[tuple[datetime, datetime, int]]:
+    """[start, end) cut where ``tz``'s UTC offset changes: (from, to, offset in seconds).
+
+    A bucket belongs to the offset its start has (as ``_period_of`` reads it).  Offsets
+    are probed a day apart and a change is narrowed to its bucket by bisection (zones
+    change offset at most a few times a year).
+    """
+
+    def offset(moment: datetime) -> int:
+        delta = moment.astimezone(tz).utcoffset()
+        return int(delta.total_seconds()) if delta is not None else 0
+
+    segments: list[tuple[datetime, datetime, int]] = []
+    low, current = start, offset(start)
+    probe = start
+    while probe < end:
+        following = min(probe + timedelta(days=1), end - BUCKET)
+        if following <= probe:
+            break
+        if offset(following) != current:
+            lo, hi = probe, following  # offset(lo) == current != offset(hi)
+            while hi - lo > BUCKET:
+                mid = lo + BUCKET * ((hi - lo) // BUCKET // 2)
+                if offset(mid) == current:
+                    lo = mid
+                else:
+                    hi = mid
+            segments.append((low, hi, current))
+            low, current = hi, offset(hi)
+            probe = hi
+        else:
+            probe = following
+    segments.append((low, end, current))
+    return segments
+
+
+class PeriodIndex(Func):
+    """A roll-up's local period as an integer: (UTC epoch seconds + offset) // seconds."""
+
+    output_field = BigIntegerField()
+
+    def __init__(self, offset: int, seconds: int) -> None:
+        super().__init__(F("bucket_start"))
+        self.offset, self.seconds = offset, seconds
+
+    def as_sql(  # PostgreSQL and SQLite only (as_postgresql, as_sqlite)
+        self,
+        compiler: Any,
+        connection: Any,
+        function: Any = None,
+        template: Any = None,
+        arg_joiner: Any = None,
+        **extra_context: Any,
+    ) -> Any:
+        raise NotImplementedError(f"PeriodIndex on {connection.vendor}")
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return super().as_sql(
+            compiler,
+            connection,
+            template=(
+                # Integer arithmetic (EXTRACT gives numeric, slow per row): a bucket start
+                # is a whole second, and epoch + offset is positive, so / floors.
+                f"((EXTRACT(EPOCH FROM %(expressions)s))::bigint + {self.offset:d})"
+                f" / {self.seconds:d}"
+            ),
+            **extra,
         )
-        for row in ledger_groups(records, group_on):
-            row["bucket_start"] = datetime.fromtimestamp(row.pop("bucket") * BUCKET_SECONDS, UTC)
-            groups.append(row)
 
-    periods: dict[tuple[datetime, Any], Period] = {}
-    for row in groups:
-        local = row["bucket_start"].astimezone(tz)
-        if granularity == "total":
-            period_start, period_end = start.astimezone(tz), end.astimezone(tz)
-        elif granularity in ("15min", "hour"):
-            # By UTC arithmetic: right in a repeated DST hour and in +05:45 alike.
-            period_start = (
-                row["bucket_start"]
-                - timedelta(minutes=local.minute % 60 if granularity == "hour" else 0)
-            ).astimezone(tz)
-        else:
-            period_start = _period_start(local, granularity).replace(tzinfo=None).replace(tzinfo=tz)
-        if isinstance(by, str):
-            group_value = row.get(by)
-        elif by_fields:
-            group_value = tuple(row.get(name) for name in by_fields)
-        else:
-            group_value = None
-        # Keyed by the UTC instant: the two 01:00 of a DST change are two periods.
-        slot = (period_start.astimezone(UTC), group_value)
-        if slot not in periods:
-            if granularity != "total":
-                period_end = _period_end(period_start, granularity, tz)
-            periods[slot] = Period(period_start, period_end, group_value, Totals())
-        periods[slot].totals.add(row)
-    return sorted(periods.values(), key=lambda p: (p.start.astimezone(UTC), str(p.group)))
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        # Every offset is above -86400 and every epoch here is positive: integer
+        # division of a positive number floors.
+        return super().as_sql(
+            compiler,
+            connection,
+            template=(
+                f"((CAST(strftime('%%%%s', %(expressions)s) AS INTEGER) + {self.offset:d})"
+                f" / {self.seconds:d})"
+            ),
+            **extra,
+        )
+
+
+_PERIOD_SECONDS = {
+    "15min": BUCKET_SECONDS,
+    "hour": 3600,
+    "day": 86400,
+    "week": 86400,
+    "month": 86400,
+}
+
+
+def _rollup_periods(
+    rollups: QuerySet[UsageRollup],
+    intervals: Sequence[tuple[datetime, datetime]],
+    start: datetime,
+    tz: ZoneInfo,
+    granularity: str,
+    group_on: Sequence[str],
+    summed: Sequence[str] = MEASURES,
+) -> Iterable[tuple[datetime, dict[str, Any]]]:
+    """The 15-minute roll-ups in ``intervals`` summed per (local period, group) in SQL.
+
+    Within a stretch of constant UTC offset O a bucket's local 15 minutes, hour or day
+    is (epoch + O) // 900, 3600 or 86400: the GROUP BY is on that integer.  Weeks and
+    months are summed from days (a few hundred rows at most).  A day cut by a DST
+    change comes from two stretches: its two parts land in the same period.
+    """
+    if not intervals:
+        return
+    sums = {name: Sum(name) for name in summed}
+    if granularity == "total":
+        within = Q(pk__in=[])
+        for low, high in intervals:
+            within |= Q(bucket_start__gte=low, bucket_start__lt=high)
+        period_start = start.astimezone(tz)
+        for row in _rows(rollups.filter(within).values(*group_on).annotate(**sums).order_by()):
+            yield period_start, row
+        return
+    seconds = _PERIOD_SECONDS[granularity]
+    for interval_start, interval_end in intervals:
+        for low, high, offset in offset_segments(interval_start, interval_end, tz):
+            rows = (
+                rollups.filter(bucket_start__gte=low, bucket_start__lt=high)
+                .annotate(period=PeriodIndex(offset, seconds))
+                .values("period", *group_on)
+                .annotate(**sums)
+                .order_by()
+            )
+            for row in _rows(rows):
+                index = row.pop("period")
+                if seconds < 86400:
+                    yield datetime.fromtimestamp(index * seconds - offset, UTC).astimezone(tz), row
+                else:
+                    day = datetime(1970, 1, 1) + timedelta(days=index)  # noqa: DTZ001 - wall time
+                    yield _period_start(day, granularity).replace(tzinfo=tz), row
+
+
+def _rows(queryset: QuerySet[Any, dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """A values() query's rows straight from the cursor.
+
+    Django's per-value converters cost more than the query itself on a dashboard
+    (thousands of rows × dozens of sums).  Here: PostgreSQL's SUM of a bigint column
+    is numeric (back to int), and SQLite's datetimes are text (``day_start``, parsed).
+    """
+    sql, params = queryset.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        found = cursor.fetchall()
+    for values in found:
+        row = {
+            name: int(value) if type(value) is Decimal else value
+            for name, value in zip(names, values, strict=True)
+        }
+        day_start = row.get("day_start")
+        if isinstance(day_start, str):
+            row["day_start"] = datetime.fromisoformat(day_start).replace(tzinfo=UTC)
+        yield row
+
+
+def _without(
+    start: datetime, end: datetime, holes: Sequence[tuple[datetime, datetime]]
+) -> list[tuple[datetime, datetime]]:
+    """[start, end) less the (sorted, disjoint) ``holes``, as intervals."""
+    left: list[tuple[datetime, datetime]] = []
+    cursor = start
+    for low, high in holes:
+        if low > cursor:
+            left.append((cursor, low))
+        cursor = max(cursor, high)
+    if cursor < end:
+        left.append((cursor, end))
+    return left
+
+
+# --- The day windows ----------------------------------------------------------------------
+
+
+def _whole_days(
+    start: datetime, end: datetime, tz: ZoneInfo, closed_before: datetime, raw: Iterable[datetime]
+) -> list[datetime]:
+    """The UTC starts of the local days of ``tz`` that lie in [start, closed_before), last
+    exactly 24 hours and hold no raw bucket: the days a day window can answer for.
+    """
+    raw_sorted = sorted(raw)
+    local = start.astimezone(tz)
+    day = datetime(local.year, local.month, local.day, tzinfo=tz)
+    if day < start:
+        day = _period_end(day, "day", tz)
+    found = []
+    while True:
+        following = _period_end(day, "day", tz)
+        if following > closed_before:
+            break
+        begin = day.astimezone(UTC)
+        if (
+            following.astimezone(UTC) - begin == DAY  # (aware - aware in one zone is wall-clock)
+            and not begin.timestamp() % BUCKET_SECONDS
+            and not any(begin <= bucket < begin + DAY for bucket in raw_sorted)
+        ):
+            found.append(begin)
+        day = following
+    return found
+
+
+def _day_rows(
+    days: Sequence[datetime],
+    group_on: Sequence[str],
+    wanted: dict[str, Any],
+    summed: Sequence[str],
+    *,
+    by_day: bool,
+) -> Iterable[dict[str, Any]]:
+    if not days:
+        return []
+    rows = UsageRollupDay.objects.filter(day_start__in=days, **wanted).exclude(requests=0)
+    return _rows(
+        rows.values(*(("day_start",) if by_day else ()), *group_on)
+        .annotate(**{name: Sum(name) for name in summed})
+        .order_by()
+    )
+
+
+def fill_days(days: Sequence[datetime], *, limit: int = FILL_DAYS) -> list[datetime]:
+    """Of these day windows (closed, clean), those ready to read: written now if missing.
+
+    A missing window is the sum of its 15-minute roll-ups, one INSERT ... SELECT per
+    start time of day (a zone's days share it), at most ``limit`` windows a call (the
+    rest are read from the 15-minute roll-ups this time).  Written under the state
+    lock: a recompute (which deletes the windows it touches) cannot interleave with the
+    sums being taken, and two readers cannot write the same window twice.
+    """
+    if not days:
+        return []
+    present = _written(days)
+    missing = [day for day in days if day not in present][:limit]
+    if missing:
+        with transaction.atomic():
+            current = state(lock=True)
+            present.update(_written(missing))
+            dirty = sorted(raw_buckets(current))
+            todo = [
+                day
+                for day in missing
+                if day not in present and not any(day <= b < day + DAY for b in dirty)
+            ]
+            _write_days(todo)
+            present.update(todo)
+    return [day for day in days if day in present]
+
+
+def _write_days(days: Sequence[datetime]) -> None:
+    by_shift: dict[int, list[datetime]] = {}
+    for day in days:
+        by_shift.setdefault(int(day.timestamp()) % 86400, []).append(day)
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(name) for name in ("day_start", *DIMENSIONS, *MEASURES))
+    for shift, starts in by_shift.items():
+        within = Q(pk__in=[])
+        for low, high in _ranges(
+            [start + BUCKET * n for start in starts for n in range(DAY // BUCKET)]
+        ):
+            within |= Q(bucket_start__gte=low, bucket_start__lt=high)
+        groups = (
+            UsageRollup.objects.filter(within)
+            .annotate(day=PeriodIndex(-shift, 86400))
+            .values("day", *DIMENSIONS)
+            .annotate(**{name: Sum(name) for name in MEASURES})
+            .order_by()
+        )
+        sql, params = groups.query.sql_with_params()
+        day_start = (
+            f"to_timestamp(g.day * 86400 + {shift:d})"
+            if connection.vendor == "postgresql"
+            else f"datetime(g.day * 86400 + {shift:d}, 'unixepoch')"
+        )
+        selected = ", ".join(
+            [day_start, *(f"g.{qn(name)}" for name in DIMENSIONS)]
+            + [f"COALESCE(g.{qn(name)}, 0)" for name in MEASURES]
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {qn(UsageRollupDay._meta.db_table)} ({columns}) "
+                f"SELECT {selected} FROM ({sql}) g",
+                params,
+            )
+    UsageRollupDay.objects.bulk_create(UsageRollupDay(day_start=day, requests=0) for day in days)
+
+
+def _written(days: Sequence[datetime]) -> set[datetime]:
+    """The day windows written (their markers), of these."""
+    return set(
+        UsageRollupDay.objects.filter(day_start__in=days, requests=0).values_list(
+            "day_start", flat=True
+        )
+    )
