@@ -831,7 +831,11 @@ def test_the_browser_chat_streams_a_gemini_reply(gem: Gateway, settings: Any) ->
 
 # --- checked against the google-genai SDK, where it is installed ---
 
-genai_installed = importlib.util.find_spec("google.genai") is not None
+# (find_spec of "google.genai" raises when no "google" package is installed at all)
+genai_installed = (
+    importlib.util.find_spec("google") is not None
+    and importlib.util.find_spec("google.genai") is not None
+)
 needs_genai = pytest.mark.skipif(not genai_installed, reason="google-genai is not installed")
 
 
