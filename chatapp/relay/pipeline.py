@@ -430,9 +430,20 @@ async def _reserve(call: Call, model: ModelInfo, input_bound: int | None = None)
     if input_bound is None:
         input_bound = tokens.bound_request(request) if request is not None else 0
     if request is not None:
-        max_output = (request.max_tokens or model.max_output_tokens) * max(1, request.n)
+        wanted = request.max_tokens or model.max_output_tokens
+        if request.reasoning_budget or request.reasoning_effort not in (None, "none"):
+            # Thinking may raise the upstream's max_tokens above the client's, up to the
+            # model's output limit (chatapp.relay.reasoning): reserve that limit.
+            wanted = max(wanted, model.max_output_tokens)
+        max_output = wanted * max(1, request.n)
+    # The input at its dearest price: a cache write may cost more than plain input.
     worst = (
-        call.price.cost(input_tokens=input_bound, output_tokens=max_output)
+        max(
+            call.price.cost(input_tokens=input_bound, output_tokens=max_output),
+            call.price.cost(
+                input_tokens=input_bound, output_tokens=max_output, cache_write_tokens=input_bound
+            ),
+        )
         if call.price is not None
         else Decimal(0)
     )

@@ -296,3 +296,35 @@ def test_new_keys_get_the_default_limits(gateway: Gateway) -> None:
     )
     assert response.headers["x-ratelimit-limit-requests"] == "60"
     assert UsageRecord.objects.count() <= 1
+
+
+def test_a_thinking_request_reserves_up_to_the_models_output_limit(gateway: Gateway) -> None:
+    # Thinking may raise the upstream's max_tokens above the client's (up to the model's
+    # output limit): the budget's reservation must cover that, or thinking overspends it.
+    model = CatalogModel.objects.get(name="gpt-fake")
+    model.max_output_tokens = 8000
+    model.save()
+    do_set_limits(key=key_of(gateway), token_budget=3000, budget_period="monthly")
+    client = gateway.openai()
+    gateway.fake.script(Reply(text="plain", input_tokens=5, output_tokens=10))
+    client.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=100)
+    with pytest.raises(openai.RateLimitError, match="token budget"):
+        client.chat.completions.create(
+            model="gpt-fake", messages=USER, max_tokens=100, reasoning_effort="low"
+        )
+
+
+def test_the_money_reservation_prices_input_at_the_cache_write_price(gateway: Gateway) -> None:
+    # Anthropic bills cache writes at 1.25x input: a prompt written to the cache costs more
+    # than its plain input, so the worst case is priced at the dearer of the two.
+    do_set_price(
+        model=CatalogModel.objects.get(name="gpt-fake"),
+        input_price=Decimal(1),
+        output_price=Decimal(0),
+        cache_write_price=Decimal(1000),
+    )
+    do_set_limits(key=key_of(gateway), money_budget=Decimal("0.001"), budget_period="monthly")
+    # The input bound of a short prompt (tens of tokens) costs under 0.0001 at the input
+    # price, over 0.001 at the write price.
+    with pytest.raises(openai.RateLimitError, match="money budget"):
+        gateway.openai().chat.completions.create(model="gpt-fake", messages=USER, max_tokens=1)
