@@ -372,50 +372,17 @@ def do_set_price(
     cache_write_price: Decimal | None = None,
 ) -> ModelPrice:
     """Add a price from ``effective_from`` (default now); earlier prices stay as history."""
-    for name, value in (
-        ("input", input_price),
-        ("output", output_price),
-        ("cached-input", cached_input_price),
-        ("cache-write", cache_write_price),
-    ):
-        if value is not None and not value.is_finite():
-            raise KeyActionError(f"--{name}: expected a price of at least 0, got {value}")
-        if value is not None and value.as_tuple().exponent < -12:  # type: ignore[operator]
-            raise KeyActionError(f"--{name}: at most 12 decimal places, got {value}")
-    form = PriceForm(
-        data={
-            "model": model.pk,
-            "input_per_mtok": input_price,
-            "output_per_mtok": output_price,
-            "cached_input_per_mtok": cached_input_price,
-            "cache_write_per_mtok": cache_write_price,
-            "effective_from": effective_from or timezone.now(),
-        }
+    price: ModelPrice = _add_price(
+        PriceForm,
+        {"model": model.pk},
+        PRICE_AUDIT_FIELDS,
+        input_price=input_price,
+        output_price=output_price,
+        cached_input_price=cached_input_price,
+        cache_write_price=cache_write_price,
+        effective_from=effective_from,
     )
-    if not form.is_valid():
-        flags = {
-            "input_per_mtok": "--input",
-            "output_per_mtok": "--output",
-            "cached_input_per_mtok": "--cached-input",
-            "cache_write_per_mtok": "--cache-write",
-        }
-        errors = {flags.get(name, name): messages for name, messages in form.errors.items()}
-        raise KeyActionError(describe(errors))
-    with transaction.atomic():
-        price = form.save()
-        audit.record(
-            "create", price, changes=audit.diff({}, audit.snapshot(price, PRICE_AUDIT_FIELDS))
-        )
     return price
-
-
-def _check_price_values(**values: Decimal | None) -> None:
-    """Refuse what a DecimalField would round or choke on, naming the command's flag."""
-    for name, value in values.items():
-        if value is not None and not value.is_finite():
-            raise KeyActionError(f"--{name}: expected a price of at least 0, got {value}")
-        if value is not None and value.as_tuple().exponent < -12:  # type: ignore[operator]
-            raise KeyActionError(f"--{name}: at most 12 decimal places, got {value}")
 
 
 def do_set_route_price(
@@ -433,40 +400,62 @@ def do_set_route_price(
     cost computed when they were made.  The save bumps the catalog version
     (``chatapp.apps``), so every process prices the next request with it.
     """
-    _check_price_values(
-        **{
-            "input": input_price,
-            "output": output_price,
-            "cached-input": cached_input_price,
-            "cache-write": cache_write_price,
-        }
+    price: RoutePrice = _add_price(
+        RoutePriceForm,
+        {"route": route.pk},
+        ROUTE_PRICE_AUDIT_FIELDS,
+        input_price=input_price,
+        output_price=output_price,
+        cached_input_price=cached_input_price,
+        cache_write_price=cache_write_price,
+        effective_from=effective_from,
     )
-    form = RoutePriceForm(
-        data={
-            "route": route.pk,
-            "input_per_mtok": input_price,
-            "output_per_mtok": output_price,
-            "cached_input_per_mtok": cached_input_price,
-            "cache_write_per_mtok": cache_write_price,
-            "effective_from": effective_from or timezone.now(),
-        }
-    )
+    return price
+
+
+# The command's flag for each price field, in the order they are checked.
+PRICE_FLAGS = {
+    "input_per_mtok": "--input",
+    "output_per_mtok": "--output",
+    "cached_input_per_mtok": "--cached-input",
+    "cache_write_per_mtok": "--cache-write",
+}
+
+
+def _add_price(
+    form_class: type[PriceForm],
+    owner: dict[str, Any],
+    audit_fields: list[str],
+    *,
+    input_price: Decimal,
+    output_price: Decimal,
+    cached_input_price: Decimal | None,
+    cache_write_price: Decimal | None,
+    effective_from: datetime | None,
+) -> Any:
+    """One new price row (a model's or a route's), validated by its form and audited.
+
+    Refuses first what a DecimalField would round or choke on, naming the command's flag.
+    """
+    values = {
+        "input_per_mtok": input_price,
+        "output_per_mtok": output_price,
+        "cached_input_per_mtok": cached_input_price,
+        "cache_write_per_mtok": cache_write_price,
+    }
+    for field, value in values.items():
+        flag = PRICE_FLAGS[field]
+        if value is not None and not value.is_finite():
+            raise KeyActionError(f"{flag}: expected a price of at least 0, got {value}")
+        if value is not None and value.as_tuple().exponent < -12:  # type: ignore[operator]
+            raise KeyActionError(f"{flag}: at most 12 decimal places, got {value}")
+    form = form_class(data={**owner, **values, "effective_from": effective_from or timezone.now()})
     if not form.is_valid():
-        flags = {
-            "input_per_mtok": "--input",
-            "output_per_mtok": "--output",
-            "cached_input_per_mtok": "--cached-input",
-            "cache_write_per_mtok": "--cache-write",
-        }
-        errors = {flags.get(name, name): messages for name, messages in form.errors.items()}
+        errors = {PRICE_FLAGS.get(name, name): messages for name, messages in form.errors.items()}
         raise KeyActionError(describe(errors))
     with transaction.atomic():
         price = form.save()
-        audit.record(
-            "create",
-            price,
-            changes=audit.diff({}, audit.snapshot(price, ROUTE_PRICE_AUDIT_FIELDS)),
-        )
+        audit.record("create", price, changes=audit.diff({}, audit.snapshot(price, audit_fields)))
     return price
 
 
