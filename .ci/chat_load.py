@@ -62,9 +62,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 DEFAULT_KIT = Path(__file__).resolve().parents[2] / "shared" / "bench"
 ASGI_APP = "chatapp.asgi:application"
-CHUNKS = 40
-EXPECTED_TEXT = "".join(f"tok{i} " for i in range(CHUNKS))
+CHUNKS = 40  # per reply, unless --chunks
+
+
+def expected_text(chunks: int) -> str:
+    return "".join(f"tok{i} " for i in range(chunks))
+
+
 EMAIL = "load@example.com"
+MODEL = "bench-model"  # named in each send: bootstrap makes the local model the default
 PASSWORD = "load-test-password-123"  # noqa: S105 - a scratch user on loopback
 
 SETUP = """
@@ -201,6 +207,7 @@ async def run_client(
     opened: asyncio.Queue[int],
     go: asyncio.Event,
     limit: float,
+    expected: str,
 ) -> None:
     try:
         async with websockets.connect(
@@ -212,7 +219,13 @@ async def run_client(
             client.sent_at = time.perf_counter()
             await ws.send(
                 json.dumps(
-                    {"action": "send", "conversation": None, "text": "hello", "attachments": []}
+                    {
+                        "action": "send",
+                        "conversation": None,
+                        "text": "hello",
+                        "attachments": [],
+                        "model": MODEL,
+                    }
                 )
             )
             async with asyncio.timeout(limit):
@@ -235,7 +248,7 @@ async def run_client(
                         client.status = str(event.get("status"))
                         if client.status != "complete":
                             client.errors.append(f"done with status {client.status}")
-                        elif client.text != EXPECTED_TEXT:
+                        elif client.text != expected:
                             client.errors.append(
                                 f"streamed text differs ({client.deltas} deltas, "
                                 f"{len(client.text)} characters)"
@@ -255,12 +268,17 @@ async def run_client(
 
 
 async def load(
-    clients: list[Client], url: str, headers: dict[str, str], limit: float, rss: RssSampler
+    clients: list[Client],
+    url: str,
+    headers: dict[str, str],
+    limit: float,
+    rss: RssSampler,
+    expected: str,
 ) -> dict[str, Any]:
     opened: asyncio.Queue[int] = asyncio.Queue()
     go = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_client(client, url, headers, opened, go, limit))
+        asyncio.create_task(run_client(client, url, headers, opened, go, limit, expected))
         for client in clients
     ]
     connect_started = time.perf_counter()
@@ -318,6 +336,40 @@ def log_report(log: Path) -> dict[str, Any]:
     }
 
 
+def profile_report(path: Path, top: int = 25) -> str:
+    """The functions with the most samples in py-spy's collapsed stacks: own and inclusive."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")[1:]  # the first frame names the thread
+        total += count
+        if frames:
+            own[frames[-1]] += count
+        for name in set(frames):
+            inclusive[name] += count
+    if not total:
+        return f"  profile: no samples in {path}"
+
+    def rows(counter: Counter[str]) -> list[str]:
+        return [
+            f"    {count / total:6.1%}  {name[:150]}" for name, count in counter.most_common(top)
+        ]
+
+    return "\n".join(
+        [
+            f"  profile ({total} samples, py-spy): own time",
+            *rows(own),
+            "  inclusive",
+            *rows(inclusive),
+        ]
+    )
+
+
 def stop(process: subprocess.Popen[bytes] | None) -> None:
     if process is None or process.poll() is not None:
         return
@@ -334,11 +386,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", "-n", type=int, default=200, help="concurrent clients (200)")
+    parser.add_argument("--chunks", type=int, default=CHUNKS, help="chunks per reply (40)")
+    parser.add_argument("--chunk-delay-ms", type=float, default=25.0, help="ms between chunks (25)")
     parser.add_argument("--kit", default=str(DEFAULT_KIT), help="the shared bench kit")
     parser.add_argument("--upstream-port", type=int, default=18300)
     parser.add_argument("--port", type=int, default=18301, help="Daphne's port")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per client")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data directory")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample Daphne with py-spy (pip install py-spy) from the send to the last done, "
+        "into FILE as collapsed stacks; prints the top functions",
+    )
     options = parser.parse_args()
 
     for port in (options.upstream_port, options.port):
@@ -367,7 +427,11 @@ def main() -> None:
                 str(options.upstream_port),
             ],
             cwd=ROOT,
-            env={**env, "FAKE_STREAM_CHUNKS": str(CHUNKS), "FAKE_CHUNK_DELAY_MS": "25"},
+            env={
+                **env,
+                "FAKE_STREAM_CHUNKS": str(options.chunks),
+                "FAKE_CHUNK_DELAY_MS": str(options.chunk_delay_ms),
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -379,9 +443,7 @@ def main() -> None:
             "provider", "add", "bench", "--type", "openai",
             "--base-url", f"http://127.0.0.1:{options.upstream_port}/v1",
         )  # fmt: skip
-        manage(
-            env, "model", "add", "bench-model", "--provider", "bench", "--upstream-model", "fake"
-        )
+        manage(env, "model", "add", MODEL, "--provider", "bench", "--upstream-model", "fake")
         manage(env, "user", "add", EMAIL, "--password", PASSWORD)
         setup = json.loads(
             manage(env, "shell", "-c", f"EMAIL = {EMAIL!r}\n" + SETUP).strip().splitlines()[-1]
@@ -415,7 +477,36 @@ def main() -> None:
             "Origin": f"http://127.0.0.1:{options.port}",
         }
         url = f"ws://127.0.0.1:{options.port}/ws/chat/"
-        timing = asyncio.run(load(clients, url, headers, options.timeout, rss))
+        spy = (
+            subprocess.Popen(
+                [
+                    shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(daphne.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--gil",
+                    "--output",
+                    options.profile,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if options.profile
+            else None
+        )
+        if spy is not None:
+            time.sleep(1.0)  # py-spy attaches
+        timing = asyncio.run(
+            load(clients, url, headers, options.timeout, rss, expected_text(options.chunks))
+        )
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            spy.wait(timeout=30)
         time.sleep(0.3)
         rss.stopping.set()
         rss.join()
@@ -432,8 +523,8 @@ def main() -> None:
     errors = Counter(error for client in clients for error in client.errors)
     result = {
         "clients": options.clients,
-        "chunks": CHUNKS,
-        "chunk_delay_ms": 25,
+        "chunks": options.chunks,
+        "chunk_delay_ms": options.chunk_delay_ms,
         "connect_all_s": timing["connect_s"],
         "wall_s": timing["wall_s"],
         "daphne_cpu_s": timing["daphne_cpu_s"],
@@ -469,7 +560,7 @@ def main() -> None:
             [
                 "",
                 f"{options.clients} WebSocket clients, one Daphne worker, embedded mode (SQLite), "
-                f"fake upstream {CHUNKS} chunks x 25 ms",
+                f"fake upstream {options.chunks} chunks x {options.chunk_delay_ms:g} ms",
                 f"  all sockets open in {timing['connect_s']} s; every reply finished "
                 f"{timing['wall_s']} s after the simultaneous send; Daphne used "
                 f"{timing['daphne_cpu_s']} CPU s in that time ({timing['daphne_cpu_share']:.0%} "
@@ -491,6 +582,8 @@ def main() -> None:
             ]
         )
     )
+    if options.profile:
+        print(profile_report(Path(options.profile)))
     if not options.keep:
         shutil.rmtree(data, ignore_errors=True)
 

@@ -107,6 +107,13 @@ class _Local:
             if self.get(key) is None:
                 self.set(key, value, ttl)
 
+    def append(self, key: str, values: list[Any], ttl: float | None) -> None:
+        items = self.get(key)
+        if items is None:
+            items = []
+        items.extend(values)
+        self.set(key, items, ttl)
+
     def delete(self, keys: list[str]) -> None:
         for key in keys:
             self.data.pop(key, None)
@@ -210,6 +217,16 @@ async def aget(key: str) -> Any:
     return None if raw is None else pickle.loads(raw)
 
 
+def get(key: str) -> Any:
+    """``aget`` from synchronous code."""
+    if _redis_url() is None:
+        if key.startswith(SHARED_PREFIXES):
+            _local.sync_shared()
+        return _local.get(key)
+    raw = sync_client().get(PREFIX + key)
+    return None if raw is None else pickle.loads(raw)
+
+
 async def aset(key: str, value: Any, ttl: float | None = None) -> None:
     if _redis_url() is None:
         _local.set(key, value, ttl)
@@ -227,12 +244,57 @@ async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
     )
 
 
+async def aappend(key: str, values: list[Any], ttl: float | None = None) -> None:
+    """Append ``values`` to the list at ``key`` and (re)start its time to live.
+
+    Cost in proportion to what is appended, not to the list's length: a reply's
+    text so far grows piece by piece without being rewritten.
+    """
+    if not values:
+        return
+    if _redis_url() is None:
+        _local.append(key, values, ttl)
+        return
+    async with async_client().pipeline(transaction=True) as pipe:
+        pipe.rpush(PREFIX + key, *(pickle.dumps(value) for value in values))
+        if ttl:
+            pipe.expire(PREFIX + key, int(ttl))
+        await pipe.execute()
+
+
+async def arange(key: str) -> list[Any]:
+    """The list at ``key`` (empty when there is none)."""
+    if _redis_url() is None:
+        return list(_local.get(key) or ())
+    return [pickle.loads(raw) for raw in await async_client().lrange(PREFIX + key, 0, -1)]
+
+
+async def adelete(*keys: str) -> None:
+    """Delete keys of this process's own (not ``SHARED_PREFIXES``: see ``delete``)."""
+    if _redis_url() is None:
+        _local.delete(list(keys))
+        return
+    await async_client().delete(*(PREFIX + key for key in keys))
+
+
 def set(key: str, value: Any, ttl: float | None = None) -> None:  # noqa: A001 - mirrors aset
     if _redis_url() is None:
         _local.set(key, value, ttl)
         _changed_shared((key,))
         return
     sync_client().set(PREFIX + key, pickle.dumps(value), ex=int(ttl) if ttl else None)
+
+
+def append(key: str, values: list[Any], ttl: float | None = None) -> None:
+    """``aappend`` from synchronous code (keys of this process family's own)."""
+    if _redis_url() is None:
+        _local.append(key, values, ttl)
+        return
+    with sync_client().pipeline(transaction=True) as pipe:
+        pipe.rpush(PREFIX + key, *(pickle.dumps(value) for value in values))
+        if ttl:
+            pipe.expire(PREFIX + key, int(ttl))
+        pipe.execute()
 
 
 def delete(*keys: str) -> None:

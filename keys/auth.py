@@ -52,8 +52,11 @@ def cache_key(digest: str) -> str:
 
 def _load(digest: str) -> Principal | None:
     key = ApiKey.objects.select_related("user").filter(key_hash=digest).first()
-    if key is None:
-        return None
+    return None if key is None else principal_of(key)
+
+
+def principal_of(key: ApiKey) -> Principal:
+    """The principal of a key row just read (with its user), as the cache would hold it."""
     if key.revoked_at is not None:
         state = "revoked"
     elif not key.enabled:

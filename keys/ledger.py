@@ -237,9 +237,11 @@ class LedgerWriter:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:
-                # Return the connection (to the pool on PostgreSQL) between batches.
+                # Return the connection (to the pool on PostgreSQL) between batches;
+                # SQLite's is kept (opening one costs more than a small batch).
                 close_old_connections()
-                connection.close()
+                if connection.vendor != "sqlite":
+                    connection.close()
 
     def write_isolating(self, batch: list[dict[str, Any]], rejected: set[int]) -> None:
         """Write the batch, bisecting around records that fail on their own.

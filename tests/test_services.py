@@ -43,9 +43,10 @@ async def test_cache_and_channel_layer_are_redis() -> None:
 @pytest.mark.skipif(USING_POSTGRES or USING_REDIS, reason="services run")
 @pytest.mark.django_db
 def test_the_embedded_run_uses_sqlite_and_memory() -> None:
-    from channels.layers import InMemoryChannelLayer
     from django.core.cache import caches
     from django.core.cache.backends.locmem import LocMemCache
+
+    from chatapp.layers import InMemoryChannelLayer
 
     assert connection.vendor == "sqlite"
     assert isinstance(caches["default"], LocMemCache)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.db import transaction
@@ -12,6 +12,7 @@ from django.utils.translation import gettext as _
 from accounts.models import User
 from chatapp import hotstore
 from chatapp.chat.events import HEARTBEAT_TTL, alive_key
+from chatapp.chat.fragments import with_attachments
 from chatapp.models import (
     Attachment,
     CatalogModel,
@@ -20,6 +21,8 @@ from chatapp.models import (
     MessageStatus,
     ProviderType,
 )
+from chatapp.relay import catalog
+from keys.auth import Principal, principal_of
 
 MAX_MESSAGE_CHARS = 100_000
 MAX_ATTACHMENTS = 8
@@ -27,6 +30,10 @@ MAX_ATTACHMENTS = 8
 
 class ChatError(Exception):
     """A chat request refused before anything was saved; the message is for the user."""
+
+
+class AccountDisabled(ChatError):
+    """The user has been disabled: told so, and the socket is closed."""
 
 
 def check_active(*, user_id: int) -> bool:
@@ -38,26 +45,69 @@ def chat_models(*, user: Any) -> list[CatalogModel]:
     """The chat models the user's web key may use, for the model picker."""
     from keys.actions import do_get_web_key
 
-    allowed = do_get_web_key(user=user).allowed_models or []
-    models = CatalogModel.objects.filter(
-        enabled=True, supports_chat=True, routes__enabled=True
-    ).distinct()
-    if allowed:
-        models = models.filter(name__in=allowed)
-    return list(models.order_by("name"))
+    return _allowed(do_get_web_key(user=user).allowed_models)
+
+
+def _allowed(allowed_models: Any) -> list[CatalogModel]:
+    models, _local = _chat_catalog()
+    allowed = set(allowed_models or ())
+    return [model for model in models if not allowed or model.name in allowed]
+
+
+# The enabled chat models with a route, and which of them have a local route, as of
+# a catalog version (chatapp.relay.catalog): read on every page load and send, they
+# are read from the database only when the catalog changed.
+_chat_cache: tuple[str, list[CatalogModel], frozenset[int]] | None = None
+
+
+def _chat_catalog() -> tuple[list[CatalogModel], frozenset[int]]:
+    global _chat_cache
+    version = catalog.version()  # read before the rows: a change meanwhile bumps it again
+    cached = _chat_cache
+    if cached is not None and version is not None and cached[0] == version:
+        return cached[1], cached[2]
+    models = list(
+        CatalogModel.objects.filter(enabled=True, supports_chat=True, routes__enabled=True)
+        .distinct()
+        .order_by("name")
+    )
+    local = frozenset(
+        CatalogModel.objects.filter(
+            pk__in=[model.pk for model in models],
+            routes__enabled=True,
+            routes__provider__type=ProviderType.LOCAL,
+        ).values_list("pk", flat=True)
+    )
+    if version is not None:
+        _chat_cache = (version, models, local)
+    return models, local
+
+
+def _chat_access(user_id: int) -> tuple[User, list[CatalogModel], Principal]:
+    """The active user, the chat models their web key may use, and that key as the
+    relay sees it (one query when the key exists)."""
+    from keys.actions import do_get_web_key
+    from keys.models import ApiKey
+
+    key = (
+        ApiKey.objects.select_related("user")
+        .filter(user_id=user_id, is_web_key=True, user__is_active=True)
+        .first()
+    )
+    if key is None:
+        user = User.objects.filter(pk=user_id, is_active=True).first()
+        if user is None:
+            raise AccountDisabled(_("Your account is disabled."))
+        key = do_get_web_key(user=user)
+        key.user = user
+    return key.user, _allowed(key.allowed_models), principal_of(key)
 
 
 def default_chat_model(models: list[CatalogModel]) -> CatalogModel | None:
     """A new chat's model among ``models``: the admin's pick, else the local model, else the first."""
     chosen = next((model for model in models if model.is_chat_default), None)
     if chosen is None:
-        local = set(
-            CatalogModel.objects.filter(
-                pk__in=[model.pk for model in models],
-                routes__enabled=True,
-                routes__provider__type=ProviderType.LOCAL,
-            ).values_list("pk", flat=True)
-        )
+        _models, local = _chat_catalog()
         chosen = next((model for model in models if model.pk in local), None)
     return chosen or (models[0] if models else None)
 
@@ -99,9 +149,23 @@ def streaming_message_ids(*, conversation_id: int) -> list[int]:
 class Started:
     """A reply to generate; its branch is rendered after the transaction commits."""
 
-    conversation_id: int
-    reply_id: int
+    @property
+    def conversation_id(self) -> int:
+        return self.conversation.pk
+
+    @property
+    def reply_id(self) -> int:
+        return self.reply.pk
+
+    conversation: Conversation
+    reply: Message
     created: bool
+    # The owner's web key, which the reply is metered on, as read by the action: the
+    # reply needs no trip to the database (queued behind every other) to find it.
+    principal: Principal
+    # Every message of the conversation with its attachments, when the action knows
+    # them all (a new conversation): the branch and the request need no read.
+    messages: list[Message] | None = None
 
 
 def _check_text(text: Any, *, required: bool) -> str:
@@ -160,8 +224,8 @@ def _check_settings(system_prompt: Any, temperature: Any) -> tuple[str, float | 
     return system_prompt.strip(), value
 
 
-def _check_model(*, user: Any, name: str, images: bool) -> CatalogModel:
-    model = next((model for model in chat_models(user=user) if model.name == name), None)
+def _check_model(*, models: list[CatalogModel], name: str, images: bool) -> CatalogModel:
+    model = next((model for model in models if model.name == name), None)
     if model is None:
         raise ChatError(
             _("The model “%(model)s” is not available to you: pick another model.")
@@ -175,7 +239,7 @@ def _check_model(*, user: Any, name: str, images: bool) -> CatalogModel:
     return model
 
 
-def _start_reply(conversation: Any, parent: Any, created: bool) -> Started:
+def _start_reply(conversation: Any, parent: Any, created: bool, principal: Principal) -> Started:
     reply = Message.objects.create(
         conversation=conversation,
         parent=parent,
@@ -188,7 +252,7 @@ def _start_reply(conversation: Any, parent: Any, created: bool) -> Started:
     # Alive from the start: the task that writes it beats from its first step, and a
     # reply with no heartbeat would be taken for one whose process died.
     hotstore.set(alive_key(reply.pk), True, HEARTBEAT_TTL)
-    return Started(conversation.pk, reply.pk, created)
+    return Started(conversation, reply, created, principal)
 
 
 def _refuse_while_streaming(conversation: Any) -> None:
@@ -212,8 +276,8 @@ def do_send_message(
     A new conversation takes its ``system_prompt`` and ``temperature`` from the send
     itself: its first reply is generated before the page could save any setting.
     """
+    user, models, principal = _chat_access(user_id)
 
-    user = User.objects.get(pk=user_id)
     if model is not None and not isinstance(model, str):
         raise ChatError(_("The model must be given by its name."))
     if not isinstance(attachment_ids, list) or not all(
@@ -228,8 +292,11 @@ def do_send_message(
     with transaction.atomic():
         created = conversation_id in (None, "")
         if created:
-            default = default_chat_model(chat_models(user=user))
-            name = model if isinstance(model, str) and model else (default.name if default else "")
+            if isinstance(model, str) and model:
+                name = model
+            else:
+                default = default_chat_model(models)
+                name = default.name if default else ""
             if not name:
                 raise ChatError(
                     _("No model is available to you yet: ask an administrator to add one.")
@@ -244,25 +311,42 @@ def do_send_message(
             _refuse_while_streaming(conversation)
             if isinstance(model, str) and model:
                 conversation.model = model
-        attachments = list(
-            Attachment.objects.filter(
-                pk__in=[a for a in attachment_ids if isinstance(a, int)], owner=user, message=None
+        attachments = (
+            list(
+                Attachment.objects.filter(
+                    pk__in=[a for a in attachment_ids if isinstance(a, int)],
+                    owner=user,
+                    message=None,
+                )
             )
+            if attachment_ids
+            else []
         )
         if len(attachments) != len(attachment_ids):
             raise ChatError(_("An attached image is missing: upload it again."))
-        _check_model(user=user, name=conversation.model, images=bool(attachments))
+        _check_model(models=models, name=conversation.model, images=bool(attachments))
         conversation.save()
         message = Message.objects.create(
             conversation=conversation, parent=conversation.current_leaf, role="user", content=text
         )
-        Attachment.objects.filter(pk__in=[a.pk for a in attachments]).update(message=message)
-        return _start_reply(conversation, message, created)
+        if attachments:
+            Attachment.objects.filter(pk__in=[a.pk for a in attachments]).update(message=message)
+            for attachment in attachments:
+                attachment.message = message
+        started = _start_reply(conversation, message, created, principal)
+    if created:
+        reply = started.reply
+        started = replace(
+            started,
+            messages=[with_attachments(message, attachments), with_attachments(reply, [])],
+        )
+    return started
 
 
 def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
     """A new version of a user turn (a sibling branch), and its reply."""
 
+    _user, models, principal = _chat_access(user_id)
     pk = check_message_id(user_id=user_id, message_id=message_id)
     with transaction.atomic():
         original = Message.objects.select_related("conversation").get(pk=pk)
@@ -272,7 +356,7 @@ def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
         _refuse_while_streaming(conversation)
         images = list(original.attachments.all())
         text = _check_text(text, required=not images)
-        _check_model(user=conversation.owner, name=conversation.model, images=bool(images))
+        _check_model(models=models, name=conversation.model, images=bool(images))
         message = Message.objects.create(
             conversation=conversation, parent=original.parent, role="user", content=text
         )
@@ -281,12 +365,13 @@ def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
                 owner=image.owner, message=message, file=image.file.name, media_type=image.media_type,
                 width=image.width, height=image.height, size=image.size, original_name=image.original_name,
             )  # fmt: skip
-        return _start_reply(conversation, message, False)
+        return _start_reply(conversation, message, False, principal)
 
 
 def do_regenerate(*, user_id: int, message_id: Any) -> Started:
     """Another version of a reply (a sibling branch)."""
 
+    _user, models, principal = _chat_access(user_id)
     pk = check_message_id(user_id=user_id, message_id=message_id)
     with transaction.atomic():
         original = Message.objects.get(pk=pk)
@@ -294,8 +379,8 @@ def do_regenerate(*, user_id: int, message_id: Any) -> Started:
             raise ChatError(_("Only replies can be regenerated."))
         conversation = Conversation.objects.select_for_update().get(pk=original.conversation_id)
         _refuse_while_streaming(conversation)
-        _check_model(user=conversation.owner, name=conversation.model, images=False)
-        return _start_reply(conversation, original.parent, False)
+        _check_model(models=models, name=conversation.model, images=False)
+        return _start_reply(conversation, original.parent, False, principal)
 
 
 def do_switch_branch(*, user_id: int, message_id: Any) -> Any:

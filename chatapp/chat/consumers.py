@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -43,17 +44,18 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import translation
 from django.utils.translation import gettext as _
 
-from chatapp import hotstore, metrics
+from chatapp import metrics
 from chatapp.chat import actions, generation
 from chatapp.chat.actions import ChatError
-from chatapp.chat.events import group_name, snapshot_key
-from chatapp.chat.fragments import render_branch
-from chatapp.models import Conversation
+from chatapp.chat.events import group_name, read_snapshot
+from chatapp.chat.fragments import conversation_messages, render_branch
+from chatapp.relay import catalog
 from chatapp.relay.dialects import browser
 
 logger = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 1_000_000
 ACTIONS = ("open", "send", "edit", "regenerate", "stop")
+STARTING = ("send", "edit", "regenerate")  # the actions that start a reply
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -67,6 +69,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.groups_joined: set[str] = set()
         await self.accept()
         metrics.websocket_opened(self)
+        catalog.warm()
 
     async def disconnect(self, code: int) -> None:
         metrics.websocket_closed(self)
@@ -103,14 +106,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.receive_json(content)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        if not await database_sync_to_async(actions.check_active)(user_id=self.user_id):
-            await self.send_json(browser.error_frame(_("Your account is disabled.")))
-            await self.close(code=4403)
+        action = content.get("action") if isinstance(content, dict) else None
+        # The actions that start a reply check it within their own trip to the database.
+        if action not in STARTING and not await database_sync_to_async(actions.check_active)(
+            user_id=self.user_id
+        ):
+            await self._cut_off(_("Your account is disabled."))
             return
         if not isinstance(content, dict):
             await self.send_json(browser.error_frame(_("Expected a JSON object.")))
             return
-        action = content.get("action")
         client_id = content.get("client_id")
         client_id = client_id[:64] if isinstance(client_id, str) else ""
         handler = getattr(self, f"do_{action}", None) if action in ACTIONS else None
@@ -124,6 +129,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             await handler(content, client_id)
+        except actions.AccountDisabled as exc:
+            await self._cut_off(str(exc))
         except ChatError as exc:
             await self.send_json(browser.error_frame(str(exc), client_id))
         except Exception:
@@ -133,6 +140,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     _("The server could not carry out this action; nothing was saved."), client_id
                 )
             )
+
+    async def _cut_off(self, error: str) -> None:
+        await self.send_json(browser.error_frame(error))
+        await self.close(code=4403)
 
     async def subscribe(self, conversation_id: int) -> None:
         group = group_name(conversation_id)
@@ -152,10 +163,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for message_id in await database_sync_to_async(actions.streaming_message_ids)(
             conversation_id=conversation_id
         ):
-            snapshot = await hotstore.aget(snapshot_key(message_id))
+            snapshot = await read_snapshot(message_id)
             await self.send_json(browser.snapshot_frame(message_id, snapshot))
 
-    async def _started(self, result: actions.Started, client_id: str) -> None:
+    async def _started(self, started: _Started, client_id: str) -> None:
+        result, html, prepared = started
         await self.subscribe(result.conversation_id)
         if result.created:
             await self.send_json(
@@ -165,8 +177,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "url": f"/chat/{result.conversation_id}/",
                 }
             )
-        # Rendered after the action's transaction committed: no row lock held meanwhile.
-        html = await database_sync_to_async(_render_branch)(result.conversation_id)
         await self.send_json(
             {
                 "type": "messages",
@@ -175,7 +185,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "html": html,
             }
         )
-        generation.start(result.reply_id, self.language)
+        generation.start(result.reply_id, self.language, prepared=prepared)
 
     async def _recover(self, *, conversation: Any = None, message: Any = None) -> None:
         """Interrupted replies of the conversation acted on are saved before the action."""
@@ -195,7 +205,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def do_send(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(conversation=content.get("conversation"))
-        result = await database_sync_to_async(actions.do_send_message)(
+        result = await database_sync_to_async(_start)(
+            actions.do_send_message,
             user_id=self.user_id,
             conversation_id=content.get("conversation"),
             text=content.get("text"),
@@ -208,15 +219,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def do_edit(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(message=content.get("message"))
-        result = await database_sync_to_async(actions.do_edit_message)(
-            user_id=self.user_id, message_id=content.get("message"), text=content.get("text")
+        result = await database_sync_to_async(_start)(
+            actions.do_edit_message,
+            user_id=self.user_id,
+            message_id=content.get("message"),
+            text=content.get("text"),
         )
         await self._started(result, client_id)
 
     async def do_regenerate(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(message=content.get("message"))
-        result = await database_sync_to_async(actions.do_regenerate)(
-            user_id=self.user_id, message_id=content.get("message")
+        result = await database_sync_to_async(_start)(
+            actions.do_regenerate, user_id=self.user_id, message_id=content.get("message")
         )
         await self._started(result, client_id)
 
@@ -258,5 +272,31 @@ def language_of(scope: dict[str, Any]) -> str:
     return settings.LANGUAGE_CODE
 
 
-def _render_branch(conversation_id: int) -> str:
-    return render_branch(Conversation.objects.get(pk=conversation_id))
+_Started = tuple[actions.Started, str, "browser.Prepared | None"]
+
+
+def _start(action: Callable[..., actions.Started], **arguments: Any) -> _Started:
+    """Carry out a send, edit or regenerate; render its branch; prepare its reply.
+
+    One trip to the database thread: under a burst of messages every trip queues
+    behind all the others.  The branch is rendered after the action's transaction
+    committed (no row lock held meanwhile), and the reply's request is built from
+    the same read of the conversation.  A request that cannot be prepared here is
+    prepared again by the reply's task, which saves and reports the failure.
+    """
+    result = action(**arguments)
+    conversation = result.conversation
+    messages = result.messages
+    if messages is None:
+        messages = conversation_messages(conversation.pk)
+    html = render_branch(conversation, messages)
+    try:
+        prepared = browser.prepare(
+            result.reply_id,
+            principal=result.principal,
+            conversation=conversation,
+            messages=messages,
+        )
+    except Exception:
+        prepared = None
+    return result, html, prepared

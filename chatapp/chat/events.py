@@ -2,8 +2,9 @@
 
 - the conversation's channel-layer group: every open tab of it, on any Daphne
   process with the Redis layer, hears the reply's frames;
-- ``stream:<message id>``: the text so far (with its sequence number), so a tab
-  that (re)connects catches up before the live tail;
+- ``reply:<message id>``: the frames published so far, as a list of
+  ``(seq, type, text)`` pieces appended as they go out, so a tab that
+  (re)connects catches up before the live tail;
 - ``stop:<message id>``: a stop asked for from any process;
 - ``alive:<message id>``: the heartbeat of the process writing the reply.  A reply
   marked streaming with no heartbeat has no live writer (its process died) and is
@@ -17,6 +18,8 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from chatapp import hotstore
+
 SNAPSHOT_TTL = 3600
 HEARTBEAT_EVERY = 2.0  # seconds between heartbeats of a reply being written
 HEARTBEAT_TTL = 10  # seconds a heartbeat lasts: five missed beats mean the writer is gone
@@ -27,7 +30,34 @@ def group_name(conversation_id: int) -> str:
 
 
 def snapshot_key(message_id: int) -> str:
-    return f"stream:{message_id}"
+    # "reply:", not the "stream:" of the text-so-far strings of earlier versions: a
+    # list and a string cannot share a Redis key while both versions run.
+    return f"reply:{message_id}"
+
+
+async def append_snapshot(message_id: int, frames: list[dict[str, Any]]) -> None:
+    """Add the frames about to be published to the reply's snapshot."""
+    await hotstore.aappend(
+        snapshot_key(message_id),
+        [(frame["seq"], frame["type"], frame["text"]) for frame in frames],
+        SNAPSHOT_TTL,
+    )
+
+
+async def read_snapshot(message_id: int) -> tuple[int, str, str] | None:
+    """The reply so far as (last seq, text, reasoning), or None when nothing was kept."""
+    pieces = await hotstore.arange(snapshot_key(message_id))
+    if not pieces:
+        return None
+    text: list[str] = []
+    reasoning: list[str] = []
+    for _seq, kind, piece in pieces:
+        (reasoning if kind == "reasoning" else text).append(piece)
+    return pieces[-1][0], "".join(text), "".join(reasoning)
+
+
+async def drop_snapshot(message_id: int) -> None:
+    await hotstore.adelete(snapshot_key(message_id))
 
 
 def stop_key(message_id: int) -> str:

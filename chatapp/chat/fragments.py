@@ -37,15 +37,40 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
     }
 
 
-def branch_items(conversation: Conversation) -> list[dict[str, Any]]:
-    """The displayed branch, oldest first, with each message's versions."""
-    if conversation.current_leaf_id is None:
-        return []
-    messages = list(
-        Message.objects.filter(conversation_id=conversation.pk)
+def conversation_messages(conversation_id: int) -> list[Message]:
+    """Every message of a conversation with its attachments, oldest first (two queries)."""
+    return list(
+        Message.objects.filter(conversation_id=conversation_id)
         .prefetch_related("attachments")
         .order_by("created_at", "id")
     )
+
+
+def with_attachments(message: Message, attachments: list[Any]) -> Message:
+    """``message`` with its attachments known, as ``prefetch_related`` leaves it.
+
+    For messages just written: their branch renders without reading them back.
+    """
+    from chatapp.models import Attachment
+
+    found = Attachment.objects.filter(message=message)
+    found._result_cache = list(attachments)  # what prefetch_related stores, no query
+    found._prefetch_done = True  # type: ignore[attr-defined]
+    message._prefetched_objects_cache = {"attachments": found}  # type: ignore[attr-defined]
+    return message
+
+
+def branch_items(
+    conversation: Conversation, messages: list[Message] | None = None
+) -> list[dict[str, Any]]:
+    """The displayed branch, oldest first, with each message's versions.
+
+    ``messages``: ``conversation_messages`` of it, when the caller has them already.
+    """
+    if conversation.current_leaf_id is None:
+        return []
+    if messages is None:
+        messages = conversation_messages(conversation.pk)
     versions: dict[tuple[int | None, str], list[Message]] = defaultdict(list)
     for message in messages:
         versions[(message.parent_id, message.role)].append(message)
@@ -55,18 +80,24 @@ def branch_items(conversation: Conversation) -> list[dict[str, Any]]:
     ]
 
 
-def render_branch(conversation: Conversation) -> str:
+def render_branch(conversation: Conversation, messages: list[Message] | None = None) -> str:
     return render_to_string(
         "chatapp/chat.html#messages",
-        {"items": branch_items(conversation), "conversation": conversation},
+        {"items": branch_items(conversation, messages), "conversation": conversation},
     )
 
 
-def render_message(message: Message) -> str:
-    """One message as it stands (a reply that just ended)."""
-    siblings = list(
-        Message.objects.filter(
-            conversation_id=message.conversation_id, parent_id=message.parent_id, role=message.role
-        ).order_by("created_at", "id")
-    )
+def render_message(message: Message, siblings: list[Message] | None = None) -> str:
+    """One message as it stands (a reply that just ended).
+
+    ``siblings``: its versions (itself included), oldest first, when the caller knows them.
+    """
+    if siblings is None:
+        siblings = list(
+            Message.objects.filter(
+                conversation_id=message.conversation_id,
+                parent_id=message.parent_id,
+                role=message.role,
+            ).order_by("created_at", "id")
+        )
     return render_to_string("chatapp/chat.html#message-item", {"item": _item(message, siblings)})

@@ -36,10 +36,11 @@ from chatapp.chat import actions
 from chatapp.chat.events import (
     HEARTBEAT_EVERY,
     HEARTBEAT_TTL,
-    SNAPSHOT_TTL,
     alive_key,
+    append_snapshot,
+    drop_snapshot,
     publish,
-    snapshot_key,
+    read_snapshot,
     stop_key,
 )
 from chatapp.chat.fragments import render_message
@@ -54,20 +55,27 @@ from keys.exceptions import KeyRefused
 logger = logging.getLogger(__name__)
 
 RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while streaming
+# Seconds between two publications of a reply's frames: what arrives meanwhile goes
+# out as one frame.  Under a burst of replies this is what keeps the worker's cost
+# per reply from growing with the number of pieces the upstream splits it into.
+FLUSH_EVERY = 0.05
 STOP_CHECK_EVERY = 0.25  # seconds between looks at the shared stop flag
 SHUTDOWN_GRACE = 10.0  # seconds shutdown() waits for cancelled replies to be saved
 
 _tasks: set[asyncio.Task[Any]] = set()
 
 
-def start(message_id: int, language: str | None = None) -> asyncio.Task[None]:
+def start(
+    message_id: int, language: str | None = None, *, prepared: browser.Prepared | None = None
+) -> asyncio.Task[None]:
     """Generate the reply for assistant message ``message_id`` in the background.
 
     ``language``: the sender's, for the words of a failure in the frames sent now.
+    ``prepared``: its request, when the caller has built it (else it is read here).
     """
     loop = asyncio.get_running_loop()
     server_shutdown.install()  # SIGTERM drains this process's replies before it exits
-    task = loop.create_task(run(message_id, language))
+    task = loop.create_task(run(message_id, language, prepared=prepared))
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
     server_shutdown.track(task)
@@ -98,9 +106,8 @@ async def recover(conversation_id: int) -> None:
     ):
         if await hotstore.aget(alive_key(message_id)):
             continue
-        snapshot = await hotstore.aget(snapshot_key(message_id))
-        text = snapshot[1] if snapshot else ""
-        reasoning = snapshot[2] if snapshot and len(snapshot) > 2 else ""
+        snapshot = await read_snapshot(message_id)
+        _seq, text, reasoning = snapshot or (0, "", "")
         message = await database_sync_to_async(actions.do_mark_interrupted)(
             message_id=message_id, text=text, reasoning=reasoning
         )
@@ -130,7 +137,9 @@ class _Heartbeat:
         await hotstore.aset(self.key, None, 1)
 
 
-async def run(message_id: int, language: str | None = None) -> None:
+async def run(
+    message_id: int, language: str | None = None, *, prepared: browser.Prepared | None = None
+) -> None:
     if language:
         translation.activate(language)  # this task's own context: no other task sees it
     status: str = MessageStatus.FAILED
@@ -145,11 +154,12 @@ async def run(message_id: int, language: str | None = None) -> None:
     heartbeat = _Heartbeat(message_id)
     try:
         await heartbeat.beat(force=True)
-        prepared = await database_sync_to_async(browser.prepare)(message_id)
+        if prepared is None:
+            prepared = await database_sync_to_async(browser.prepare)(message_id)
         conversation_id = prepared.conversation_id
         model_name = prepared.request.model
         try:
-            principal = await aprincipal(prepared.key_hash)
+            principal = prepared.principal or await aprincipal(prepared.key_hash)
             if principal is None:
                 raise KeyRefused("unknown", "Your chat key could not be found.")
             principal = check_principal(principal)
@@ -194,10 +204,74 @@ async def run(message_id: int, language: str | None = None) -> None:
         error = browser.failure(code=f"internal:{type(exc).__name__}")
     finally:
         await asyncio.shield(
-            _finish(message_id, conversation_id, call, status, error, writer, left_out, started)
+            _finish(
+                message_id,
+                conversation_id,
+                call,
+                status,
+                error,
+                writer,
+                left_out,
+                started,
+                prepared,
+            )
         )
         with contextlib.suppress(Exception):
             await asyncio.shield(heartbeat.stop())
+
+
+class _Publisher:
+    """Publishes a reply's frames at most once per ``FLUSH_EVERY``, in order.
+
+    The reply's reader gathers pieces into the writer and pokes; this task wakes,
+    lets ``FLUSH_EVERY`` pass since its last publication, then appends what was
+    gathered to the snapshot and publishes it, with the markdown rendered every
+    ``RENDER_EVERY``.  The first piece after a quiet spell goes out at once.
+    """
+
+    def __init__(self, writer: browser.ReplyWriter, conversation_id: int) -> None:
+        self.writer = writer
+        self.conversation_id = conversation_id
+        self.wake = asyncio.Event()
+        self.closing = False
+        self.published_at = 0.0
+        self.rendered_at = time.monotonic()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def poke(self) -> None:
+        self.wake.set()
+        if self.task.done():  # it failed (the hot store or the channel layer is down)
+            self.task.result()
+
+    async def _run(self) -> None:
+        while not self.closing:
+            await self.wake.wait()
+            delay = self.published_at + FLUSH_EVERY - time.monotonic()
+            if delay > 0 and not self.closing:
+                await asyncio.sleep(delay)
+            self.wake.clear()
+            await self._publish()
+        await self._publish()
+
+    async def _publish(self) -> None:
+        frames = self.writer.take()
+        self.published_at = time.monotonic()
+        if not frames:
+            return
+        text = self.writer.text  # as of take(): what the frames cover
+        await append_snapshot(self.writer.message_id, frames)
+        for frame in frames:
+            await publish(self.conversation_id, frame)
+        if self.published_at - self.rendered_at >= RENDER_EVERY and text:
+            self.rendered_at = self.published_at
+            render = self.writer.render_frame(render_markdown(text))
+            await publish(self.conversation_id, render)
+
+    async def close(self) -> None:
+        """Publish what is left and stop (raises what made the task fail)."""
+        self.closing = True
+        self.wake.set()
+        await self.task
 
 
 async def _relay(
@@ -206,23 +280,23 @@ async def _relay(
     conversation_id: int,
     heartbeat: _Heartbeat,
 ) -> str:
-    last_render = time.monotonic()
-    last_stop_check = 0.0
-    async for item in stream:
-        for frame in writer.item(item):
-            await hotstore.aset(snapshot_key(writer.message_id), writer.snapshot, SNAPSHOT_TTL)
-            await publish(conversation_id, frame)
-        now = time.monotonic()
-        await heartbeat.beat()
-        if now - last_render >= RENDER_EVERY and writer.text:
-            last_render = now
-            await publish(conversation_id, writer.render_frame(render_markdown(writer.text)))
-        if now - last_stop_check >= STOP_CHECK_EVERY:
-            last_stop_check = now
-            if await hotstore.aget(stop_key(writer.message_id)):
-                stream.stop()
-                return MessageStatus.STOPPED
-    return MessageStatus.COMPLETE
+    publisher = _Publisher(writer, conversation_id)
+    try:
+        last_stop_check = 0.0
+        async for item in stream:
+            if writer.item(item):
+                publisher.poke()
+            await heartbeat.beat()
+            now = time.monotonic()
+            if now - last_stop_check >= STOP_CHECK_EVERY:
+                last_stop_check = now
+                if await hotstore.aget(stop_key(writer.message_id)):
+                    stream.stop()
+                    return MessageStatus.STOPPED
+        return MessageStatus.COMPLETE
+    finally:
+        # Shielded: a cancelled reply still publishes what it had before it is saved.
+        await asyncio.shield(publisher.close())
 
 
 async def _finish(
@@ -234,6 +308,7 @@ async def _finish(
     writer: browser.ReplyWriter,
     left_out: int,
     started: float,
+    prepared: browser.Prepared | None = None,
 ) -> None:
     """Save the reply (the pipeline has settled it), tell every tab, title the conversation."""
     usage = call.final_usage if call is not None else None
@@ -250,16 +325,17 @@ async def _finish(
         "request_id": call.request_id if call is not None else "",
     }
     try:
-        message = await database_sync_to_async(_save)(message_id, fields)
+        message, html, needs_title, title = await database_sync_to_async(_save)(
+            message_id, fields, prepared
+        )
     except Exception:
         logger.exception("saving reply %s failed", message_id)
         return
-    await hotstore.aset(snapshot_key(message_id), None, 1)
-    html = await database_sync_to_async(render_message)(message)
+    await drop_snapshot(message_id)
     await publish(message.conversation_id, browser.done_frame(message_id, status, html))
-    if status in (MessageStatus.COMPLETE, MessageStatus.STOPPED) and await database_sync_to_async(
-        _needs_title
-    )(message.conversation_id):
+    if title:
+        await publish(message.conversation_id, browser.title_frame(message.conversation_id, title))
+    elif needs_title:
         await _title(message.conversation_id)
 
 
@@ -269,27 +345,68 @@ async def _label(name: str) -> str:
     return model.label if model is not None else name
 
 
-def _save(message_id: int, fields: dict[str, Any]) -> Message:
+def _save(
+    message_id: int, fields: dict[str, Any], prepared: browser.Prepared | None
+) -> tuple[Message, str, bool, str]:
+    """Save the reply and render it; title its conversation if it has no title yet.
+
+    Returns the reply, its HTML, whether the conversation still needs a title from its
+    model, and the title given here (with titles by model switched off, the first
+    message's words).  One trip to the database thread, which under a burst of
+    replies queues every trip: what the reply's start read (``prepared``) is not
+    read again (no message is added to a conversation while a reply streams).
+    """
     from django.utils import timezone
 
+    from chatapp.chat.tasks import fallback_title
+
     Message.objects.filter(pk=message_id).update(**fields)
-    message = Message.objects.select_related("conversation").get(pk=message_id)
-    Conversation.objects.filter(pk=message.conversation_id).update(updated_at=timezone.now())
-    return message
-
-
-def _needs_title(conversation_id: int) -> bool:
-    conversation = Conversation.objects.get(pk=conversation_id)
-    return not conversation.title_generated and not conversation.title
+    messages = prepared.messages if prepared is not None else None
+    message = next((item for item in messages or () if item.pk == message_id), None)
+    if message is None or prepared is None:
+        message = Message.objects.select_related("conversation").get(pk=message_id)
+        conversation = message.conversation
+        siblings = None
+    else:
+        for name, value in fields.items():
+            setattr(message, name, value)
+        conversation = prepared.conversation
+        siblings = [
+            item
+            for item in messages or ()
+            if item.parent_id == message.parent_id and item.role == message.role
+        ]
+    now = timezone.now()
+    title = ""
+    needs_title = (
+        not conversation.title_generated
+        and not conversation.title
+        and fields["status"] in (MessageStatus.COMPLETE, MessageStatus.STOPPED)
+    )
+    if needs_title and not settings.SWITCHBOARD_CHAT_TITLES:
+        first = next((item for item in messages or () if item.role == "user"), None)
+        if first is None:
+            first = conversation.messages.filter(role="user").order_by("created_at", "id").first()
+        title = fallback_title(first.content if first is not None else "") or "Conversation"
+        # Only if nobody named it meanwhile.
+        if not Conversation.objects.filter(pk=conversation.pk, title="").update(
+            title=title, title_generated=True, updated_at=now
+        ):
+            title = ""
+            Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+        needs_title = False
+    else:
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+    return message, render_message(message, siblings), needs_title, title
 
 
 async def _title(conversation_id: int) -> None:
-    # Not on the shared sync thread: in the embedded mode the task runs inline.  Through
-    # database_sync_to_async so the connection that thread opens (on_commit asks for
-    # one) goes back to the pool: a thread that dies holding it leaks it for good.
-    await database_sync_to_async(_queue_title, thread_sensitive=False)(conversation_id)
     if settings.CELERY_TASK_ALWAYS_EAGER:
-        # Run inline, the task could not reach this loop's channel layer: tell the tabs here.
+        # Embedded mode: the title is generated right here, on this loop (a Celery
+        # task run inline would start a thread and an event loop of its own per reply).
+        from chatapp.chat.tasks import agenerate_title
+
+        await agenerate_title(conversation_id, own_loop=False)
         title = (
             await Conversation.objects.filter(pk=conversation_id)
             .values_list("title", flat=True)
@@ -297,6 +414,11 @@ async def _title(conversation_id: int) -> None:
         )
         if title:
             await publish(conversation_id, browser.title_frame(conversation_id, title))
+        return
+    # Not on the shared sync thread: through database_sync_to_async so the connection
+    # that thread opens (on_commit asks for one) goes back to the pool: a thread that
+    # dies holding it leaks it for good.
+    await database_sync_to_async(_queue_title, thread_sensitive=False)(conversation_id)
 
 
 def _queue_title(conversation_id: int) -> None:

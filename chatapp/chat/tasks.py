@@ -35,7 +35,9 @@ def generate_title(conversation_id: int) -> None:
     asyncio.run(agenerate_title(conversation_id))
 
 
-async def agenerate_title(conversation_id: int) -> None:
+async def agenerate_title(conversation_id: int, *, own_loop: bool = True) -> None:
+    """``own_loop``: run by ``asyncio.run`` (a Celery task), whose loop's clients are
+    closed at the end; False on the server's own loop, whose clients stay open."""
     from chatapp import hotstore
     from chatapp.chat.events import publish
     from chatapp.models import Conversation, Message
@@ -96,7 +98,8 @@ async def agenerate_title(conversation_id: int) -> None:
                     exc,
                 )
     finally:
-        await relay_http.aclose()
+        if own_loop:
+            await relay_http.aclose()
 
     def save() -> bool:
         # Only if nobody named it meanwhile.
@@ -110,4 +113,5 @@ async def agenerate_title(conversation_id: int) -> None:
     # layer; run inline (embedded mode) the chat's generation tells the tabs itself.
     if await database_sync_to_async(save)() and not settings.CELERY_TASK_ALWAYS_EAGER:
         await publish(conversation_id, browser.title_frame(conversation_id, title))
-    await hotstore.aclose()
+    if own_loop:
+        await hotstore.aclose()

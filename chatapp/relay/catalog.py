@@ -9,7 +9,10 @@ request.  Decrypted credentials never leave the process: only the version is sha
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,7 @@ from chatapp.relay.upstreams import Target
 from keys.pricing import Price
 
 VERSION_KEY = "catalog:version"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,13 @@ class ModelInfo:
 
 _loaded_version: str | None = None
 _models: dict[str, ModelInfo] = {}
+# The load in flight on each event loop, and the version it loads: requests that
+# find the catalog stale while it loads wait for that load instead of each starting
+# their own (two hundred chat messages at a worker's start were two hundred loads
+# queued on the one database thread).
+_loading: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, tuple[str, asyncio.Future[dict[str, ModelInfo]]]
+] = weakref.WeakKeyDictionary()
 
 
 def _load() -> dict[str, ModelInfo]:
@@ -136,12 +147,53 @@ async def _current() -> dict[str, ModelInfo]:
         # from what a process loaded before, so all of them reload).
         version = uuid.uuid4().hex
         await hotstore.aset(VERSION_KEY, version)
-    if version != _loaded_version:
-        # Two requests may both reload after a change; that is harmless and cheaper
-        # than a lock shared across event loops.
-        _models = await database_sync_to_async(_load)()
-        _loaded_version = version
-    return _models
+    if version == _loaded_version:
+        return _models
+    loop = asyncio.get_running_loop()
+    loading = _loading.get(loop)
+    if loading is not None and loading[0] == version:
+        # asyncio.wait: only this request's own cancellation raises here; a load that
+        # failed or was cancelled leaves this request to load for itself.
+        await asyncio.wait([loading[1]])
+        if not loading[1].cancelled() and loading[1].exception() is None:
+            return loading[1].result()
+    # Event loops of other threads (a Celery task's) may still load at the same time;
+    # that is harmless and cheaper than a lock shared across them.
+    future: asyncio.Future[dict[str, ModelInfo]] = loop.create_future()
+    _loading[loop] = (version, future)
+    try:
+        models = await database_sync_to_async(_load)()
+    except BaseException:
+        future.cancel()
+        raise
+    finally:
+        if _loading.get(loop) == (version, future):
+            del _loading[loop]
+    future.set_result(models)
+    _models, _loaded_version = models, version
+    return models
+
+
+_warming: set[asyncio.Task[Any]] = set()
+
+
+def warm() -> None:
+    """Load the catalog in the background if this process has not yet.
+
+    A chat socket opening calls it: the first messages then find the catalog loaded
+    instead of waiting for its load behind every other trip to the database thread.
+    """
+    if _loaded_version is not None or _loading:
+        return
+    task = asyncio.get_running_loop().create_task(_current())
+    _warming.add(task)
+    task.add_done_callback(_warmed)
+
+
+def _warmed(task: asyncio.Task[Any]) -> None:
+    _warming.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("loading the catalog failed: %r", task.exception())
 
 
 async def aget_model(name: str) -> ModelInfo | None:
@@ -150,6 +202,14 @@ async def aget_model(name: str) -> ModelInfo | None:
 
 async def alist_models() -> list[ModelInfo]:
     return sorted((await _current()).values(), key=lambda model: model.name)
+
+
+def version() -> str | None:
+    """The catalog's shared version as it stands (None before any process set one).
+
+    For synchronous caches of catalog rows: they hold while it is unchanged.
+    """
+    return hotstore.get(VERSION_KEY)
 
 
 def invalidate() -> None:

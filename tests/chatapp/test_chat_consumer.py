@@ -295,6 +295,7 @@ async def test_switching_a_conversation_to_a_model_without_vision_refuses_its_im
     ws = await connect(alice)
     await ws.send_json_to({"action": "send", "conversation": None, "text": "Hi", "attachments": []})
     conversation_id = (await receive_until(ws, "done"))[0]["conversation"]
+    await receive_until(ws, "title")  # the first exchange titles the conversation
     requests = len(upstream.requests)
     # Given an image attached after alice picked a model that cannot read it,
     image = await Attachment.objects.acreate(

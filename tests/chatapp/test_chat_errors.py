@@ -192,8 +192,11 @@ async def test_a_model_the_pipeline_refuses_is_named_by_its_display_name(
     ws = await connect(alice, "zh-hans")
     await send(ws, "One")
     first = await until(ws, "done")
+    await until(ws, "title")
     # The admin disables the model's only route after the conversation started.
-    await Route.objects.filter(model__name="chat-model").aupdate(enabled=False)
+    route = await Route.objects.aget(model__name="chat-model")
+    route.enabled = False
+    await route.asave()
     await ws.send_json_to(
         {"action": "regenerate", "message": first[-1]["message"], "client_id": "c3"}
     )

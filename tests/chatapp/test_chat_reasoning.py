@@ -108,7 +108,16 @@ def _orphan(user_email: str) -> int:
 
 async def test_an_interrupted_reply_keeps_its_reasoning(upstream: FakeUpstream) -> None:  # noqa: F811
     reply_id = await database_sync_to_async(_orphan)("alice@example.com")
-    await hotstore.aset(snapshot_key(reply_id), (4, "Half", "Thinking so far"), 60)
+    await hotstore.aappend(
+        snapshot_key(reply_id),
+        [
+            (1, "reasoning", "Thinking "),
+            (2, "reasoning", "so far"),
+            (3, "delta", "Ha"),
+            (4, "delta", "lf"),
+        ],
+        60,
+    )
     await hotstore.aset(alive_key(reply_id), None, 1)
     alice = await database_sync_to_async(
         lambda: Message.objects.get(pk=reply_id).conversation.owner

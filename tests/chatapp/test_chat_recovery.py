@@ -52,7 +52,9 @@ async def test_a_reply_whose_writer_died_is_saved_as_interrupted_on_open(
     alice = await database_sync_to_async(make_user)("alice@example.com")
     conversation_id, reply_id = await database_sync_to_async(_orphan)(alice, "")
     # Given the dead process left its text so far, and no heartbeat...
-    await hotstore.aset(snapshot_key(reply_id), (3, "Half a rep"), 60)
+    await hotstore.aappend(
+        snapshot_key(reply_id), [(2, "delta", "Half "), (3, "delta", "a rep")], 60
+    )
     await hotstore.aset(alive_key(reply_id), None, 1)
     ws = await connect(alice)
 

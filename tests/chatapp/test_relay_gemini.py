@@ -788,7 +788,9 @@ def test_the_browser_chat_streams_a_gemini_reply(gem: Gateway, settings: Any) ->
     from chatapp.chat.consumers import ChatConsumer
 
     settings.SWITCHBOARD_CHAT_TITLES = False
-    CatalogModel.objects.filter(name="gemini-fake").update(is_chat_default=True)
+    default = CatalogModel.objects.get(name="gemini-fake")
+    default.is_chat_default = True
+    default.save()
     fake(gem).script(Reply(text="Hello from Gemini, Bob.", input_tokens=8, output_tokens=5))
     bob = make_user("bob@example.com")
 

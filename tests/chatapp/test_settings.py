@@ -50,7 +50,7 @@ def test_no_configuration_gives_the_embedded_defaults(tmp_path: Path) -> None:
     loaded = json.loads(result.stdout)
     assert loaded["db"]["ENGINE"] == "django.db.backends.sqlite3"
     assert loaded["db"]["NAME"] == str(tmp_path / "data" / "switchboard.sqlite3")
-    assert loaded["layer"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
+    assert loaded["layer"]["BACKEND"] == "chatapp.layers.InMemoryChannelLayer"
     assert loaded["cache"] == "django.core.cache.backends.locmem.LocMemCache"
     assert loaded["eager"] is True
     assert loaded["debug"] is False

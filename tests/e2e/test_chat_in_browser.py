@@ -504,7 +504,7 @@ def test_a_reply_whose_server_died_shows_as_interrupted_and_the_chat_goes_on(
     )
     conversation.current_leaf = reply
     conversation.save()
-    hotstore.set(snapshot_key(reply.pk), (5, "Once upon a time, a"), 600)
+    hotstore.append(snapshot_key(reply.pk), [(5, "delta", "Once upon a time, a")], 600)
 
     # ...opening the conversation saves it as interrupted, with what it had written.
     page.goto(f"/chat/{conversation.pk}/")

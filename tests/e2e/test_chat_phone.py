@@ -186,7 +186,9 @@ def test_the_header_picker_and_the_default_model(
     browser: Browser, live_server_url: str, fake: FakeUpstream
 ) -> None:
     # An admin picks the default model for new chats (the Django admin's field).
-    CatalogModel.objects.filter(name="text-only").update(is_chat_default=True)
+    default = CatalogModel.objects.get(name="text-only")
+    default.is_chat_default = True
+    default.save()
     page, console = sign_in(browser, live_server_url, "alice@example.com")
     picker = page.locator(".chat-head #model")
     assert picker.is_visible()  # without opening Settings

@@ -32,19 +32,22 @@ class Prepared:
     conversation_id: int
     user_id: int
     request: ChatRequest
-    key_hash: str  # the owner's web key
+    key_hash: str  # the owner's web key ("" when its principal is given)
+    principal: Any = None  # the web key as keys.auth sees it, when the caller read it
+    # What the caller read to build the request, kept for saving the reply without
+    # reading it back: the conversation, its messages (with the reply) as they were.
+    conversation: Any = None
+    messages: list[Any] | None = None
 
 
-def _history(message: Any) -> list[Any]:
-    """The turns before ``message`` on its branch, oldest first, without failed replies."""
-    from chatapp.models import Message, MessageStatus
+def _history(message: Any, messages: list[Any]) -> list[Any]:
+    """The turns before ``message`` on its branch, oldest first, without failed replies.
 
-    by_id = {
-        item.pk: item
-        for item in Message.objects.filter(conversation_id=message.conversation_id)
-        .prefetch_related("attachments")
-        .order_by("created_at", "id")
-    }
+    ``messages``: every message of the conversation, with their attachments.
+    """
+    from chatapp.models import MessageStatus
+
+    by_id = {item.pk: item for item in messages}
     path: list[Any] = []
     node = by_id.get(message.parent_id) if message.parent_id else None
     while node is not None:
@@ -69,18 +72,39 @@ def _parts(item: Any) -> list[Part]:
     return parts
 
 
-def prepare(message_id: int) -> Prepared:
-    """The request for assistant message ``message_id``: its branch's turns before it."""
-    from chatapp.models import Message
+def prepare(
+    message_id: int,
+    *,
+    principal: Any = None,
+    conversation: Any = None,
+    messages: list[Any] | None = None,
+) -> Prepared:
+    """The request for assistant message ``message_id``: its branch's turns before it.
+
+    ``principal``: the owner's web key (``keys.auth.Principal``), when the caller
+    has just read it; ``conversation`` and ``messages`` (all of its messages with their attachments,
+    as ``chatapp.chat.fragments.conversation_messages`` reads them), when the caller
+    has them already.
+    """
+    from chatapp.models import Conversation, Message
     from keys.actions import do_get_web_key
 
-    message = Message.objects.select_related("conversation", "conversation__owner").get(
-        pk=message_id
-    )
-    conversation = message.conversation
+    if conversation is None:
+        conversation = Conversation.objects.get(
+            pk=Message.objects.values_list("conversation_id", flat=True).get(pk=message_id)
+        )
+    if messages is None:
+        messages = list(
+            Message.objects.filter(conversation_id=conversation.pk)
+            .prefetch_related("attachments")
+            .order_by("created_at", "id")
+        )
+    message = next((item for item in messages if item.pk == message_id), None)
+    if message is None:
+        raise Message.DoesNotExist(f"message {message_id} is not in its conversation any more")
     turns = [
         Turn("user" if item.role == "user" else "assistant", _parts(item))
-        for item in _history(message)
+        for item in _history(message, messages)
     ]
     request = ChatRequest(
         model=conversation.model,
@@ -91,8 +115,10 @@ def prepare(message_id: int) -> Prepared:
         include_usage=True,
         dialect="browser",
     )
-    key = do_get_web_key(user=conversation.owner)
-    return Prepared(conversation.pk, conversation.owner_id, request, key.key_hash)
+    key_hash = "" if principal is not None else do_get_web_key(user=conversation.owner).key_hash
+    return Prepared(
+        conversation.pk, conversation.owner_id, request, key_hash, principal, conversation, messages
+    )
 
 
 def fit_context(request: ChatRequest, context_window: int, max_output: int) -> int:
@@ -117,42 +143,63 @@ def fit_context(request: ChatRequest, context_window: int, max_output: int) -> i
 
 
 class ReplyWriter:
-    """The frames of one reply: deltas with sequence numbers, and the text so far.
+    """The frames of one reply: pieces gathered as they arrive, published in batches.
 
-    Reasoning and answer share one sequence: a ``reasoning`` frame carries a piece of
-    the model's thinking, a ``delta`` frame a piece of its answer.
+    ``item`` gathers the text of the upstream's items; ``take`` turns what was
+    gathered since the last call into frames, one per run of answer or reasoning,
+    numbered by one sequence (``seq``) shared by both kinds: a ``reasoning`` frame
+    carries a piece of the model's thinking, a ``delta`` frame a piece of its answer.
+    Pieces that arrive close together thus cost one frame, not one each.
     """
 
     def __init__(self, message_id: int) -> None:
         self.message_id = message_id
-        self.seq = 0
-        self.text = ""
-        self.reasoning = ""
+        self.seq = 0  # of the last frame taken
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._pending: list[list[str]] = []  # [kind, text] runs not yet taken
 
-    def item(self, item: UpstreamItem) -> list[dict[str, Any]]:
-        frames: list[dict[str, Any]] = []
+    @property
+    def text(self) -> str:
+        """The answer so far, taken or not."""
+        return "".join(self._text)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    def item(self, item: UpstreamItem) -> bool:
+        """Gather the item's text; whether there is any."""
+        added = False
         for event in item.events:
             if not isinstance(event, TextDelta | ReasoningDelta) or event.choice != 0:
                 continue
             if not event.text:
                 continue
-            self.seq += 1
             if isinstance(event, ReasoningDelta):
-                self.reasoning += event.text
+                self._reasoning.append(event.text)
                 kind = "reasoning"
             else:
-                self.text += event.text
+                self._text.append(event.text)
                 kind = "delta"
-            frames.append(
-                {"type": kind, "message": self.message_id, "seq": self.seq, "text": event.text}
-            )
+            if self._pending and self._pending[-1][0] == kind:
+                self._pending[-1][1] += event.text
+            else:
+                self._pending.append([kind, event.text])
+            added = True
+        return added
+
+    def take(self) -> list[dict[str, Any]]:
+        """The frames of everything gathered since the last call."""
+        frames = []
+        for kind, text in self._pending:
+            self.seq += 1
+            frames.append({"type": kind, "message": self.message_id, "seq": self.seq, "text": text})
+        self._pending = []
         return frames
 
-    @property
-    def snapshot(self) -> tuple[int, str, str]:
-        return self.seq, self.text, self.reasoning
-
     def render_frame(self, html: str) -> dict[str, Any]:
+        """The markdown of the text as of the last ``take``."""
         return {"type": "render", "message": self.message_id, "seq": self.seq, "html": html}
 
 
