@@ -34,6 +34,7 @@ message id is looked up among the user's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -53,6 +54,11 @@ from chatapp.relay import catalog
 from chatapp.relay.dialects import browser
 
 logger = logging.getLogger(__name__)
+
+try:  # what Daphne (through autobahn) raises on a send to a socket the client closed
+    from autobahn.exception import Disconnected as SOCKET_CLOSED
+except ImportError:  # another ASGI server
+    SOCKET_CLOSED = ()  # type: ignore[misc,assignment]
 MAX_FRAME_BYTES = 1_000_000
 ACTIONS = ("open", "send", "edit", "regenerate", "stop")
 STARTING = ("send", "edit", "regenerate")  # the actions that start a reply
@@ -251,6 +257,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         await self.send_json(event["payload"])
+
+    async def send_json(self, content: Any, close: bool = False) -> None:
+        # The browser may have left between a frame's publication and the socket's
+        # disconnect message, which is queued behind it: nobody is left to read it.
+        with contextlib.suppress(SOCKET_CLOSED):
+            await super().send_json(content, close=close)
 
 
 def language_of(scope: dict[str, Any]) -> str:
