@@ -496,7 +496,7 @@ def main() -> None:
                     "--rate",
                     "200",
                     "--nonblocking",
-                    "--gil",
+                    *os.environ.get("PY_SPY_FLAGS", "--gil").split(),
                     "--output",
                     options.profile,
                 ],

@@ -50,6 +50,7 @@ from chatapp.chat import actions, generation
 from chatapp.chat.actions import ChatError
 from chatapp.chat.events import group_name, read_snapshot
 from chatapp.chat.fragments import conversation_messages, render_branch
+from chatapp.models import Message
 from chatapp.relay import catalog
 from chatapp.relay.dialects import browser
 
@@ -173,8 +174,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(browser.snapshot_frame(message_id, snapshot))
 
     async def _started(self, started: _Started, client_id: str) -> None:
-        result, html, prepared = started
+        result, messages, prepared = started
         await self.subscribe(result.conversation_id)
+        # The upstream is asked first: its first words are on their way while the
+        # branch renders.  They reach this socket after the frames below, as this
+        # consumer handles the group's messages one at a time, after this action.
+        generation.start(result.reply_id, self.language, prepared=prepared)
         if result.created:
             await self.send_json(
                 {
@@ -183,6 +188,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "url": f"/chat/{result.conversation_id}/",
                 }
             )
+        # Rendered here, not on the database thread all sends queue on: everything it
+        # shows (attachments included) was read by the action's trip.
+        html = render_branch(result.conversation, messages)
         await self.send_json(
             {
                 "type": "messages",
@@ -191,7 +199,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "html": html,
             }
         )
-        generation.start(result.reply_id, self.language, prepared=prepared)
 
     async def _recover(self, *, conversation: Any = None, message: Any = None) -> None:
         """Interrupted replies of the conversation acted on are saved before the action."""
@@ -284,24 +291,24 @@ def language_of(scope: dict[str, Any]) -> str:
     return settings.LANGUAGE_CODE
 
 
-_Started = tuple[actions.Started, str, "browser.Prepared | None"]
+_Started = tuple[actions.Started, list[Message], "browser.Prepared | None"]
 
 
 def _start(action: Callable[..., actions.Started], **arguments: Any) -> _Started:
-    """Carry out a send, edit or regenerate; render its branch; prepare its reply.
+    """Carry out a send, edit or regenerate; read its branch; prepare its reply.
 
     One trip to the database thread: under a burst of messages every trip queues
-    behind all the others.  The branch is rendered after the action's transaction
-    committed (no row lock held meanwhile), and the reply's request is built from
-    the same read of the conversation.  A request that cannot be prepared here is
-    prepared again by the reply's task, which saves and reports the failure.
+    behind all the others.  The reply's request is built from the conversation's
+    messages as the action left them (a new conversation's are not read back), and
+    those messages are returned for the branch to be rendered from.  A request that
+    cannot be prepared here is prepared again by the reply's task, which saves and
+    reports the failure.
     """
     result = action(**arguments)
     conversation = result.conversation
     messages = result.messages
     if messages is None:
         messages = conversation_messages(conversation.pk)
-    html = render_branch(conversation, messages)
     try:
         prepared = browser.prepare(
             result.reply_id,
@@ -311,4 +318,4 @@ def _start(action: Callable[..., actions.Started], **arguments: Any) -> _Started
         )
     except Exception:
         prepared = None
-    return result, html, prepared
+    return result, messages, prepared

@@ -1,0 +1,185 @@
+"""What keeps the chat quick when many people press Enter at once (issue 17).
+
+The figures are measured by ``.ci/chat_load.py``; these tests pin the behaviour the
+speed rests on, and that nothing the user sees changed for it: pieces of a reply
+that arrive together go out as one frame (in order, numbered without gaps, the
+snapshot growing with them); a send reads nothing back; a burst loads the catalog
+once; a catalog change still reaches the next send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from chatapp import hotstore
+from chatapp.chat import actions, events
+from chatapp.chat.consumers import _start
+from chatapp.models import CatalogModel, Message, Route
+from chatapp.relay import catalog
+from chatapp.relay.canonical import ReasoningDelta, TextDelta
+from chatapp.relay.dialects.browser import ReplyWriter
+from chatapp.relay.upstreams import UpstreamItem
+from tests.chatapp.test_chat_consumer import connect, receive_until, upstream  # noqa: F401
+from tests.conftest import make_user
+from tests.fake_upstream import FakeUpstream, Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_pieces_gathered_between_two_takes_are_one_frame_per_run() -> None:
+    writer = ReplyWriter(7)
+    writer.item(UpstreamItem("", {}, [ReasoningDelta("Let me "), ReasoningDelta("think.")]))
+    writer.item(UpstreamItem("", {}, [TextDelta("Hel"), TextDelta("lo")]))
+    writer.item(UpstreamItem("", {}, [TextDelta(", world")]))
+    assert writer.take() == [
+        {"type": "reasoning", "message": 7, "seq": 1, "text": "Let me think."},
+        {"type": "delta", "message": 7, "seq": 2, "text": "Hello, world"},
+    ]
+    assert writer.take() == []  # nothing new: nothing to publish
+    writer.item(UpstreamItem("", {}, [TextDelta("!")]))
+    assert writer.take() == [{"type": "delta", "message": 7, "seq": 3, "text": "!"}]
+    assert (writer.text, writer.reasoning) == ("Hello, world!", "Let me think.")
+
+
+async def test_a_fast_reply_arrives_in_fewer_frames_in_order_and_whole(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    words = [f"w{i}" for i in range(60)]
+    # A piece every 5 ms: ten of them within one publication interval (50 ms).
+    upstream.script(Reply(text=" ".join(words), chunk_delay=0.005))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Go", "attachments": []})
+    frames = [frame for frame in await receive_until(ws, "done") if frame["type"] == "delta"]
+    # The 60 pieces went out in a handful of frames, numbered 1, 2, 3... with no gap.
+    assert len(frames) < len(words) / 3
+    assert [frame["seq"] for frame in frames] == list(range(1, len(frames) + 1))
+    assert "".join(frame["text"] for frame in frames) == " ".join(words)
+    reply = await Message.objects.aget(role="assistant")
+    assert reply.content == " ".join(words)
+    await ws.disconnect()
+
+
+async def test_the_first_piece_goes_out_at_once_and_slow_pieces_one_by_one(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    # Pieces further apart than the publication interval are not held back.
+    upstream.script(Reply(text="one two three four", chunk_delay=0.15))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Go", "attachments": []})
+    frames = [frame for frame in await receive_until(ws, "done") if frame["type"] == "delta"]
+    assert [frame["text"] for frame in frames] == ["one", " two", " three", " four"]
+    await ws.disconnect()
+
+
+async def test_the_snapshot_grows_by_appending_and_reads_back_whole() -> None:
+    await events.append_snapshot(
+        5,
+        [
+            {"type": "reasoning", "seq": 1, "text": "Hmm. "},
+            {"type": "delta", "seq": 2, "text": "Hello"},
+        ],
+    )
+    await events.append_snapshot(5, [{"type": "delta", "seq": 3, "text": ", world"}])
+    assert await events.read_snapshot(5) == (3, "Hello, world", "Hmm. ")
+    assert await hotstore.arange(events.snapshot_key(5)) == [
+        (1, "reasoning", "Hmm. "),
+        (2, "delta", "Hello"),
+        (3, "delta", ", world"),
+    ]
+    await events.drop_snapshot(5)
+    assert await events.read_snapshot(5) is None
+
+
+def test_a_send_to_a_new_conversation_reads_nothing_back(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = make_user("alice@example.com")
+    arguments: dict[str, Any] = {
+        "user_id": alice.pk,
+        "conversation_id": None,
+        "text": "Hi",
+        "attachment_ids": [],
+        "model": "chat-model",
+    }
+    _start(actions.do_send_message, **arguments)  # the first send makes alice's web key
+    asyncio.run(catalog.aget_model("chat-model"))  # the catalog's version, as a server has it
+    _start(actions.do_send_message, **arguments)  # the chat models are kept for that version
+    with CaptureQueriesContext(connection) as queries:
+        result, messages, prepared = _start(actions.do_send_message, **arguments)
+    statements = [query["sql"] for query in queries.captured_queries]
+    reads = [sql for sql in statements if sql.startswith("SELECT")]
+    # One read (the web key with its user); the rest writes the turn and its reply.
+    assert len(reads) == 1, reads
+    assert "api_key" in reads[0].lower() or "apikey" in reads[0].lower()
+    assert len(statements) <= 7, statements
+    assert [message.role for message in messages] == ["user", "assistant"]
+    assert prepared is not None
+    assert prepared.principal.user_id == alice.pk
+    assert [turn.role for turn in prepared.request.messages] == ["user"]
+
+
+def test_a_burst_of_requests_loads_a_stale_catalog_once(
+    db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = []
+    real_load = catalog._load
+
+    def counted() -> Any:
+        loads.append(1)
+        return real_load()
+
+    monkeypatch.setattr(catalog, "_load", counted)
+
+    async def burst() -> list[Any]:
+        await hotstore.aset(catalog.VERSION_KEY, "a new version")
+        return await asyncio.gather(*(catalog.aget_model("none") for _ in range(50)))
+
+    assert asyncio.run(burst()) == [None] * 50
+    assert len(loads) == 1
+
+
+async def test_a_model_disabled_in_the_catalog_is_refused_on_the_next_send(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": None,
+            "text": "Hi",
+            "attachments": [],
+            "model": "text-only",
+        }
+    )
+    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    # An admin disables the model (a save, as the console and the admin do)...
+    model = await CatalogModel.objects.aget(name="text-only")
+    model.enabled = False
+    await model.asave()
+    # ...and the next send naming it is refused before anything is saved.
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": None,
+            "text": "Again",
+            "attachments": [],
+            "model": "text-only",
+            "client_id": "c9",
+        }
+    )
+    frame = await ws.receive_json_from(timeout=5)
+    while frame["type"] == "title":
+        frame = await ws.receive_json_from(timeout=5)
+    assert frame["type"] == "error"
+    assert "Text Only" in frame["error"] or "text-only" in frame["error"]
+    assert await Route.objects.filter(model__name="text-only").aexists()
+    await ws.disconnect()
