@@ -274,52 +274,65 @@ async def run_client(
 
 async def load(
     clients: list[Client],
-    url: str,
-    headers: dict[str, str],
+    targets: list[tuple[str, dict[str, str]]],
     limit: float,
-    rss: RssSampler,
+    samplers: list[RssSampler],
     expected: str,
 ) -> dict[str, Any]:
+    """Client ``i`` talks to ``targets[i % len(targets)]`` (url, headers): one per worker."""
     opened: asyncio.Queue[int] = asyncio.Queue()
     go = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_client(client, url, headers, opened, go, limit, expected))
+        asyncio.create_task(
+            run_client(client, *targets[client.index % len(targets)], opened, go, limit, expected)
+        )
         for client in clients
     ]
     connect_started = time.perf_counter()
     for _ in clients:
         await opened.get()
     connected_in = time.perf_counter() - connect_started
-    await asyncio.sleep(0.5)  # let the worker settle after the handshakes
-    rss_connected = rss.read()
-    user_before, system_before = rss.cpu_split()
+    await asyncio.sleep(1.0)  # let the workers settle after the handshakes
+    rss_connected = [sampler.read() for sampler in samplers]
+    before = [sampler.cpu_split() for sampler in samplers]
     started = time.perf_counter()
     go.set()
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - started
-    user_after, system_after = rss.cpu_split()
-    cpu = user_after - user_before + system_after - system_before
+    after = [sampler.cpu_split() for sampler in samplers]
+    cpu = [a[0] - b[0] + a[1] - b[1] for a, b in zip(after, before, strict=True)]
+    system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     return {
         "connect_s": round(connected_in, 2),
         "rss_connected_kb": rss_connected,
         "started": started,
         "wall_s": round(wall, 2),
-        "daphne_cpu_s": round(cpu, 2),
-        "daphne_system_cpu_s": round(system_after - system_before, 2),
-        "daphne_cpu_share": round(cpu / wall, 2) if wall else None,
+        "daphne_cpu_s": round(sum(cpu), 2),
+        "daphne_cpu_per_worker_s": [round(value, 2) for value in cpu],
+        "daphne_system_cpu_s": round(system, 2),
+        "daphne_cpu_share": round(max(cpu) / wall, 2) if wall else None,
     }
 
 
-def database_report(data: Path) -> dict[str, int]:
-    with contextlib.closing(
-        sqlite3.connect(f"file:{data / 'switchboard.sqlite3'}?mode=ro", uri=True)
-    ) as db:
-        rows = db.execute(
-            "SELECT status, COUNT(*) FROM chatapp_message WHERE role = 'assistant' GROUP BY status"
-        ).fetchall()
-        users = db.execute("SELECT COUNT(*) FROM chatapp_message WHERE role = 'user'").fetchone()
+def database_report(data: Path, database_url: str | None) -> dict[str, int]:
+    statuses = (
+        "SELECT status, COUNT(*) FROM chatapp_message WHERE role = 'assistant' GROUP BY status"
+    )
+    users = "SELECT COUNT(*) FROM chatapp_message WHERE role = 'user'"
+    if database_url:
+        import psycopg
+
+        with psycopg.connect(database_url) as db:
+            rows = db.execute(statuses).fetchall()
+            user_turns = db.execute(users).fetchone()
+    else:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{data / 'switchboard.sqlite3'}?mode=ro", uri=True)
+        ) as db:
+            rows = db.execute(statuses).fetchall()
+            user_turns = db.execute(users).fetchone()
     report = {f"assistant_{status}": count for status, count in rows}
-    report["user_turns"] = users[0]
+    report["user_turns"] = user_turns[0] if user_turns else 0
     return report
 
 
@@ -388,27 +401,66 @@ def stop(process: subprocess.Popen[bytes] | None) -> None:
         process.wait(timeout=5)
 
 
+def fresh_postgres(url: str) -> None:
+    """Drop and create the database ``url`` names (a scratch database for this run)."""
+    import psycopg
+    from psycopg import sql
+
+    name = url.rsplit("/", 1)[1].split("?", 1)[0]
+    server = url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(server, autocommit=True) as db:
+        db.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", "-n", type=int, default=200, help="concurrent clients (200)")
+    parser.add_argument("--workers", type=int, default=1, help="Daphne worker processes (1)")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="REDIS_URL for the workers (channel layer, hot store, limiter); its database is "
+        "flushed before and after the run, e.g. redis://127.0.0.1:6379/14",
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="DATABASE_URL (PostgreSQL) instead of SQLite; the database is dropped and "
+        "created again, e.g. postgres://postgres@127.0.0.1:5432/sb_chat_load",
+    )
     parser.add_argument("--chunks", type=int, default=CHUNKS, help="chunks per reply (40)")
     parser.add_argument("--chunk-delay-ms", type=float, default=25.0, help="ms between chunks (25)")
     parser.add_argument("--kit", default=str(DEFAULT_KIT), help="the shared bench kit")
     parser.add_argument("--upstream-port", type=int, default=18300)
-    parser.add_argument("--port", type=int, default=18301, help="Daphne's port")
+    parser.add_argument("--port", type=int, default=18301, help="the first Daphne's port")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per client")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data directory")
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="sample Daphne with py-spy (pip install py-spy) from the send to the last done, "
-        "into FILE as collapsed stacks; prints the top functions",
+        help="sample the first worker with py-spy (pip install py-spy) while the clients "
+        "connect and chat, into FILE as collapsed stacks; prints the top functions "
+        "(PY_SPY_FLAGS: py-spy's sampling flags, --gil by default)",
     )
     options = parser.parse_args()
+    if options.workers > 1 and not options.redis:
+        parser.error("several workers share replies only through Redis: give --redis")
 
-    for port in (options.upstream_port, options.port):
+    ports = [options.port + number for number in range(options.workers)]
+    for port in (options.upstream_port, *ports):
         if not port_free(port):
             raise SystemExit(f"127.0.0.1:{port} is already in use")
     data = Path(tempfile.mkdtemp(prefix="switchboard-chat-load-", dir="/tmp"))
@@ -421,10 +473,16 @@ def main() -> None:
     }
     for name in ("DATABASE_URL", "REDIS_URL", "ALLOWED_HOSTS", "DEBUG"):
         env.pop(name, None)
+    if options.redis:
+        env["REDIS_URL"] = options.redis
+        flush_redis(options.redis)
+    if options.database_url:
+        env["DATABASE_URL"] = options.database_url
+        fresh_postgres(options.database_url)
     upstream: subprocess.Popen[bytes] | None = None
-    daphne: subprocess.Popen[bytes] | None = None
-    log = data / "daphne.log"
-    rss: RssSampler | None = None
+    workers: list[subprocess.Popen[bytes]] = []
+    logs = [data / f"daphne-{port}.log" for port in ports]
+    samplers: list[RssSampler] = []
     try:
         upstream = subprocess.Popen(
             [
@@ -457,40 +515,50 @@ def main() -> None:
         )
         assert setup["rpm"] is None, setup
 
-        with log.open("wb") as log_file:
-            daphne = subprocess.Popen(
-                [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(options.port), ASGI_APP],
-                cwd=ROOT,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
+        for port, log in zip(ports, logs, strict=True):
+            with log.open("wb") as log_file:
+                workers.append(
+                    subprocess.Popen(
+                        [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), ASGI_APP],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        for port, worker in zip(ports, workers, strict=True):
+            wait_for_port(port, worker, "Daphne", 30)
+            # One page load warms Django up (URL resolver, templates) as a real first visit would.
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/chat/",
+                headers={"Cookie": f"{setup['cookie']}={setup['session']}"},
             )
-        wait_for_port(options.port, daphne, "Daphne", 30)
-        # One page load warms Django up (URL resolver, templates) as a real first visit would.
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{options.port}/chat/",
-            headers={"Cookie": f"{setup['cookie']}={setup['session']}"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
-            assert response.status == 200, response.status
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
+                assert response.status == 200, response.status
         time.sleep(0.5)
-        rss = RssSampler(daphne.pid)
-        rss_idle = rss.read()
-        rss.start()
+        samplers = [RssSampler(worker.pid) for worker in workers]
+        rss_idle = [sampler.read() for sampler in samplers]
+        for sampler in samplers:
+            sampler.start()
 
         clients = [Client(index) for index in range(options.clients)]
-        headers = {
-            "Cookie": f"{setup['cookie']}={setup['session']}",
-            "Origin": f"http://127.0.0.1:{options.port}",
-        }
-        url = f"ws://127.0.0.1:{options.port}/ws/chat/"
+        targets = [
+            (
+                f"ws://127.0.0.1:{port}/ws/chat/",
+                {
+                    "Cookie": f"{setup['cookie']}={setup['session']}",
+                    "Origin": f"http://127.0.0.1:{port}",
+                },
+            )
+            for port in ports
+        ]
         spy = (
             subprocess.Popen(
                 [
                     shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"),
                     "record",
                     "--pid",
-                    str(daphne.pid),
+                    str(workers[0].pid),
                     "--format",
                     "raw",
                     "--rate",
@@ -502,39 +570,50 @@ def main() -> None:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             if options.profile
             else None
         )
         if spy is not None:
             time.sleep(1.0)  # py-spy attaches
         timing = asyncio.run(
-            load(clients, url, headers, options.timeout, rss, expected_text(options.chunks))
+            load(clients, targets, options.timeout, samplers, expected_text(options.chunks))
         )
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
             spy.wait(timeout=30)
         time.sleep(0.3)
-        rss.stopping.set()
-        rss.join()
-        rss_peak = rss.peak(since=timing["started"])
-        rss_end = rss.read()
-        database = database_report(data)
-        logged = log_report(log)
+        for sampler in samplers:
+            sampler.stopping.set()
+            sampler.join()
+        rss_peak = [sampler.peak(since=timing["started"]) for sampler in samplers]
+        rss_end = [sampler.read() for sampler in samplers]
+        database = database_report(data, options.database_url)
+        logged = [log_report(log) for log in logs]
     finally:
-        if rss is not None:
-            rss.stopping.set()
-        stop(daphne)
+        for sampler in samplers:
+            sampler.stopping.set()
+        for worker in workers:
+            stop(worker)
         stop(upstream)
+        if options.redis:
+            flush_redis(options.redis)
 
     errors = Counter(error for client in clients for error in client.errors)
+    per_socket_kb = (sum(timing["rss_connected_kb"]) - sum(rss_idle)) / max(options.clients, 1)
+    mode = ("PostgreSQL" if options.database_url else "SQLite") + (
+        ", Redis" if options.redis else ", in-memory channel layer"
+    )
     result = {
         "clients": options.clients,
+        "workers": options.workers,
+        "mode": mode,
         "chunks": options.chunks,
         "chunk_delay_ms": options.chunk_delay_ms,
         "connect_all_s": timing["connect_s"],
         "wall_s": timing["wall_s"],
         "daphne_cpu_s": timing["daphne_cpu_s"],
+        "daphne_cpu_per_worker_s": timing["daphne_cpu_per_worker_s"],
         "daphne_system_cpu_s": timing["daphne_system_cpu_s"],
         "daphne_cpu_share": timing["daphne_cpu_share"],
         "completed": sum(
@@ -551,8 +630,15 @@ def main() -> None:
             "peak": rss_peak,
             "end": rss_end,
         },
+        "rss_per_idle_socket_kb": round(per_socket_kb, 1),
         "database": database,
-        "daphne_log": logged,
+        "daphne_log": {
+            "database_locked": sum(item["database_locked"] for item in logged),
+            "table_locked": sum(item["table_locked"] for item in logged),
+            "tracebacks": sum(item["tracebacks"] for item in logged),
+            "error_lines": sum(item["error_lines"] for item in logged),
+            "first_errors": [line for item in logged for line in item["first_errors"]][:8],
+        },
     }
     print(json.dumps(result, ensure_ascii=False))
 
@@ -562,30 +648,36 @@ def main() -> None:
             f"p99 {stats['p99']} ms   max {stats['max']} ms   (n={stats['n']})"
         )
 
-    mb = {name: round(kb / 1024, 1) for name, kb in result["rss_kb"].items()}
+    def megabytes(values: list[int]) -> str:
+        return " + ".join(f"{kb / 1024:.1f}" for kb in values) + " MB"
+
+    logged_total = result["daphne_log"]
     print(
         "\n".join(
             [
                 "",
-                f"{options.clients} WebSocket clients, one Daphne worker, embedded mode (SQLite), "
-                f"fake upstream {options.chunks} chunks x {options.chunk_delay_ms:g} ms",
+                f"{options.clients} WebSocket clients, {options.workers} Daphne worker"
+                f"{'s' if options.workers > 1 else ''} ({mode}), fake upstream "
+                f"{options.chunks} chunks x {options.chunk_delay_ms:g} ms",
                 f"  all sockets open in {timing['connect_s']} s; every reply finished "
                 f"{timing['wall_s']} s after the simultaneous send; Daphne used "
-                f"{timing['daphne_cpu_s']} CPU s in that time ({timing['daphne_cpu_share']:.0%} "
-                f"of one core; {timing['daphne_system_cpu_s']} s in the kernel)",
+                f"{timing['daphne_cpu_s']} CPU s in that time ({timing['daphne_cpu_per_worker_s']} "
+                f"per worker, {timing['daphne_system_cpu_s']} s in the kernel; the busiest worker "
+                f"{timing['daphne_cpu_share']:.0%} of one core)",
                 f"  completed {result['completed']}/{options.clients}; "
                 f"clients with errors {result['failed_clients']}",
                 *(f"    {count} x {error}" for error, count in errors.most_common(10)),
                 line("send -> messages", result["ack_ms"]),
                 line("send -> first delta", result["first_delta_ms"]),
                 line("send -> done", result["done_ms"]),
-                f"  Daphne RSS: idle {mb['idle']} MB, {options.clients} sockets open "
-                f"{mb['connected']} MB, peak {mb['peak']} MB, after {mb['end']} MB",
+                f"  Daphne RSS: idle {megabytes(rss_idle)}, {options.clients} sockets open "
+                f"{megabytes(timing['rss_connected_kb'])} ({per_socket_kb:.1f} kB per idle "
+                f"socket), peak {megabytes(rss_peak)}, after {megabytes(rss_end)}",
                 f"  database: {database}",
-                f"  Daphne log: {logged['database_locked']} 'database is locked', "
-                f"{logged['table_locked']} 'database table is locked', "
-                f"{logged['tracebacks']} tracebacks, {logged['error_lines']} error lines",
-                *(f"    {text[:200]}" for text in logged["first_errors"]),
+                f"  Daphne log: {logged_total['database_locked']} 'database is locked', "
+                f"{logged_total['table_locked']} 'database table is locked', "
+                f"{logged_total['tracebacks']} tracebacks, {logged_total['error_lines']} error lines",
+                *(f"    {text[:200]}" for text in logged_total["first_errors"]),
                 f"  data directory: {data}" + ("" if options.keep else " (removed)"),
             ]
         )

@@ -15,7 +15,10 @@ class KeysConfig(AppConfig):
         from django.contrib.auth import get_user_model
         from django.db.models.signals import post_delete, post_save
 
-        from keys import auth
+        from keys import (
+            auth,
+            rollups,  # noqa: F401 - defines UsageRollupDay: registered in every process
+        )
         from keys.models import ApiKey
 
         def key_changed(sender: Any, instance: ApiKey, **kwargs: Any) -> None:

@@ -25,7 +25,7 @@ def test_the_database_is_postgresql_through_psycopg3_with_a_pool() -> None:
 
 @pytest.mark.skipif(not USING_REDIS, reason="TEST_REDIS_URL not set: embedded run")
 async def test_cache_and_channel_layer_are_redis() -> None:
-    from channels_redis.core import RedisChannelLayer
+    from channels_redis.pubsub import RedisPubSubChannelLayer
     from django.core.cache import caches
     from django.core.cache.backends.redis import RedisCache
 
@@ -34,7 +34,7 @@ async def test_cache_and_channel_layer_are_redis() -> None:
     assert await cache.aget("services-probe") == 42
 
     layer = get_channel_layer()
-    assert isinstance(layer, RedisChannelLayer)
+    assert isinstance(layer, RedisPubSubChannelLayer)
     channel = await layer.new_channel()
     await layer.send(channel, {"type": "probe", "n": 1})
     assert (await layer.receive(channel))["n"] == 1

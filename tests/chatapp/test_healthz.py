@@ -42,7 +42,7 @@ async def test_healthz_is_503_naming_the_cache_when_it_is_down(settings) -> None
 async def test_healthz_is_503_naming_the_channel_layer_when_it_is_down(settings) -> None:
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]},
         }
     }
