@@ -1,38 +1,43 @@
-"""Browser-chat load: N WebSocket clients send a message at the same moment to ONE Daphne worker.
+"""Browser-chat load: N WebSocket clients send a message at the same moment to Daphne.
 
 Run by hand (not part of the test suite), from the project root::
 
-    .venv/bin/python .ci/chat_load.py                 # N=200
-    .venv/bin/python .ci/chat_load.py --clients 50    # a sanity check
+    .venv/bin/python .ci/chat_load.py                       # 200 clients, one worker, embedded
+    .venv/bin/python .ci/chat_load.py --redis redis://127.0.0.1:6379/14
+    .venv/bin/python .ci/chat_load.py --clients 1000 --workers 2 \
+        --redis redis://127.0.0.1:6379/14 --database-url postgres://postgres@127.0.0.1:5432/sb_chat_load
+    .venv/bin/python .ci/chat_load.py --profile /tmp/chat.prof   # with py-spy's top functions
 
 What it does, everything on 127.0.0.1:
 
 1. starts the shared kit's fake OpenAI upstream (``../shared/bench/fake_upstream.py
-   --port 18300``) streaming 40 chunks 25 ms apart (``FAKE_STREAM_CHUNKS=40
-   FAKE_CHUNK_DELAY_MS=25``): about one second per reply;
-2. makes a scratch Switchboard in the embedded mode (SQLite, in-memory channel layer; its own
-   ``SWITCHBOARD_DATA_DIR`` under /tmp): ``manage.py bootstrap``, ``provider add bench``,
-   ``model add bench-model``, ``user add``; then, in ``manage.py shell``, the user's web key
+   --port 18300``) streaming 40 chunks 25 ms apart (``--chunks``, ``--chunk-delay-ms``):
+   about one second per reply;
+2. makes a scratch Switchboard (its own ``SWITCHBOARD_DATA_DIR`` under /tmp; SQLite and
+   the in-memory channel layer unless ``--database-url`` / ``--redis``, whose database is
+   created afresh / flushed): ``manage.py bootstrap``, ``provider add bench``, ``model add
+   bench-model``, ``user add``; then, in ``manage.py shell``, the user's web key
    (``keys.actions.do_get_web_key``) with its limits cleared and a session for the user
    (Django's SessionStore, as a sign-in would make);
-3. starts one Daphne worker (``python -m daphne -p 18301 chatapp.asgi:application``, with
-   ``SWITCHBOARD_CHAT_TITLES=false``);
-4. opens N WebSockets to ``/ws/chat/`` (the ``sessionid`` cookie, and an ``Origin`` header
-   for AllowedHostsOriginValidator), waits until all are open, then has every client send
-   ``{"action": "send", "conversation": null, "text": "hello", "attachments": []}`` at the
-   same moment and read until its ``done``;
+3. starts ``--workers`` Daphne processes (``python -m daphne -p 18301..
+   chatapp.asgi:application``, with ``SWITCHBOARD_CHAT_TITLES=false``); several need Redis;
+4. opens N WebSockets to ``/ws/chat/``, spread over the workers (the ``sessionid``
+   cookie, and an ``Origin`` header for the origin check), waits until all are open,
+   then has every client send ``{"action": "send", "conversation": null, "text":
+   "hello", "model": "bench-model"}`` at the same moment and read until its ``done``;
 5. reports, per client, the time from the send to the server's ``messages`` (the turn is
    saved), to the first ``delta`` and to ``done``; errors (``error`` events, a ``done``
-   whose status is not ``complete``, a streamed text other than the 40 chunks, timeouts,
-   dropped sockets); the Daphne process's RSS (``VmRSS`` in /proc, sampled every 100 ms)
-   idle, with the N sockets open, and at its peak; the CPU seconds Daphne used from the send
-   to the last ``done`` (one worker is one core at most); the replies' statuses in the database;
-   and the errors Daphne logged (SQLite's "database is locked" above all);
-6. prints one JSON line, then a human summary, and stops both processes (and removes the
+   whose status is not ``complete``, a streamed text other than the chunks sent,
+   timeouts, dropped sockets); each worker's RSS (``VmRSS`` in /proc, sampled every
+   100 ms) idle, with the sockets open (and so per idle socket), and at its peak; the CPU
+   seconds the workers used from the send to the last ``done`` (one worker is one core
+   at most); the replies' statuses in the database; and the errors the workers logged
+   (SQLite's "database is locked", tracebacks);
+6. prints one JSON line, then a human summary, and stops every process (and removes the
    data directory unless ``--keep``).
 
-Needs the ``websockets`` and ``daphne`` packages (both dependencies of the project) and
-``httptools`` for the fake upstream.
+Needs the ``websockets`` and ``daphne`` packages (both dependencies of the project),
+``httptools`` for the fake upstream, and ``py-spy`` for ``--profile``.
 """
 
 from __future__ import annotations

@@ -260,6 +260,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if message.get("type") == "chat.event":
             await self.send_json(message["payload"])
             return
+        if message.get("type") == "websocket.receive":
+            # Neither here: every action reaches the database through
+            # database_sync_to_async, which closes stale connections itself.  Under a
+            # burst of messages that trip queued behind all the others before the
+            # action's own could start.
+            await self.websocket_receive(message)
+            return
         await super().dispatch(message)
 
     async def chat_event(self, event: dict[str, Any]) -> None:
