@@ -48,6 +48,12 @@ async def read_snapshot(message_id: int) -> tuple[int, str, str] | None:
     """The reply so far as (last seq, text, reasoning), or None when nothing was kept."""
     pieces = await hotstore.arange(snapshot_key(message_id))
     if not pieces:
+        # A reply written by a process of an earlier version (a rolling upgrade, or
+        # one that died during it) kept its text so far as one value under "stream:".
+        legacy = await hotstore.aget(f"stream:{message_id}")
+        if legacy:
+            seq, so_far, thought = (*legacy, "")[:3]
+            return int(seq), str(so_far), str(thought)
         return None
     text: list[str] = []
     reasoning: list[str] = []

@@ -533,7 +533,7 @@ async def _send(http_call: HttpCall, target: Target, *, stream: bool) -> httpx.R
             text = ""
         finally:
             await response.aclose()
-        status = response.status_code
+        status = target.upstream.error_status(response.status_code, text)
         retryable = status in (408, 409, 429) or status >= 500
         raise UpstreamError(
             f"{target.provider} answered {status} for {target.upstream_model}: "

@@ -183,3 +183,11 @@ async def test_a_model_disabled_in_the_catalog_is_refused_on_the_next_send(
     assert "Text Only" in frame["error"] or "text-only" in frame["error"]
     assert await Route.objects.filter(model__name="text-only").aexists()
     await ws.disconnect()
+
+
+async def test_a_snapshot_left_by_an_earlier_version_still_reads_back() -> None:
+    # Written by a process of the version before the appended snapshots (a rolling upgrade).
+    await hotstore.aset("stream:6", (4, "Half a", "Thinking"), 60)
+    assert await events.read_snapshot(6) == (4, "Half a", "Thinking")
+    await hotstore.aset("stream:8", (2, "Two pieces"), 60)
+    assert await events.read_snapshot(8) == (2, "Two pieces", "")

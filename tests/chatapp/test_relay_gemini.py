@@ -692,10 +692,12 @@ def test_gemini_errors_reach_each_dialect_with_the_right_status(gem: Gateway) ->
             gem.openai().chat.completions.create(model="gemini-fake", messages=USER)  # type: ignore[arg-type]
         assert len(fake(gem).requests) - before == 1
         assert ("API key not valid" if key else "unregistered callers") in unknown.value.message
+        assert unknown.value.status_code == 502  # not the client's 400
+        assert unknown.value.body["code"] == "upstream_error"  # type: ignore[index]
 
     records = gem.wait_records(5)
     assert [r.status for r in records] == ["error"] * 5
-    assert [r.http_status for r in records][:3] == [429, 400, 502]
+    assert [r.http_status for r in records] == [429, 400, 502, 502, 502]
 
 
 def test_a_stream_cut_or_garbled_mid_way_ends_with_an_error(gem: Gateway) -> None:

@@ -137,6 +137,14 @@ class Upstream:
         """The upstream's own reason from its error body."""
         return error_message(text)
 
+    def error_status(self, status: int, text: str) -> int:
+        """The HTTP status an error answer means, for types whose status says less.
+
+        (An upstream refusing the gateway's own credentials is the gateway's fault, never
+        the client's: it must not read as the client's 400.)
+        """
+        return status
+
     def build_list_models(self, target: Target, after: str | None = None) -> HttpCall | None:
         """The GET request for (a page of) the provider's model list, or None when it has none.
 

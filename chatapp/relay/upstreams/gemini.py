@@ -454,6 +454,25 @@ def error_message(text: str) -> str:
     return f"{error['message']} ({status})" if isinstance(status, str) else error["message"]
 
 
+def error_reasons(text: str) -> list[str]:
+    """The ``reason`` of each ``ErrorInfo`` in ``error.details`` of an error body."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return []
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    return (
+        [
+            detail["reason"]
+            for detail in details or ()
+            if isinstance(detail, dict) and isinstance(detail.get("reason"), str)
+        ]
+        if isinstance(details, list)
+        else []
+    )
+
+
 class GeminiUpstream(Upstream):
     """Google's Gemini API (``generativelanguage.googleapis.com``)."""
 
@@ -471,6 +490,11 @@ class GeminiUpstream(Upstream):
 
     def error_message(self, text: str) -> str:
         return error_message(text)
+
+    def error_status(self, status: int, text: str) -> int:
+        # Google answers an API key it does not know with a 400 INVALID_ARGUMENT whose
+        # reason is API_KEY_INVALID: our credentials, so a 401 (the client gets a 502).
+        return 401 if status == 400 and "API_KEY_INVALID" in error_reasons(text) else status
 
     def build_list_models(self, target: Target, after: str | None = None) -> HttpCall | None:
         # GET /v1beta/models pages with pageSize / pageToken, answering nextPageToken.
