@@ -116,6 +116,22 @@ async def aprincipal(digest: str) -> Principal | None:
     return principal
 
 
+# User id → the hash of that user's web key (``keys.actions.do_get_web_key`` makes it
+# once; it is never replaced).  With it the chat finds a sender's key in the hot store,
+# kept coherent like every principal, instead of the database.
+_web_key_hashes: dict[int, str] = {}
+
+
+def remember_web_key(user_id: int, digest: str) -> None:
+    _web_key_hashes[user_id] = digest
+
+
+async def aweb_principal(user_id: int) -> Principal | None:
+    """The principal of the user's web key, when this process has seen its hash (cached)."""
+    digest = _web_key_hashes.get(user_id)
+    return None if digest is None else await aprincipal(digest)
+
+
 def check_principal(principal: Principal) -> Principal:
     if principal.state == "revoked":
         raise KeyRefused("revoked", f"API key {principal.prefix}… has been revoked.")

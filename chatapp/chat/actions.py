@@ -83,12 +83,24 @@ def _chat_catalog() -> tuple[list[CatalogModel], frozenset[int]]:
     return models, local
 
 
-def _chat_access(user_id: int) -> tuple[User, list[CatalogModel], Principal]:
-    """The active user, the chat models their web key may use, and that key as the
-    relay sees it (one query when the key exists)."""
+def _chat_access(
+    user_id: int, known: Principal | None = None
+) -> tuple[list[CatalogModel], Principal, str]:
+    """The chat models the user's web key may use, that key as the relay sees it, and
+    its hash when it was read here.
+
+    ``known``: the key's principal from the hot store (``keys.auth.aweb_principal``),
+    kept coherent with the key and its owner like every principal: nothing is read
+    then.  Otherwise one query reads the key with its owner (and makes the key on the
+    owner's first message).  Raises AccountDisabled for a disabled owner.
+    """
     from keys.actions import do_get_web_key
     from keys.models import ApiKey
 
+    if known is not None:
+        if known.state == "owner_disabled":
+            raise AccountDisabled(_("Your account is disabled."))
+        return _allowed(known.allowed_models), known, ""
     key = (
         ApiKey.objects.select_related("user")
         .filter(user_id=user_id, is_web_key=True, user__is_active=True)
@@ -100,7 +112,7 @@ def _chat_access(user_id: int) -> tuple[User, list[CatalogModel], Principal]:
             raise AccountDisabled(_("Your account is disabled."))
         key = do_get_web_key(user=user)
         key.user = user
-    return key.user, _allowed(key.allowed_models), principal_of(key)
+    return _allowed(key.allowed_models), principal_of(key), key.key_hash
 
 
 def default_chat_model(models: list[CatalogModel]) -> CatalogModel | None:
@@ -166,6 +178,7 @@ class Started:
     # Every message of the conversation with its attachments, when the action knows
     # them all (a new conversation): the branch and the request need no read.
     messages: list[Message] | None = None
+    web_key_hash: str = ""  # when the action read the key (to be remembered)
 
 
 def _check_text(text: Any, *, required: bool) -> str:
@@ -239,7 +252,9 @@ def _check_model(*, models: list[CatalogModel], name: str, images: bool) -> Cata
     return model
 
 
-def _start_reply(conversation: Any, parent: Any, created: bool, principal: Principal) -> Started:
+def _start_reply(
+    conversation: Any, parent: Any, created: bool, principal: Principal, web_key_hash: str
+) -> Started:
     reply = Message.objects.create(
         conversation=conversation,
         parent=parent,
@@ -252,7 +267,7 @@ def _start_reply(conversation: Any, parent: Any, created: bool, principal: Princ
     # Alive from the start: the task that writes it beats from its first step, and a
     # reply with no heartbeat would be taken for one whose process died.
     hotstore.set(alive_key(reply.pk), True, HEARTBEAT_TTL)
-    return Started(conversation, reply, created, principal)
+    return Started(conversation, reply, created, principal, web_key_hash=web_key_hash)
 
 
 def _refuse_while_streaming(conversation: Any) -> None:
@@ -270,13 +285,15 @@ def do_send_message(
     model: Any = None,
     system_prompt: Any = None,
     temperature: Any = None,
+    principal: Principal | None = None,
 ) -> Started:
     """A user turn at the end of the displayed branch, and its reply (to be generated).
 
     A new conversation takes its ``system_prompt`` and ``temperature`` from the send
     itself: its first reply is generated before the page could save any setting.
+    ``principal``: the sender's web key as the hot store has it, if known.
     """
-    user, models, principal = _chat_access(user_id)
+    models, principal, web_key_hash = _chat_access(user_id, principal)
 
     if model is not None and not isinstance(model, str):
         raise ChatError(_("The model must be given by its name."))
@@ -303,7 +320,7 @@ def do_send_message(
                 )
             prompt, temperature = _check_settings(system_prompt, temperature)
             conversation = Conversation(
-                owner=user, model=name, system_prompt=prompt, temperature=temperature
+                owner_id=user_id, model=name, system_prompt=prompt, temperature=temperature
             )
         else:
             pk = check_conversation_id(user_id=user_id, conversation_id=conversation_id)
@@ -315,7 +332,7 @@ def do_send_message(
             list(
                 Attachment.objects.filter(
                     pk__in=[a for a in attachment_ids if isinstance(a, int)],
-                    owner=user,
+                    owner_id=user_id,
                     message=None,
                 )
             )
@@ -333,7 +350,7 @@ def do_send_message(
             Attachment.objects.filter(pk__in=[a.pk for a in attachments]).update(message=message)
             for attachment in attachments:
                 attachment.message = message
-        started = _start_reply(conversation, message, created, principal)
+        started = _start_reply(conversation, message, created, principal, web_key_hash)
     if created:
         reply = started.reply
         started = replace(
@@ -343,10 +360,12 @@ def do_send_message(
     return started
 
 
-def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
+def do_edit_message(
+    *, user_id: int, message_id: Any, text: Any, principal: Principal | None = None
+) -> Started:
     """A new version of a user turn (a sibling branch), and its reply."""
 
-    _user, models, principal = _chat_access(user_id)
+    models, principal, web_key_hash = _chat_access(user_id, principal)
     pk = check_message_id(user_id=user_id, message_id=message_id)
     with transaction.atomic():
         original = Message.objects.select_related("conversation").get(pk=pk)
@@ -365,13 +384,13 @@ def do_edit_message(*, user_id: int, message_id: Any, text: Any) -> Started:
                 owner=image.owner, message=message, file=image.file.name, media_type=image.media_type,
                 width=image.width, height=image.height, size=image.size, original_name=image.original_name,
             )  # fmt: skip
-        return _start_reply(conversation, message, False, principal)
+        return _start_reply(conversation, message, False, principal, web_key_hash)
 
 
-def do_regenerate(*, user_id: int, message_id: Any) -> Started:
+def do_regenerate(*, user_id: int, message_id: Any, principal: Principal | None = None) -> Started:
     """Another version of a reply (a sibling branch)."""
 
-    _user, models, principal = _chat_access(user_id)
+    models, principal, web_key_hash = _chat_access(user_id, principal)
     pk = check_message_id(user_id=user_id, message_id=message_id)
     with transaction.atomic():
         original = Message.objects.get(pk=pk)
@@ -380,7 +399,7 @@ def do_regenerate(*, user_id: int, message_id: Any) -> Started:
         conversation = Conversation.objects.select_for_update().get(pk=original.conversation_id)
         _refuse_while_streaming(conversation)
         _check_model(models=models, name=conversation.model, images=False)
-        return _start_reply(conversation, original.parent, False, principal)
+        return _start_reply(conversation, original.parent, False, principal, web_key_hash)
 
 
 def do_switch_branch(*, user_id: int, message_id: Any) -> Any:

@@ -53,6 +53,7 @@ from chatapp.chat.fragments import conversation_messages, render_branch
 from chatapp.models import Message
 from chatapp.relay import catalog
 from chatapp.relay.dialects import browser
+from keys.auth import aweb_principal, remember_web_key
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _started(self, started: _Started, client_id: str) -> None:
         result, messages, prepared = started
+        if result.web_key_hash:
+            remember_web_key(self.user_id, result.web_key_hash)
         await self.subscribe(result.conversation_id)
         # The upstream is asked first: its first words are on their way while the
         # branch renders.  They reach this socket after the frames below, as this
@@ -221,6 +224,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         result = await database_sync_to_async(_start)(
             actions.do_send_message,
             user_id=self.user_id,
+            principal=await aweb_principal(self.user_id),
             conversation_id=content.get("conversation"),
             text=content.get("text"),
             attachment_ids=content.get("attachments", []),
@@ -235,6 +239,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         result = await database_sync_to_async(_start)(
             actions.do_edit_message,
             user_id=self.user_id,
+            principal=await aweb_principal(self.user_id),
             message_id=content.get("message"),
             text=content.get("text"),
         )
@@ -243,7 +248,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def do_regenerate(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(message=content.get("message"))
         result = await database_sync_to_async(_start)(
-            actions.do_regenerate, user_id=self.user_id, message_id=content.get("message")
+            actions.do_regenerate,
+            user_id=self.user_id,
+            principal=await aweb_principal(self.user_id),
+            message_id=content.get("message"),
         )
         await self._started(result, client_id)
 

@@ -125,6 +125,35 @@ def test_a_send_to_a_new_conversation_reads_nothing_back(
     assert prepared.principal.user_id == alice.pk
     assert [turn.role for turn in prepared.request.messages] == ["user"]
 
+    # With the key's principal from the hot store (a sender this worker has seen), the
+    # send reads nothing at all: it only writes the turn and its reply.
+    with CaptureQueriesContext(connection) as queries:
+        _start(actions.do_send_message, principal=prepared.principal, **arguments)
+    statements = [query["sql"] for query in queries.captured_queries]
+    assert not [sql for sql in statements if sql.startswith("SELECT")], statements
+    assert len(statements) <= 6, statements
+
+
+async def test_a_sender_disabled_after_a_first_message_is_cut_off_at_the_next(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Hi", "attachments": []})
+    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    # An admin disables her (a save, as the console does): her key's cached principal goes.
+    alice.is_active = False
+    await alice.asave()
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Again", "attachments": []}
+    )
+    frame = await ws.receive_json_from(timeout=5)
+    while frame["type"] == "title":
+        frame = await ws.receive_json_from(timeout=5)
+    assert frame == {"type": "error", "error": "Your account is disabled.", "client_id": ""}
+    assert (await ws.receive_output(timeout=5))["type"] == "websocket.close"
+    assert await Message.objects.filter(role="user").acount() == 1
+
 
 def test_a_burst_of_requests_loads_a_stale_catalog_once(
     db: None, monkeypatch: pytest.MonkeyPatch
