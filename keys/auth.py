@@ -126,6 +126,24 @@ def remember_web_key(user_id: int, digest: str) -> None:
     _web_key_hashes[user_id] = digest
 
 
+async def awarm_web_key(user_id: int) -> None:
+    """Learn the user's web-key hash and cache its principal (a chat page opening)."""
+    if user_id in _web_key_hashes:
+        return
+    digest = await database_sync_to_async(_web_key_hash)(user_id)
+    if digest is not None:
+        remember_web_key(user_id, digest)
+        await aprincipal(digest)
+
+
+def _web_key_hash(user_id: int) -> str | None:
+    return (
+        ApiKey.objects.filter(user_id=user_id, is_web_key=True)
+        .values_list("key_hash", flat=True)
+        .first()
+    )
+
+
 async def aweb_principal(user_id: int) -> Principal | None:
     """The principal of the user's web key, when this process has seen its hash (cached)."""
     digest = _web_key_hashes.get(user_id)

@@ -34,6 +34,7 @@ message id is looked up among the user's own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -53,7 +54,7 @@ from chatapp.chat.fragments import conversation_messages, render_branch
 from chatapp.models import Message
 from chatapp.relay import catalog
 from chatapp.relay.dialects import browser
-from keys.auth import aweb_principal, remember_web_key
+from keys.auth import awarm_web_key, aweb_principal, remember_web_key
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.groups_joined: set[str] = set()
         await self.accept()
         metrics.websocket_opened(self)
+        # The first message then finds the catalog and the sender's key in memory
+        # instead of reading them behind every other trip to the database thread.
         catalog.warm()
+        _warm_key(self.user_id)
 
     async def disconnect(self, code: int) -> None:
         metrics.websocket_closed(self)
@@ -285,6 +289,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # disconnect message, which is queued behind it: nobody is left to read it.
         with contextlib.suppress(SOCKET_CLOSED):
             await super().send_json(content, close=close)
+
+
+_warming: dict[int, asyncio.Task[None]] = {}
+
+
+def _warm_key(user_id: int) -> None:
+    """Learn the user's web key in the background, once at a time per user."""
+    if user_id in _warming:
+        return
+    task = asyncio.get_running_loop().create_task(awarm_web_key(user_id))
+    _warming[user_id] = task
+    task.add_done_callback(lambda done: _warmed_key(user_id, done))
+
+
+def _warmed_key(user_id: int, task: asyncio.Task[None]) -> None:
+    _warming.pop(user_id, None)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("reading the web key of user %s failed: %r", user_id, task.exception())
 
 
 def language_of(scope: dict[str, Any]) -> str:

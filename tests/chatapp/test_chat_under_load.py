@@ -220,3 +220,22 @@ async def test_a_snapshot_left_by_an_earlier_version_still_reads_back() -> None:
     assert await events.read_snapshot(6) == (4, "Half a", "Thinking")
     await hotstore.aset("stream:8", (2, "Two pieces"), 60)
     assert await events.read_snapshot(8) == (2, "Two pieces", "")
+
+
+async def test_opening_the_chat_learns_the_users_web_key_for_the_first_message(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    from keys.actions import do_get_web_key
+    from keys.auth import aweb_principal
+
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    key = await database_sync_to_async(do_get_web_key)(user=alice)  # the chat page made it
+    ws = await connect(alice)
+    for _ in range(50):
+        principal = await aweb_principal(alice.pk)
+        if principal is not None and principal.key_id == key.pk:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the socket's opening did not learn alice's web key")
+    await ws.disconnect()
