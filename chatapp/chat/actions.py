@@ -48,8 +48,8 @@ def chat_models(*, user: Any) -> list[CatalogModel]:
     return _allowed(do_get_web_key(user=user).allowed_models)
 
 
-def _allowed(allowed_models: Any) -> list[CatalogModel]:
-    models, _local = _chat_catalog()
+def _allowed(allowed_models: Any, version: str | None = None) -> list[CatalogModel]:
+    models, _local = _chat_catalog(version)
     allowed = set(allowed_models or ())
     return [model for model in models if not allowed or model.name in allowed]
 
@@ -60,9 +60,11 @@ def _allowed(allowed_models: Any) -> list[CatalogModel]:
 _chat_cache: tuple[str, list[CatalogModel], frozenset[int]] | None = None
 
 
-def _chat_catalog() -> tuple[list[CatalogModel], frozenset[int]]:
+def _chat_catalog(version: str | None = None) -> tuple[list[CatalogModel], frozenset[int]]:
+    """``version``: the catalog's version just read by an async caller (no second read)."""
     global _chat_cache
-    version = catalog.version()  # read before the rows: a change meanwhile bumps it again
+    if version is None:
+        version = catalog.version()  # read before the rows: a change meanwhile bumps it again
     cached = _chat_cache
     if cached is not None and version is not None and cached[0] == version:
         return cached[1], cached[2]
@@ -84,7 +86,7 @@ def _chat_catalog() -> tuple[list[CatalogModel], frozenset[int]]:
 
 
 def _chat_access(
-    user_id: int, known: Principal | None = None
+    user_id: int, known: Principal | None = None, version: str | None = None
 ) -> tuple[list[CatalogModel], Principal, str]:
     """The chat models the user's web key may use, that key as the relay sees it, and
     its hash when it was read here.
@@ -100,7 +102,7 @@ def _chat_access(
     if known is not None:
         if known.state == "owner_disabled":
             raise AccountDisabled(_("Your account is disabled."))
-        return _allowed(known.allowed_models), known, ""
+        return _allowed(known.allowed_models, version), known, ""
     key = (
         ApiKey.objects.select_related("user")
         .filter(user_id=user_id, is_web_key=True, user__is_active=True)
@@ -112,14 +114,16 @@ def _chat_access(
             raise AccountDisabled(_("Your account is disabled."))
         key = do_get_web_key(user=user)
         key.user = user
-    return _allowed(key.allowed_models), principal_of(key), key.key_hash
+    return _allowed(key.allowed_models, version), principal_of(key), key.key_hash
 
 
-def default_chat_model(models: list[CatalogModel]) -> CatalogModel | None:
+def default_chat_model(
+    models: list[CatalogModel], version: str | None = None
+) -> CatalogModel | None:
     """A new chat's model among ``models``: the admin's pick, else the local model, else the first."""
     chosen = next((model for model in models if model.is_chat_default), None)
     if chosen is None:
-        _models, local = _chat_catalog()
+        _models, local = _chat_catalog(version)
         chosen = next((model for model in models if model.pk in local), None)
     return chosen or (models[0] if models else None)
 
@@ -286,14 +290,16 @@ def do_send_message(
     system_prompt: Any = None,
     temperature: Any = None,
     principal: Principal | None = None,
+    catalog_version: str | None = None,
 ) -> Started:
     """A user turn at the end of the displayed branch, and its reply (to be generated).
 
     A new conversation takes its ``system_prompt`` and ``temperature`` from the send
     itself: its first reply is generated before the page could save any setting.
-    ``principal``: the sender's web key as the hot store has it, if known.
+    ``principal``: the sender's web key as the hot store has it, if known;
+    ``catalog_version``: the catalog's version, if just read.
     """
-    models, principal, web_key_hash = _chat_access(user_id, principal)
+    models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
 
     if model is not None and not isinstance(model, str):
         raise ChatError(_("The model must be given by its name."))
@@ -312,7 +318,7 @@ def do_send_message(
             if isinstance(model, str) and model:
                 name = model
             else:
-                default = default_chat_model(models)
+                default = default_chat_model(models, catalog_version)
                 name = default.name if default else ""
             if not name:
                 raise ChatError(
@@ -361,11 +367,16 @@ def do_send_message(
 
 
 def do_edit_message(
-    *, user_id: int, message_id: Any, text: Any, principal: Principal | None = None
+    *,
+    user_id: int,
+    message_id: Any,
+    text: Any,
+    principal: Principal | None = None,
+    catalog_version: str | None = None,
 ) -> Started:
     """A new version of a user turn (a sibling branch), and its reply."""
 
-    models, principal, web_key_hash = _chat_access(user_id, principal)
+    models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
     pk = check_message_id(user_id=user_id, message_id=message_id)
     with transaction.atomic():
         original = Message.objects.select_related("conversation").get(pk=pk)
@@ -387,10 +398,16 @@ def do_edit_message(
         return _start_reply(conversation, message, False, principal, web_key_hash)
 
 
-def do_regenerate(*, user_id: int, message_id: Any, principal: Principal | None = None) -> Started:
+def do_regenerate(
+    *,
+    user_id: int,
+    message_id: Any,
+    principal: Principal | None = None,
+    catalog_version: str | None = None,
+) -> Started:
     """Another version of a reply (a sibling branch)."""
 
-    models, principal, web_key_hash = _chat_access(user_id, principal)
+    models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
     pk = check_message_id(user_id=user_id, message_id=message_id)
     with transaction.atomic():
         original = Message.objects.get(pk=pk)

@@ -229,6 +229,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             actions.do_send_message,
             user_id=self.user_id,
             principal=await aweb_principal(self.user_id),
+            catalog_version=await catalog.aversion(),
             conversation_id=content.get("conversation"),
             text=content.get("text"),
             attachment_ids=content.get("attachments", []),
@@ -244,6 +245,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             actions.do_edit_message,
             user_id=self.user_id,
             principal=await aweb_principal(self.user_id),
+            catalog_version=await catalog.aversion(),
             message_id=content.get("message"),
             text=content.get("text"),
         )
@@ -255,6 +257,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             actions.do_regenerate,
             user_id=self.user_id,
             principal=await aweb_principal(self.user_id),
+            catalog_version=await catalog.aversion(),
             message_id=content.get("message"),
         )
         await self._started(result, client_id)

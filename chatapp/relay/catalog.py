@@ -204,6 +204,11 @@ async def alist_models() -> list[ModelInfo]:
     return sorted((await _current()).values(), key=lambda model: model.name)
 
 
+async def aversion() -> str | None:
+    """``version`` from async code."""
+    return await hotstore.aget(VERSION_KEY)
+
+
 def version() -> str | None:
     """The catalog's shared version as it stands (None before any process set one).
 
