@@ -10,8 +10,6 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts.models import User
-from chatapp import hotstore
-from chatapp.chat.events import HEARTBEAT_TTL, alive_key
 from chatapp.chat.fragments import with_attachments
 from chatapp.models import (
     Attachment,
@@ -154,10 +152,15 @@ def check_message_id(*, user_id: int, message_id: Any) -> int:
 
 def streaming_message_ids(*, conversation_id: int) -> list[int]:
 
+    return [pk for pk, _created in streaming_messages(conversation_id=conversation_id)]
+
+
+def streaming_messages(*, conversation_id: int) -> list[tuple[int, Any]]:
+    """(id, created_at) of the conversation's replies still marked streaming."""
     return list(
         Message.objects.filter(
             conversation_id=conversation_id, status=MessageStatus.STREAMING
-        ).values_list("pk", flat=True)
+        ).values_list("pk", "created_at")
     )
 
 
@@ -268,9 +271,9 @@ def _start_reply(
     )
     conversation.current_leaf = reply
     conversation.save(update_fields=["current_leaf", "updated_at"])
-    # Alive from the start: the task that writes it beats from its first step, and a
-    # reply with no heartbeat would be taken for one whose process died.
-    hotstore.set(alive_key(reply.pk), True, HEARTBEAT_TTL)
+    # No heartbeat yet: the task that writes the reply beats from its first step, and
+    # until a heartbeat's lifetime has passed a reply without one is not taken for one
+    # whose process died (generation.recover).
     return Started(conversation, reply, created, principal, web_key_hash=web_key_hash)
 
 

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -100,11 +101,19 @@ async def shutdown(grace: float = SHUTDOWN_GRACE) -> None:
 
 
 async def recover(conversation_id: int) -> None:
-    """Save as interrupted every reply of the conversation that no live process writes."""
-    for message_id in await database_sync_to_async(actions.streaming_message_ids)(
+    """Save as interrupted every reply of the conversation that no live process writes.
+
+    A reply is written by a live process while its heartbeat lasts; one younger than a
+    heartbeat's lifetime may not have beaten yet (its task starts after the send's
+    database trip) and counts as live too.
+    """
+    from django.utils import timezone
+
+    young = timezone.now() - timedelta(seconds=HEARTBEAT_TTL)
+    for message_id, created_at in await database_sync_to_async(actions.streaming_messages)(
         conversation_id=conversation_id
     ):
-        if await hotstore.aget(alive_key(message_id)):
+        if created_at > young or await hotstore.aget(alive_key(message_id)):
             continue
         snapshot = await read_snapshot(message_id)
         _seq, text, reasoning = snapshot or (0, "", "")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
-from django.utils import translation
+from django.utils import timezone, translation
 
 from chatapp import hotstore
 from chatapp.chat.events import alive_key, snapshot_key
@@ -103,6 +104,8 @@ def _orphan(user_email: str) -> int:
     )
     conversation.current_leaf = reply
     conversation.save()
+    # Started a minute ago: its writer's heartbeat, had there been one, would be over.
+    Message.objects.filter(pk=reply.pk).update(created_at=timezone.now() - timedelta(minutes=1))
     return reply.pk
 
 

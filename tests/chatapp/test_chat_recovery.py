@@ -8,12 +8,14 @@ or stops that conversation; a shutdown saves and settles running replies itself.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from accounts.models import User
 from chatapp import hotstore
@@ -43,6 +45,8 @@ def _orphan(user: User, text_so_far: str) -> tuple[int, int]:
     )
     conversation.current_leaf = reply
     conversation.save()
+    # Started a minute ago: its writer's heartbeat, had there been one, would be over.
+    Message.objects.filter(pk=reply.pk).update(created_at=timezone.now() - timedelta(minutes=1))
     return conversation.pk, reply.pk
 
 
@@ -169,3 +173,19 @@ def test_a_branch_renders_in_a_fixed_number_of_queries(alice: Any, turns: int) -
     assert count <= 3, f"{count} queries for {turns} messages"
     assert html.count('class="msg ') == turns
     assert "1/2" in html or turns < 2
+
+
+async def test_a_reply_that_has_not_beaten_yet_is_not_taken_for_dead(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    conversation_id, reply_id = await database_sync_to_async(_orphan)(alice, "")
+    # A reply whose task has not started yet: just created, no heartbeat so far.
+    await Message.objects.filter(pk=reply_id).aupdate(created_at=timezone.now())
+    await hotstore.aset(alive_key(reply_id), None, 1)
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "open", "conversation": conversation_id})
+    assert (await ws.receive_json_from(timeout=5))["type"] == "opened"
+    assert (await ws.receive_json_from(timeout=5))["type"] == "snapshot"  # still being written
+    assert (await Message.objects.aget(pk=reply_id)).status == "streaming"
+    await ws.disconnect()

@@ -13,6 +13,7 @@ import io
 import re
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,8 @@ def test_a_reload_mid_reply_and_a_failing_upstream(page: Page, fake: FakeUpstrea
 def test_a_reply_whose_server_died_shows_as_interrupted_and_the_chat_goes_on(
     page: Page, browser: Browser, fake: FakeUpstream, artifacts: Path
 ) -> None:
+    from django.utils import timezone
+
     from accounts.models import User
     from chatapp import hotstore
     from chatapp.chat.events import snapshot_key
@@ -504,6 +507,7 @@ def test_a_reply_whose_server_died_shows_as_interrupted_and_the_chat_goes_on(
     )
     conversation.current_leaf = reply
     conversation.save()
+    Message.objects.filter(pk=reply.pk).update(created_at=timezone.now() - timedelta(minutes=1))
     hotstore.append(snapshot_key(reply.pk), [(5, "delta", "Once upon a time, a")], 600)
 
     # ...opening the conversation saves it as interrupted, with what it had written.
