@@ -7,9 +7,9 @@
   (re)connects catches up before the live tail;
 - ``stop:<message id>``: a stop asked for from any process;
 - ``alive:<message id>``: the heartbeat of the process writing the reply.  A reply
-  marked streaming with no heartbeat has no live writer (its process died) and is
-  saved as interrupted the next time anyone opens, sends to or stops that
-  conversation (``chatapp.chat.actions.do_recover_interrupted``).
+  marked streaming, older than a heartbeat's lifetime and with no heartbeat, has no
+  live writer (its process died) and is saved as interrupted the next time anyone
+  opens, sends to or stops that conversation (``chatapp.chat.generation.recover``).
 """
 
 from __future__ import annotations

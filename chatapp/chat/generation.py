@@ -9,9 +9,10 @@ so every open tab — on any Daphne process, with the Redis layer — sees it.
 Closing the tab does not stop it; the reply is saved when it ends.
 
 While it streams, the reply keeps a heartbeat in the hot store
-(``chatapp.chat.events``).  A reply whose process died has none, and is saved as
-interrupted when its conversation is next opened, sent to or stopped
-(``recover``).  On SIGTERM the running replies get up to ``SWITCHBOARD_DRAIN_SECONDS``
+(``chatapp.chat.events``).  A reply whose process died has none (once it is older
+than a heartbeat's lifetime), and is saved as interrupted when its conversation is
+next opened, sent to or stopped (``recover``).  Its frames go out in batches
+(``_Publisher``): what arrives within ``FLUSH_EVERY`` is one frame.  On SIGTERM the running replies get up to ``SWITCHBOARD_DRAIN_SECONDS``
 to finish; those still running then are cancelled, so their ``finally`` saves and
 settles them as interrupted before the process exits (``chatapp.shutdown``).
 """
