@@ -197,12 +197,21 @@ class UsageRecord(models.Model):
     """One row per relayed request, whatever its outcome."""
 
     created_at = models.DateTimeField(_("time"), default=timezone.now, db_index=True)
-    request_id = models.CharField(max_length=64, unique=True)
+    # Unique by a constraint, not unique=True: on PostgreSQL that would add a second,
+    # pattern-matching index the size of the first, which nothing reads (request ids
+    # are looked up whole) and every insert would keep up.
+    request_id = models.CharField(max_length=64)
+    # No index of their own (db_index=False): (user, created_at) and (key, created_at)
+    # below serve every lookup by user or key; two fewer indexes per ledger write.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="usage_records"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="usage_records",
+        db_index=False,
     )
     key = models.ForeignKey(
-        ApiKey, on_delete=models.SET_NULL, null=True, related_name="usage_records"
+        ApiKey, on_delete=models.SET_NULL, null=True, related_name="usage_records", db_index=False
     )
     endpoint = models.CharField(max_length=32)  # chat.completions, messages, embeddings, browser
     dialect = models.CharField(max_length=16)  # openai, anthropic, browser
@@ -250,6 +259,9 @@ class UsageRecord(models.Model):
             models.Index(fields=["model", "created_at"]),
             # The request log filtered by model, keyset-paged by id (newest first).
             models.Index(fields=["model", "id"], name="usage_record_model_id"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["request_id"], name="usage_record_request_id"),
         ]
 
     def __str__(self) -> str:

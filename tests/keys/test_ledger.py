@@ -391,3 +391,21 @@ def test_records_of_a_process_killed_while_its_writer_runs_are_replayed_once() -
     # Then every record is there exactly once
     assert_all_recorded_once(2000)
     assert not [p for p in journals() if p not in ledger.writer.own_paths()]
+
+
+@pytest.mark.django_db
+def test_the_ledger_keeps_no_index_another_one_covers() -> None:
+    """Every relayed request writes a ledger row: each index is one more write of it."""
+    import re
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's catalog")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'keys_usagerecord'")
+        definitions = [row[0] for row in cursor.fetchall()]
+    assert not [d for d in definitions if "pattern_ops" in d]  # ids are looked up whole
+    columns = [tuple(re.search(r"\((.*)\)", d)[1].split(", ")) for d in definitions]
+    for one in columns:
+        for other in columns:
+            assert not (len(one) < len(other) and other[: len(one)] == one), (one, other)
+    assert ("request_id",) in columns  # still unique (a batch written twice: above)
