@@ -27,15 +27,16 @@ them (``UsageRollupState.raw_kept_from``) so they are never recomputed from noth
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import connection, models, transaction
+from django.db import connection, connections, models, transaction
 from django.db.models import (
     Aggregate,
     BigIntegerField,
@@ -797,10 +798,8 @@ def summarize(
         if name not in MEASURES:
             raise ValueError(f"measure {name!r}: expected some of {', '.join(MEASURES)}")
     now = now or timezone.now()
-    if catch_up_first is None:
-        catch_up_first = settings.CELERY_TASK_ALWAYS_EAGER
-    if catch_up_first:
-        roll_up(max_buckets=96 * 7)
+    if catch_up_first is not False:
+        catch_up_for_reading(force=catch_up_first is True)
 
     filters = {
         "user_id": user,
@@ -884,6 +883,49 @@ def summarize(
                 bucket_start = datetime.fromtimestamp(row.pop("bucket") * BUCKET_SECONDS, UTC)
                 add(_period_of(bucket_start, start, tz, granularity), row)
         return sorted(periods.values(), key=lambda p: (p.start.astimezone(UTC), str(p.group)))
+
+
+def catch_up_for_reading(*, force: bool = False) -> None:
+    """In the embedded mode (no Celery beat), roll up what is new before a read.
+
+    A bounded catch-up (a week of buckets): with a beat running this is its job.
+    """
+    if force or settings.CELERY_TASK_ALWAYS_EAGER:
+        roll_up(max_buckets=96 * 7)
+
+
+T = TypeVar("T")
+# Threads for the reads run beside a request's own (read_together): at most this many
+# extra database connections at a time in the process, whatever the traffic.
+PARALLEL_READS = 3
+_readers: ThreadPoolExecutor | None = None
+
+
+def read_together(*reads: Callable[[], T]) -> list[T]:
+    """Call every read and return their results in order; side by side on PostgreSQL.
+
+    A dashboard makes a few independent summarize() reads, each a transaction of its
+    own: on PostgreSQL the database sums them on every core at once when each has a
+    connection of its own (from the pool; ``PARALLEL_READS`` threads at most), and the
+    rows of one are turned into periods while the database sums the next.  Inside a
+    transaction (whose snapshot and uncommitted rows other connections do not share)
+    and on SQLite they run one after another, here.
+    """
+    global _readers
+    if len(reads) < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
+        return [read() for read in reads]
+    if _readers is None:
+        _readers = ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="usage-read")
+    futures = [_readers.submit(_on_own_connection, read) for read in reads[1:]]
+    first = reads[0]()
+    return [first, *(future.result() for future in futures)]
+
+
+def _on_own_connection(read: Callable[[], T]) -> T:
+    try:
+        return read()
+    finally:
+        connections.close_all()  # back to the pool: the thread outlives the request
 
 
 REPORTING_WORK_MEM = "64MB"

@@ -329,3 +329,39 @@ def test_tiles_show_grouped_digits_and_money_to_the_cent(carol, alice) -> None:
     assert "1,800,003" in page  # tokens, grouped
     assert "3.70 USD" in page  # money rounded to the cent for the glance...
     assert 'title="3.703701"' in page  # ...and exact a hover away
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_four_reads_made_at_once_show_what_one_after_another_show(
+    carol, usage, monkeypatch
+) -> None:
+    """On PostgreSQL the dashboard's reads run side by side, each on its own connection."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from keys import rollups
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the reads run side by side on PostgreSQL only")
+    threads: list[int] = []
+    summarize = rollups.summarize
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return summarize(*args, **kwargs)
+
+    monkeypatch.setattr(rollups, "summarize", watched)
+    client = signed_in(carol)
+    for params in ({"range": "24h"}, {"range": "30d", "tz": "Asia/Kathmandu", "stack": "key"}):
+        threads.clear()
+        at_once = tables_of(client.get(reverse("console:usage"), params).content.decode())
+        assert len(threads) == 4
+        assert len(set(threads)) > 1
+        threads.clear()
+        with transaction.atomic():  # inside a transaction: one after another, here
+            in_turn = tables_of(client.get(reverse("console:usage"), params).content.decode())
+        assert len(set(threads)) == 1
+        assert at_once == in_turn
+        summary = {row[0]: row[1] for row in at_once["tiles"][1:]}
+        assert summary["Requests"] == "5"
