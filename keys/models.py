@@ -256,7 +256,6 @@ class UsageRecord(models.Model):
         indexes = [
             models.Index(fields=["key", "created_at"]),
             models.Index(fields=["user", "created_at"]),
-            models.Index(fields=["model", "created_at"]),
             # The request log filtered by model, keyset-paged by id (newest first).
             models.Index(fields=["model", "id"], name="usage_record_model_id"),
         ]
