@@ -256,10 +256,15 @@ async def aappend(key: str, values: list[Any], ttl: float | None = None) -> None
         _local.append(key, values, ttl)
         return
     async with async_client().pipeline(transaction=True) as pipe:
-        pipe.rpush(PREFIX + key, *(pickle.dumps(value) for value in values))
-        if ttl:
-            pipe.expire(PREFIX + key, int(ttl))
-        await pipe.execute()
+        await _appending(pipe, key, values, ttl).execute()
+
+
+def _appending(pipe: Any, key: str, values: list[Any], ttl: float | None) -> Any:
+    """The pipeline (sync or async) with the commands of an append queued."""
+    pipe.rpush(PREFIX + key, *(pickle.dumps(value) for value in values))
+    if ttl:
+        pipe.expire(PREFIX + key, int(ttl))
+    return pipe
 
 
 async def arange(key: str) -> list[Any]:
@@ -291,10 +296,7 @@ def append(key: str, values: list[Any], ttl: float | None = None) -> None:
         _local.append(key, values, ttl)
         return
     with sync_client().pipeline(transaction=True) as pipe:
-        pipe.rpush(PREFIX + key, *(pickle.dumps(value) for value in values))
-        if ttl:
-            pipe.expire(PREFIX + key, int(ttl))
-        pipe.execute()
+        _appending(pipe, key, values, ttl).execute()
 
 
 def delete(*keys: str) -> None:

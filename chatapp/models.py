@@ -248,6 +248,14 @@ class Conversation(models.Model):
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
 
+    def messages_with_attachments(self) -> list[Message]:
+        """Every message with its attachments, oldest first (two queries)."""
+        return list(
+            Message.objects.filter(conversation_id=self.pk)
+            .prefetch_related("attachments")
+            .order_by("created_at", "id")
+        )
+
     def branch(self, messages: list[Message] | None = None) -> list[Message]:
         """The messages on display, oldest first: the current leaf and its ancestors.
 

@@ -50,7 +50,7 @@ from chatapp import metrics
 from chatapp.chat import actions, generation
 from chatapp.chat.actions import ChatError
 from chatapp.chat.events import group_name, read_snapshot
-from chatapp.chat.fragments import conversation_messages, render_branch
+from chatapp.chat.fragments import render_branch
 from chatapp.models import Message
 from chatapp.relay import catalog
 from chatapp.relay.dialects import browser
@@ -178,6 +178,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             snapshot = await read_snapshot(message_id)
             await self.send_json(browser.snapshot_frame(message_id, snapshot))
 
+    async def _act(
+        self, action: Callable[..., actions.Started], client_id: str, **arguments: Any
+    ) -> None:
+        """Carry out a send, edit or regenerate in one database trip; start its reply.
+
+        The sender's web key and the catalog's version are read here, on the loop
+        (the hot store), not in the trip all the sends queue for.
+        """
+        started = await database_sync_to_async(_start)(
+            action,
+            user_id=self.user_id,
+            principal=await aweb_principal(self.user_id),
+            catalog_version=await catalog.aversion(),
+            **arguments,
+        )
+        await self._started(started, client_id)
+
     async def _started(self, started: _Started, client_id: str) -> None:
         result, messages, prepared = started
         if result.web_key_hash:
@@ -225,11 +242,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def do_send(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(conversation=content.get("conversation"))
-        result = await database_sync_to_async(_start)(
+        await self._act(
             actions.do_send_message,
-            user_id=self.user_id,
-            principal=await aweb_principal(self.user_id),
-            catalog_version=await catalog.aversion(),
+            client_id,
             conversation_id=content.get("conversation"),
             text=content.get("text"),
             attachment_ids=content.get("attachments", []),
@@ -237,30 +252,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             system_prompt=content.get("system_prompt"),
             temperature=content.get("temperature"),
         )
-        await self._started(result, client_id)
 
     async def do_edit(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(message=content.get("message"))
-        result = await database_sync_to_async(_start)(
+        await self._act(
             actions.do_edit_message,
-            user_id=self.user_id,
-            principal=await aweb_principal(self.user_id),
-            catalog_version=await catalog.aversion(),
+            client_id,
             message_id=content.get("message"),
             text=content.get("text"),
         )
-        await self._started(result, client_id)
 
     async def do_regenerate(self, content: dict[str, Any], client_id: str) -> None:
         await self._recover(message=content.get("message"))
-        result = await database_sync_to_async(_start)(
-            actions.do_regenerate,
-            user_id=self.user_id,
-            principal=await aweb_principal(self.user_id),
-            catalog_version=await catalog.aversion(),
-            message_id=content.get("message"),
-        )
-        await self._started(result, client_id)
+        await self._act(actions.do_regenerate, client_id, message_id=content.get("message"))
 
     async def do_stop(self, content: dict[str, Any], client_id: str) -> None:
         message_id = await database_sync_to_async(actions.check_message_id)(
@@ -348,7 +352,7 @@ def _start(action: Callable[..., actions.Started], **arguments: Any) -> _Started
     conversation = result.conversation
     messages = result.messages
     if messages is None:
-        messages = conversation_messages(conversation.pk)
+        messages = conversation.messages_with_attachments()
     try:
         prepared = browser.prepare(
             result.reply_id,

@@ -37,15 +37,6 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
     }
 
 
-def conversation_messages(conversation_id: int) -> list[Message]:
-    """Every message of a conversation with its attachments, oldest first (two queries)."""
-    return list(
-        Message.objects.filter(conversation_id=conversation_id)
-        .prefetch_related("attachments")
-        .order_by("created_at", "id")
-    )
-
-
 def with_attachments(message: Message, attachments: list[Any]) -> Message:
     """``message`` with its attachments known, as ``prefetch_related`` leaves it.
 
@@ -65,12 +56,12 @@ def branch_items(
 ) -> list[dict[str, Any]]:
     """The displayed branch, oldest first, with each message's versions.
 
-    ``messages``: ``conversation_messages`` of it, when the caller has them already.
+    ``messages``: its ``messages_with_attachments()``, when the caller has them already.
     """
     if conversation.current_leaf_id is None:
         return []
     if messages is None:
-        messages = conversation_messages(conversation.pk)
+        messages = conversation.messages_with_attachments()
     versions: dict[tuple[int | None, str], list[Message]] = defaultdict(list)
     for message in messages:
         versions[(message.parent_id, message.role)].append(message)

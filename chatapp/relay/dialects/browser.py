@@ -83,7 +83,7 @@ def prepare(
 
     ``principal``: the owner's web key (``keys.auth.Principal``), when the caller
     has just read it; ``conversation`` and ``messages`` (all of its messages with their attachments,
-    as ``chatapp.chat.fragments.conversation_messages`` reads them), when the caller
+    as ``Conversation.messages_with_attachments`` reads them), when the caller
     has them already.
     """
     from chatapp.models import Conversation, Message
@@ -94,11 +94,7 @@ def prepare(
             pk=Message.objects.values_list("conversation_id", flat=True).get(pk=message_id)
         )
     if messages is None:
-        messages = list(
-            Message.objects.filter(conversation_id=conversation.pk)
-            .prefetch_related("attachments")
-            .order_by("created_at", "id")
-        )
+        messages = conversation.messages_with_attachments()
     message = next((item for item in messages if item.pk == message_id), None)
     if message is None:
         raise Message.DoesNotExist(f"message {message_id} is not in its conversation any more")
