@@ -128,3 +128,31 @@ def test_a_large_postgresql_load_restores_every_index_and_constraint() -> None:
     assert "100000 demo records" in output
     assert UsageRecord.objects.count() == 100_000
     assert schema() == before
+
+
+@pytest.mark.django_db
+def test_sqlite_learns_the_ledgers_statistics_and_reads_recent_rows_by_time(monkeypatch) -> None:
+    """Without statistics SQLite read every row of a model for its last minutes."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL's autovacuum keeps its statistics")
+    run("demo", "--records", "12000", "--days", "2", "--no-rollup")
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM sqlite_stat1")
+        cursor.execute("ANALYZE sqlite_schema")  # the planner forgets what it knew
+    monkeypatch.setattr(rollups, "_analyzed_high", 0)
+    recent = UsageRecord.objects.filter(
+        model="gpt-4o", created_at__gte=timezone.now() - timedelta(minutes=15)
+    )
+
+    def plan() -> str:
+        sql, params = recent.query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
+            return " ".join(str(row[-1]) for row in cursor.fetchall())
+
+    assert "usage_record_model_id" in plan()  # the trap
+    rollups.roll_up()  # (every minute, or before a dashboard's reads) keeps them
+    assert "created_at" in plan()
+    assert not rollups.keep_statistics()  # again only once the ledger has doubled

@@ -416,6 +416,7 @@ def load_sqlite(rows: DemoRows) -> int:
     with transaction.atomic(), connection.cursor() as cursor:
         for block in rows.tuples():
             cursor.executemany(sql, block)
+        cursor.execute(f"ANALYZE {table}")  # the planner's statistics (see keep_statistics)
     return rows.count
 
 
