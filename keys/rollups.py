@@ -860,6 +860,7 @@ def summarize(
         # A few periods, thousands of rows.  Keyed with the fold: the two 01:00 of a DST
         # change compare (and hash) equal in their zone.
         utc_of: dict[tuple[datetime, int], datetime] = {}
+        end_of: dict[datetime, datetime] = {}  # per period, whatever the group
 
         def add(period_start: datetime, row: dict[str, Any]) -> None:
             if isinstance(by, str):
@@ -875,10 +876,13 @@ def summarize(
             slot = (utc, group_value)
             found = periods.get(slot)
             if found is None:
-                if granularity == "total":
-                    period_end = end.astimezone(tz)
-                else:
-                    period_end = _period_end(period_start, granularity, tz)
+                period_end = end_of.get(utc)
+                if period_end is None:
+                    if granularity == "total":
+                        period_end = end.astimezone(tz)
+                    else:
+                        period_end = _period_end(period_start, granularity, tz)
+                    end_of[utc] = period_end
                 found = periods[slot] = Period(period_start, period_end, group_value, Totals())
             found.totals.add(row)
 
@@ -925,11 +929,11 @@ def catch_up_for_reading(*, force: bool = False) -> None:
 T = TypeVar("T")
 # Threads for the reads run beside a request's own (read_together): at most this many
 # extra database connections at a time in the process, whatever the traffic.
-PARALLEL_READS = 3
+PARALLEL_READS = 4
 _readers: ThreadPoolExecutor | None = None
 
 
-def read_together(*reads: Callable[[], T]) -> list[T]:
+def read_together(*reads: Callable[[], Any]) -> list[Any]:
     """Call every read and return their results in order; side by side on PostgreSQL.
 
     A dashboard makes a few independent summarize() reads, each a transaction of its

@@ -801,12 +801,16 @@ TOTAL_MEASURES = (*PREVIOUS_MEASURES, *TTFT_COLUMNS)
 class Dashboard:
     tiles: list[Tile]
     figures: dict[str, Figure]
+    live: Live | None = None  # the live strip's numbers, when asked for
 
 
 def build_dashboard(
-    query: UsageQuery, *, viewer_sees_all: bool, now: datetime | None = None
+    query: UsageQuery, *, viewer_sees_all: bool, now: datetime | None = None, live: bool = False
 ) -> Dashboard:
-    """Every figure of the dashboard, from four summarize() reads made at once."""
+    """Every figure of the dashboard, from four summarize() reads made at once.
+
+    ``live``: the live strip's numbers too, read beside them.
+    """
     now = now or timezone.now()
     filters = query.filters()
     rollups.catch_up_for_reading()  # once, before the reads (they then skip it)
@@ -815,7 +819,7 @@ def build_dashboard(
     before_start, before_end = query.previous
     # Four reads at once (on PostgreSQL, side by side); each sums only what its
     # figures show (narrower reads are faster).
-    stacked, statuses, totals, before_by_key = rollups.read_together(
+    stacked, statuses, totals, before_by_key, *live_read = rollups.read_together(
         partial(
             rollups.summarize,
             query.start,
@@ -854,6 +858,7 @@ def build_dashboard(
             measures=PREVIOUS_MEASURES,
             **read,
         ),
+        *([partial(live_numbers, query, now)] if live else []),
     )
     by_model = rollups.regroup(totals, 0)
     by_key = rollups.regroup(totals, 1)
@@ -883,7 +888,9 @@ def build_dashboard(
     ]
     if viewer_sees_all:
         figures.append(top_users_figure(by_user, names))
-    return Dashboard(tiles, {figure.name: figure for figure in figures})
+    return Dashboard(
+        tiles, {figure.name: figure for figure in figures}, live_read[0] if live_read else None
+    )
 
 
 # --- Views ------------------------------------------------------------------------------
@@ -926,7 +933,7 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
     viewer_sees_all = sees_all(request.user)
     if not viewer_sees_all and query.stack == "user":
         query.stack = "model"
-    dashboard = build_dashboard(query, viewer_sees_all=viewer_sees_all)
+    dashboard = build_dashboard(query, viewer_sees_all=viewer_sees_all, live=True)
     figures = [
         (figure, f"{reverse('console:usage_csv')}?{_query_string(query, figure=figure.name)}")
         for figure in dashboard.figures.values()
@@ -945,7 +952,7 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
                 for value, label in _choices(query, viewer_sees_all)["stackings"]
             ],
             "live_url": f"{reverse('console:usage_live')}?{_query_string(query)}",
-            "live": live_numbers(query),
+            "live": dashboard.live,
             "live_poll": LIVE_POLL_SECONDS,
             "log_url": f"{reverse('console:usage_requests')}?{_query_string(query)}",
             **_choices(query, viewer_sees_all),

@@ -305,10 +305,16 @@ def test_the_live_strip_counts_the_last_60_seconds(carol, alice) -> None:
     record(alice, key, created_at=now - timedelta(seconds=10), cost=Decimal("0.25"))
     record(alice, key, created_at=now - timedelta(seconds=30), status="error", http_status=500)
     record(alice, key, created_at=now - timedelta(seconds=90), cost=Decimal("7"))
-    html = signed_in(carol).get(reverse("console:usage_live")).content.decode()
-    values = dict(re.findall(r'data-live="(\w+)">([^<]*)<', html))
-    assert values == {"requests": "2", "tokens": "220", "errors": "1", "cost": "0.250123456789"}
-    assert 'hx-trigger="every' in html
+    for page in ("console:usage_live", "console:usage"):  # polled, and in the dashboard
+        html = signed_in(carol).get(reverse(page)).content.decode()
+        values = dict(re.findall(r'data-live="(\w+)">([^<]*)<', html))
+        assert values == {
+            "requests": "2",
+            "tokens": "220",
+            "errors": "1",
+            "cost": "0.250123456789",
+        }
+        assert 'hx-trigger="every' in html
 
 
 def test_the_dashboard_reads_in_chinese(carol, usage) -> None:
