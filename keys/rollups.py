@@ -930,7 +930,8 @@ T = TypeVar("T")
 # Threads for the reads run beside a request's own (read_together): at most this many
 # extra database connections at a time in the process, whatever the traffic.
 PARALLEL_READS = 4
-_readers: ThreadPoolExecutor | None = None
+# Made here, once (its threads start with the first read): no two requests race to make it.
+_readers = ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="usage-read")
 
 
 def read_together(*reads: Callable[[], Any]) -> list[Any]:
@@ -943,11 +944,8 @@ def read_together(*reads: Callable[[], Any]) -> list[Any]:
     transaction (whose snapshot and uncommitted rows other connections do not share)
     and on SQLite they run one after another, here.
     """
-    global _readers
     if len(reads) < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
         return [read() for read in reads]
-    if _readers is None:
-        _readers = ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="usage-read")
     futures = [_readers.submit(_on_own_connection, read) for read in reads[1:]]
     first = reads[0]()
     return [first, *(future.result() for future in futures)]
