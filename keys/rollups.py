@@ -502,7 +502,7 @@ def roll_up(*, max_buckets: int = 96, now: datetime | None = None) -> RollUpResu
             current.save(update_fields=[*fields, "updated_at"])
         result.watermark_id = current.watermark_id
     _prefill_days(todo, open_bucket)
-    keep_statistics()
+    keep_statistics(high)
     return result
 
 
@@ -510,7 +510,7 @@ STATISTICS_FROM = 10_000  # ledger rows before SQLite's planner needs statistics
 _analyzed_high = 0  # the ledger's highest id at this process's last ANALYZE
 
 
-def keep_statistics() -> bool:
+def keep_statistics(high: int) -> bool:
     """On SQLite, give the query planner statistics of the ledger, and again each time
     it has doubled since (PostgreSQL's autovacuum keeps its own).
 
@@ -519,12 +519,12 @@ def keep_statistics() -> bool:
     SQLite takes the model's index for the last minutes of one model and reads all
     of that model's rows.  A sampled ANALYZE (``analysis_limit``) misjudges how many
     rows a model has; a full one takes about 0.4 s per million rows, once per
-    process start and doubling.  Returns whether it ran.
+    process start and doubling.  ``high``: the ledger's highest id (``committed_high``,
+    which the roll-up has just read).  Returns whether it ran.
     """
     global _analyzed_high
     if connection.vendor != "sqlite":
         return False
-    high = UsageRecord.objects.aggregate(high=Max("id"))["high"] or 0
     if high < max(STATISTICS_FROM, 2 * _analyzed_high):
         return False
     with connection.cursor() as cursor:

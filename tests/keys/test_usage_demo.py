@@ -155,4 +155,4 @@ def test_sqlite_learns_the_ledgers_statistics_and_reads_recent_rows_by_time(monk
     assert "usage_record_model_id" in plan()  # the trap
     rollups.roll_up()  # (every minute, or before a dashboard's reads) keeps them
     assert "created_at" in plan()
-    assert not rollups.keep_statistics()  # again only once the ledger has doubled
+    assert not rollups.keep_statistics(rollups.committed_high())  # again once it has doubled
