@@ -351,7 +351,9 @@ def do_send_message(
         if len(attachments) != len(attachment_ids):
             raise ChatError(_("An attached image is missing: upload it again."))
         _check_model(models=models, name=conversation.model, images=bool(attachments))
-        conversation.save()
+        # An existing conversation: only what a send changes (a rename or a settings save
+        # in another tab keeps its words).
+        conversation.save(update_fields=None if created else ["model", "updated_at"])
         message = Message.objects.create(
             conversation=conversation, parent=conversation.current_leaf, role="user", content=text
         )

@@ -114,7 +114,10 @@ def conversation_settings(request: HttpRequest, conversation_id: int) -> HttpRes
     )
     if not form.is_valid():
         return JsonResponse({"errors": form.errors}, status=400)
-    form.save()
+    # Only the settings: the page saves them as a conversation starts, while its first
+    # reply is being saved and titled, and a whole-row save would write back the title
+    # and the current branch this request read before them.
+    form.save(commit=False).save(update_fields=ConversationSettingsForm.Meta.fields)
     return JsonResponse({"ok": True, "model": conversation.model})
 
 

@@ -263,3 +263,34 @@ def test_one_title_in_the_list_and_the_header(
     page = client.get(f"/chat/{conversation.pk}/").content.decode()
     assert f"Conversation {conversation.pk}" not in page
     assert page.count("Untitled conversation") >= 3  # <title>, the list, the header
+
+
+def test_saving_settings_keeps_a_title_and_branch_written_meanwhile(
+    client: Client, alice: User, model: CatalogModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The page saves its settings as a conversation starts, while the first reply is
+    # being saved and titled: what is written between the view's read and its write stays.
+    from chatapp.chat.forms import ConversationSettingsForm
+
+    other = CatalogModel.objects.create(name="other-model", display_name="Other")
+    Route.objects.create(model=other, provider=model.routes.get().provider, upstream_model="o")
+    conversation, first, _second = conversation_with_versions(alice)
+    validate = ConversationSettingsForm.is_valid
+
+    def meanwhile(form: ConversationSettingsForm) -> bool:
+        Conversation.objects.filter(pk=conversation.pk).update(
+            title="Named meanwhile", current_leaf=first
+        )
+        return validate(form)
+
+    monkeypatch.setattr(ConversationSettingsForm, "is_valid", meanwhile)
+    client.force_login(alice)
+    response = client.post(
+        f"/chat/{conversation.pk}/settings/",
+        {"model": "other-model", "system_prompt": "Be brief.", "temperature": "0.5"},
+    )
+    assert response.status_code == 200
+    conversation.refresh_from_db()
+    assert (conversation.model, conversation.system_prompt) == ("other-model", "Be brief.")
+    assert conversation.title == "Named meanwhile"
+    assert conversation.current_leaf == first
