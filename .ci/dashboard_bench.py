@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
     from django.db import connection
     from django.test import Client
     from django.test.utils import setup_test_environment
+    from django.utils import timezone
 
     from accounts.models import Role, User
     from keys import rollups
@@ -191,6 +193,14 @@ def run(args: argparse.Namespace) -> None:
         100 * 50 : 100 * 50 + 1
     ]
     deep = deep_after[0] if deep_after else None
+    # The oldest whole day of the demo's span, as a report's or dashboard's link names it.
+    first_day = (timezone.now() - timedelta(days=args.days - 1)).date()
+    old_day = {
+        "range": "custom",
+        "from": first_day.isoformat(),
+        "to": (first_day + timedelta(days=1)).isoformat(),
+        "tz": "UTC",
+    }
 
     requests: list[tuple[str, str, Any, str, dict[str, str]]] = []
     for preset in PRESETS:
@@ -277,6 +287,21 @@ def run(args: argparse.Namespace) -> None:
             {"status": "rate_limited"},
         ),
         ("log member first page", "log", member_client, "/console/usage/requests/", {}),
+        ("log range oldest day", "log", admin_client, "/console/usage/requests/", old_day),
+        (
+            "log range oldest day, model",
+            "log",
+            admin_client,
+            "/console/usage/requests/",
+            {**old_day, "model": model},
+        ),
+        (
+            "log range last month",
+            "log",
+            admin_client,
+            "/console/usage/requests/",
+            {"range": "last_month"},
+        ),
     ]
     if args.only:
         requests = [r for r in requests if args.only in r[0]]

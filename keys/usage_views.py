@@ -1063,7 +1063,7 @@ def usage_requests(request: HttpRequest) -> HttpResponse:
     records = filtered_records(query).select_related("user", "key")
     if query.ranged:  # a link from a report or a dashboard: that range's requests only
         records = records.filter(created_at__gte=query.start, created_at__lt=query.end)
-    page = keyset_page(request, records)
+    page = keyset_page(request, records, by_time="created_at" if query.ranged else None)
     for record in page.rows:
         record.cost_text = money(record.cost)  # type: ignore[attr-defined]
     return render(

@@ -274,6 +274,58 @@ def test_the_log_pages_by_keyset_newest_first_and_filters(carol, alice, monkeypa
     assert re.findall(r'data-request="([^"]+)"', html) == ["req-error"]
 
 
+def follow(client: Client, url: str, rel: str) -> tuple[list[str], str | None]:
+    """The request ids a log page shows, and its ``rel`` link."""
+    html = client.get(url).content.decode()
+    found = re.search(rf'href="([^"]+)" rel="{rel}"', html)
+    link = (
+        reverse("console:usage_requests") + found.group(1).replace("&amp;", "&") if found else None
+    )
+    return re.findall(r'data-request="([^"]+)"', html), link
+
+
+def test_a_ranged_log_pages_newest_first_by_time_both_ways(carol, alice, monkeypatch) -> None:
+    # A link from a report or a dashboard names a range: its requests newest first by
+    # time (read from the time index, however old the range), a late record (a journal
+    # replay: a high id for an old time) in its place, records of one instant by id.
+    from accounts import console
+
+    monkeypatch.setattr(console, "PER_PAGE", 2)
+    key = ApiKey.issue(user=alice, name="k")[0]
+    day = datetime(2026, 10, 7, tzinfo=UTC)
+    at = {
+        "before-range": day - timedelta(microseconds=1),
+        "in-0": day,
+        "in-1": day + timedelta(hours=2, microseconds=123457),
+        "in-2": day + timedelta(hours=3, microseconds=5),
+        "in-3": day + timedelta(hours=3, microseconds=5),  # one instant, three records
+        "in-4": day + timedelta(hours=3, microseconds=5),
+        "in-5": day + timedelta(hours=5, microseconds=999999),
+        "in-6": day + timedelta(hours=23, minutes=59, microseconds=1),
+        "after-range": day + timedelta(days=1),
+        "late": day + timedelta(hours=4),
+    }
+    for request_id, moment in at.items():
+        record(alice, key, request_id=request_id, created_at=moment)
+    client = signed_in(carol)
+    url: str | None = (
+        reverse("console:usage_requests") + "?range=custom&from=2026-10-07&to=2026-10-08&tz=UTC"
+    )
+    pages: list[list[str]] = []
+    last = ""
+    while url:
+        last = url
+        shown, url = follow(client, url, "next")
+        pages.append(shown)
+    assert pages == [["in-6", "in-5"], ["late", "in-4"], ["in-3", "in-2"], ["in-1", "in-0"]]
+    back: list[list[str]] = []
+    url = follow(client, last, "prev")[1]
+    while url:
+        shown, url = follow(client, url, "prev")
+        back.insert(0, shown)
+    assert back == pages[:-1]
+
+
 def test_a_request_page_shows_what_was_recorded(carol, alice) -> None:
     key = ApiKey.issue(user=alice, name="k")[0]
     made = record(
