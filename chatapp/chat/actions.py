@@ -150,11 +150,6 @@ def check_message_id(*, user_id: int, message_id: Any) -> int:
     return pk
 
 
-def streaming_message_ids(*, conversation_id: int) -> list[int]:
-
-    return [pk for pk, _created in streaming_messages(conversation_id=conversation_id)]
-
-
 def streaming_messages(*, conversation_id: int) -> list[tuple[int, Any]]:
     """(id, created_at) of the conversation's replies still marked streaming."""
     return list(

@@ -171,10 +171,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # (the client drops deltas whose seq its snapshot already covers).
         await self.subscribe(conversation_id)
         await self.send_json({"type": "opened", "conversation": conversation_id})
-        await generation.recover(conversation_id)
-        for message_id in await database_sync_to_async(actions.streaming_message_ids)(
-            conversation_id=conversation_id
-        ):
+        for message_id in await generation.recover(conversation_id):
             snapshot = await read_snapshot(message_id)
             await self.send_json(browser.snapshot_frame(message_id, snapshot))
 

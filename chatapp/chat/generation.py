@@ -101,20 +101,23 @@ async def shutdown(grace: float = SHUTDOWN_GRACE) -> None:
         await asyncio.wait(tasks, timeout=grace)
 
 
-async def recover(conversation_id: int) -> None:
+async def recover(conversation_id: int) -> list[int]:
     """Save as interrupted every reply of the conversation that no live process writes.
 
     A reply is written by a live process while its heartbeat lasts; one younger than a
     heartbeat's lifetime may not have beaten yet (its task starts after the send's
-    database trip) and counts as live too.
+    database trip) and counts as live too.  Returns the replies left streaming (the
+    live ones), whose snapshots a tab that opens the conversation needs.
     """
     from django.utils import timezone
 
     young = timezone.now() - timedelta(seconds=HEARTBEAT_TTL)
+    live: list[int] = []
     for message_id, created_at in await database_sync_to_async(actions.streaming_messages)(
         conversation_id=conversation_id
     ):
         if created_at > young or await hotstore.aget(alive_key(message_id)):
+            live.append(message_id)
             continue
         snapshot = await read_snapshot(message_id)
         _seq, text, reasoning = snapshot or (0, "", "")
@@ -128,6 +131,7 @@ async def recover(conversation_id: int) -> None:
                 conversation_id,
                 browser.done_frame(message_id, MessageStatus.INTERRUPTED, html),
             )
+    return live
 
 
 class _Heartbeat:
