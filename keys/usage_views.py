@@ -919,6 +919,14 @@ def _choices(query: UsageQuery, viewer_sees_all: bool) -> dict[str, Any]:
     }
 
 
+def _render(
+    request: HttpRequest, query: UsageQuery, template: str, context: dict[str, Any]
+) -> HttpResponse:
+    """A usage page, its times shown in the page's reporting zone (which it names)."""
+    with timezone.override(query.zone):
+        return render(request, template, context)
+
+
 def _query_string(query: UsageQuery, **changes: str) -> str:
     from urllib.parse import urlencode
 
@@ -938,8 +946,9 @@ def usage_dashboard(request: HttpRequest) -> HttpResponse:
         (figure, f"{reverse('console:usage_csv')}?{_query_string(query, figure=figure.name)}")
         for figure in dashboard.figures.values()
     ]
-    return render(
+    return _render(
         request,
+        query,
         "keys/console/usage/dashboard.html",
         {
             "query": query,
@@ -1066,14 +1075,16 @@ def usage_requests(request: HttpRequest) -> HttpResponse:
     page = keyset_page(request, records, by_time="created_at" if query.ranged else None)
     for record in page.rows:
         record.cost_text = money(record.cost)  # type: ignore[attr-defined]
-    return render(
+    return _render(
         request,
+        query,
         "keys/console/usage/requests.html",
         {
             "query": query,
             "sees_all": viewer_sees_all,
             "page": page,
             "dashboard_url": f"{reverse('console:usage')}?{_query_string(query)}",
+            "unranged_url": "?" + _query_string(query, range="", **{"from": "", "to": ""}),
             **_choices(query, viewer_sees_all),
         },
     )

@@ -132,6 +132,19 @@ def test_the_dashboard_draws_its_charts_and_its_csv_equals_its_table(
     assert "/console/usage/requests/" in page.url
     admin.check_csp()
     page.screenshot(path=str(artifacts / "usage-request-en.png"), full_page=True)
+    # Cut to a range (as a dashboard or a report links to it): older, then newer again.
+    page = admin.open("/console/usage/requests/?range=24h")
+    first = page.locator("table.usage-log tbody tr").first.inner_text()
+    page.click("a[rel=next]")
+    page.wait_for_load_state()
+    assert "at=" in page.url
+    assert page.locator("table.usage-log tbody tr").first.inner_text() != first
+    page.click("a[rel=prev]")
+    page.wait_for_load_state()
+    assert page.locator("table.usage-log tbody tr").first.inner_text() == first
+    assert page.locator("[data-range]").is_visible()
+    page.screenshot(path=str(artifacts / "usage-requests-ranged-en.png"))
+    admin.check_csp()
 
     # Chinese, and a phone.
     page.goto("/console/usage/")
@@ -142,10 +155,15 @@ def test_the_dashboard_draws_its_charts_and_its_csv_equals_its_table(
     assert drawn(page, "status")
     page.screenshot(path=str(artifacts / "usage-dashboard-zh-hans.png"), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
-    for path in ("/console/usage/?range=24h", "/console/usage/requests/"):
+    for path in (
+        "/console/usage/?range=24h",
+        "/console/usage/requests/",
+        "/console/usage/requests/?range=24h",
+    ):
         page = admin.open(path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"{path} is {width}px wide on a phone"
+    page.screenshot(path=str(artifacts / "usage-requests-ranged-phone-zh-hans.png"))
     page = admin.open("/console/usage/?range=24h")
     assert drawn(page, "cost")
     page.screenshot(path=str(artifacts / "usage-dashboard-phone-zh-hans.png"), full_page=True)

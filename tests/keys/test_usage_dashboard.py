@@ -326,6 +326,42 @@ def test_a_ranged_log_pages_newest_first_by_time_both_ways(carol, alice, monkeyp
     assert back == pages[:-1]
 
 
+def test_times_show_in_the_pages_zone(carol, alice) -> None:
+    # The range and the log's times in the zone the page names, not the server's.
+    key = ApiKey.issue(user=alice, name="k")[0]
+    record(alice, key, request_id="at-midnight-utc", created_at=datetime(2026, 10, 7, tzinfo=UTC))
+    client = signed_in(carol)
+    ranged = {"range": "custom", "from": "2026-10-07", "to": "2026-10-08", "tz": "Asia/Kathmandu"}
+    html = client.get(reverse("console:usage"), ranged).content.decode()
+    assert "2026-10-07 00:00 to 2026-10-08 00:00 (Asia/Kathmandu)" in html
+    html = client.get(reverse("console:usage_requests"), ranged).content.decode()
+    assert "Requests from 2026-10-07 00:00 to 2026-10-08 00:00 (Asia/Kathmandu)" in html
+    assert "2026-10-07 05:45:00" in html  # 00:00 UTC
+
+
+def test_a_ranged_log_says_so_and_keeps_its_range_when_filtered(carol, alice) -> None:
+    key = ApiKey.issue(user=alice, name="k")[0]
+    record(alice, key, request_id="in-range", created_at=datetime(2026, 10, 7, 12, tzinfo=UTC))
+    record(alice, key, request_id="today")
+    client = signed_in(carol)
+    url = reverse("console:usage_requests")
+    ranged = {"range": "custom", "from": "2026-10-07", "to": "2026-10-08", "tz": "UTC"}
+    html = client.get(url, {**ranged, "model": "gpt-x"}).content.decode()
+    assert re.findall(r'data-request="([^"]+)"', html) == ["in-range"]
+    start = html.index('<form class="filters')
+    form = html[start : html.index("</form>", start)]
+    hidden = dict(re.findall(r'type="hidden" name="(\w+)" value="([^"]*)"', form))
+    assert hidden == {"range": "custom", "from": "2026-10-07", "to": "2026-10-08"}
+    everything = re.search(r'href="([^"]*)">All requests<', html)
+    assert everything is not None
+    link = everything.group(1).replace("&amp;", "&")
+    assert "range" not in link
+    assert "model=gpt-x" in link
+    html = client.get(url + link).content.decode()
+    assert re.findall(r'data-request="([^"]+)"', html) == ["today", "in-range"]
+    assert "All requests" not in html
+
+
 def test_a_request_page_shows_what_was_recorded(carol, alice) -> None:
     key = ApiKey.issue(user=alice, name="k")[0]
     made = record(
