@@ -7,6 +7,7 @@ Run by hand (not part of the test suite), from the project root::
     .venv/bin/python .ci/chat_load.py --clients 1000 --workers 2 \
         --redis redis://127.0.0.1:6379/14 --database-url postgres://postgres@127.0.0.1:5432/sb_chat_load
     .venv/bin/python .ci/chat_load.py --profile /tmp/chat.prof   # with py-spy's top functions
+        # (PY_SPY_RATE: samples per second, default 200; PY_SPY_FLAGS: default --gil)
 
 What it does, everything on 127.0.0.1:
 
@@ -567,7 +568,7 @@ def main() -> None:
                     "--format",
                     "raw",
                     "--rate",
-                    "200",
+                    os.environ.get("PY_SPY_RATE", "200"),
                     "--nonblocking",
                     *os.environ.get("PY_SPY_FLAGS", "--gil").split(),
                     "--output",

@@ -273,7 +273,6 @@ def _start_reply(
 
 
 def _refuse_while_streaming(conversation: Any) -> None:
-
     if conversation.messages.filter(status=MessageStatus.STREAMING).exists():
         raise ChatError(_("A reply is still being written: wait for it or stop it first."))
 
