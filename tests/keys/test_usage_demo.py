@@ -156,3 +156,32 @@ def test_sqlite_learns_the_ledgers_statistics_and_reads_recent_rows_by_time(monk
     rollups.roll_up()  # (every minute, or before a dashboard's reads) keeps them
     assert "created_at" in plan()
     assert not rollups.keep_statistics(rollups.committed_high())  # again once it has doubled
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_binary_copy_stores_exactly_the_rows_drawn() -> None:
+    """PostgreSQL gets the rows in its binary COPY format: each the generator's, to the digit."""
+    from datetime import UTC, datetime
+
+    from django.db import connection
+
+    from keys.management.commands.usage import COLUMNS, generate, load_postgresql
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the binary COPY is PostgreSQL's")
+    end = timezone.now()
+    load_postgresql(generate(3000, days=2, seed=9, end=end))
+    # The same seed draws the same rows; as tuples they are what SQLite is given.
+    drawn = [row for block in generate(3000, days=2, seed=9, end=end).tuples() for row in block]
+    loaded = list(UsageRecord.objects.order_by("id").values_list(*COLUMNS))
+    assert len(loaded) == len(drawn) == 3000
+    numeric = {"input_price", "output_price", "cached_input_price", "cost", "upstream_cost"}
+    for got, want in zip(loaded, drawn, strict=True):
+        expected = dict(zip(COLUMNS, want, strict=True))
+        expected["created_at"] = datetime.fromisoformat(want[0]).replace(tzinfo=UTC)
+        for name in numeric:
+            expected[name] = Decimal(expected[name])
+        row = dict(zip(COLUMNS, got, strict=True))
+        # Request ids differ per load (their run prefix); their numbers do not.
+        assert row.pop("request_id")[-9:] == expected.pop("request_id")[-9:]
+        assert row == expected

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import struct
 import time
 import uuid
 from argparse import ArgumentParser
@@ -30,6 +31,14 @@ from accounts.models import User
 from keys import rollups
 from keys.models import ApiKey, ModelPrice, UsageRecord
 
+# PostgreSQL's binary COPY: its header (signature, no flags, no extension), a NULL
+# field, the end; its time origin; the type OIDs the demo's columns need.
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+BINARY_TRAILER = struct.pack(">h", -1)
+NULL_FIELD = struct.pack(">i", -1)
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+INT4_OID, INT8_OID, NUMERIC_OID = 23, 20, 1700
 DEMO_PREFIX = "demo-"
 DEMO_DOMAIN = "demo.switchboard.invalid"
 COLUMNS = (
@@ -278,11 +287,12 @@ class DemoRows:
             counts[index] += 1
         return [(low, high, n) for (low, high), n in zip(windows, counts, strict=True) if n]
 
-    def chunks(self, *, naive: bool = False) -> Any:
+    def chunks(self, *, naive: bool = False, binary: bool = False) -> Any:
         """Per hour: (times as text, record numbers, (user, key, is_web), tail numbers).
 
         Times are PostgreSQL text (``+00``), or with ``naive`` Django's SQLite text
-        (naive UTC).
+        (naive UTC), or with ``binary`` PostgreSQL's own: microseconds since 2000-01-01
+        UTC.  The same seed draws the same times whichever the form.
         """
         rng, random_ = self.rng, self.rng.random
         suffix = "" if naive else "+00"
@@ -291,8 +301,11 @@ class DemoRows:
             prefix = f"{low:%Y-%m-%d %H}:"
             base = (low.minute * 60 + low.second) * 1_000_000 + low.microsecond
             step = (high - low).total_seconds() * 1_000_000 / n
-            times = []
-            for j in range(n):
+            times: list[Any] = []
+            if binary:
+                hour = (low.replace(minute=0, second=0, microsecond=0) - PG_EPOCH) // MICROSECOND
+                times = [hour + base + int((j + random_()) * step) for j in range(n)]
+            for j in range(0 if binary else n):
                 minute, rest = divmod(base + int((j + random_()) * step), 60_000_000)
                 second, micro = divmod(rest, 1_000_000)
                 times.append(f"{prefix}{minute:02d}:{second:02d}.{micro:06d}{suffix}")
@@ -302,20 +315,66 @@ class DemoRows:
             yield times, range(number, number + n), picks, tails
             number += n
 
-    def copy_text(self) -> Any:
-        """The rows as PostgreSQL COPY text, a block of lines per hour."""
-        texts = {
-            browser: ["\t".join(map(_text, tail)) for tail in pool]
-            for browser, pool in self.tails.items()
+    def copy_binary(self, types: dict[str, Any]) -> Any:
+        """The rows in PostgreSQL's binary COPY format, a block of bytes per hour.
+
+        No text for the server to parse (timestamps, numerics): a third less of its
+        time per row, which is what bounds the load.  ``types``: each column's type OID.
+        A row's tail is encoded once per pool entry, by psycopg's binary dumpers; per
+        row only the time, the id and the (user, key) are packed here.
+        """
+        from psycopg.adapt import PyFormat, Transformer
+        from psycopg.pq import Format
+
+        transformer = Transformer()
+        tail_columns = COLUMNS[4:]
+        transformer.set_dumper_types([types[name] for name in tail_columns], Format.BINARY)
+        formats = [PyFormat.BINARY] * len(tail_columns)
+
+        def field(value: Any) -> bytes:
+            if value is None:
+                return NULL_FIELD
+            return struct.pack(">i", len(value)) + bytes(value)
+
+        def encoded(tail: tuple[Any, ...]) -> bytes:
+            values = [
+                Decimal(value) if types[name] == NUMERIC_OID and value is not None else value
+                for name, value in zip(tail_columns, tail, strict=True)
+            ]
+            return b"".join(map(field, transformer.dump_sequence(values, formats)))
+
+        tails = {browser: [encoded(tail) for tail in pool] for browser, pool in self.tails.items()}
+
+        def integer(column: str, value: int | None) -> bytes:
+            if value is None:
+                return NULL_FIELD
+            code, size = {INT4_OID: ("i", 4), INT8_OID: ("q", 8)}[types[column]]
+            return struct.pack(f">i{code}", size, value)
+
+        picks_of = {
+            (user_id, key_id): integer("user_id", user_id) + integer("key_id", key_id)
+            for user_id, key_id, _web in self.keys
         }
-        run = self.run
-        for times, numbers, picks, tails in self.chunks():
-            yield "".join(
-                f"{at}\t{run}{number:09d}\t{user_id}\t{key_id}\t{texts[is_web][tail]}\n"
-                for at, number, (user_id, key_id, is_web), tail in zip(
-                    times, numbers, picks, tails, strict=True
+        run = self.run.encode()
+        # Each row: the field count, the time (8 bytes), the request id (run + 9 digits).
+        start = struct.Struct(f">hiqi{len(run)}s")
+        head_size = len(run) + 9
+        pack = start.pack
+        yield BINARY_HEADER
+        for times, numbers, picks, indexes in self.chunks(binary=True):
+            yield b"".join(
+                b"%b%09d%b%b"
+                % (
+                    pack(len(COLUMNS), 8, at, head_size, run),
+                    number,
+                    picks_of[(user_id, key_id)],
+                    tails[is_web][index],
+                )
+                for at, number, (user_id, key_id, is_web), index in zip(
+                    times, numbers, picks, indexes, strict=True
                 )
             )
+        yield BINARY_TRAILER
 
     def tuples(self) -> Any:
         """The rows as parameter tuples in COLUMNS order (SQLite), a list per hour."""
@@ -329,20 +388,10 @@ class DemoRows:
             ]
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if value is True:
-        return "t"
-    if value is False:
-        return "f"
-    return str(value)
-
-
 def load_postgresql(
     rows: DemoRows, batch: int = 1 << 20, *, phases: dict[str, float] | None = None
 ) -> int:
-    """COPY the rows in (text format, written in blocks of about ``batch`` characters).
+    """COPY the rows in (binary format, written in blocks of about ``batch`` bytes).
 
     A large load (at least as many rows as the ledger holds) drops the ledger's
     secondary indexes and foreign keys first and builds them again afterwards, all in
@@ -359,17 +408,23 @@ def load_postgresql(
         cursor.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", [table])
         held = max(0, int(cursor.fetchone()[0]))
         rebuilt = _drop_secondary(cursor, table) if rows.count >= max(held, 100_000) else []
+        cursor.execute(
+            "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass"
+            " AND attnum > 0 AND NOT attisdropped",
+            [table],
+        )
+        types = {name: int(oid) for name, oid in cursor.fetchall()}
         raw = cursor.cursor  # the psycopg cursor under Django's wrapper
-        with raw.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-            pending: list[str] = []
+        with raw.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN (FORMAT binary)") as copy:
+            pending: list[bytes] = []
             size = 0
-            for block in rows.copy_text():
+            for block in rows.copy_binary(types):
                 pending.append(block)
                 size += len(block)
                 if size >= batch:
-                    copy.write("".join(pending))
+                    copy.write(b"".join(pending))
                     pending, size = [], 0
-            copy.write("".join(pending))
+            copy.write(b"".join(pending))
         phases["copy"] = time.perf_counter() - started
         started = time.perf_counter()
         if rebuilt:
