@@ -169,7 +169,10 @@ def _beyond(
     """The rows after the cursor ``(at, pk)`` (older ones, or ``newer`` ones)."""
     if by_time is None or at is None:
         return queryset.filter(pk__gt=pk) if newer else queryset.filter(pk__lt=pk)
-    moment = EPOCH + timedelta(microseconds=at)
+    try:
+        moment = EPOCH + timedelta(microseconds=at)
+    except OverflowError:  # a hand-edited cursor: outside any time a row can have
+        return queryset.none()
     # (time, id) beyond the cursor's: an index range on time, and at the cursor's very
     # time only the ids past its own.
     if newer:

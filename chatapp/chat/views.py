@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.core.files.base import ContentFile
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.translation import gettext as _
@@ -116,8 +116,13 @@ def conversation_settings(request: HttpRequest, conversation_id: int) -> HttpRes
         return JsonResponse({"errors": form.errors}, status=400)
     # Only the settings: the page saves them as a conversation starts, while its first
     # reply is being saved and titled, and a whole-row save would write back the title
-    # and the current branch this request read before them.
-    form.save(commit=False).save(update_fields=ConversationSettingsForm.Meta.fields)
+    # and the current branch this request read before them.  (The form has set them on
+    # the instance.)  None saved: it was deleted meanwhile, in another tab.
+    fields = ConversationSettingsForm.Meta.fields
+    if not Conversation.objects.filter(pk=conversation.pk).update(
+        **{name: getattr(conversation, name) for name in fields}
+    ):
+        raise Http404
     return JsonResponse({"ok": True, "model": conversation.model})
 
 

@@ -294,3 +294,22 @@ def test_saving_settings_keeps_a_title_and_branch_written_meanwhile(
     assert (conversation.model, conversation.system_prompt) == ("other-model", "Be brief.")
     assert conversation.title == "Named meanwhile"
     assert conversation.current_leaf == first
+
+
+def test_settings_of_a_conversation_deleted_meanwhile_are_a_404(
+    client: Client, alice: User, model: CatalogModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatapp.chat.forms import ConversationSettingsForm
+
+    conversation, _first, _second = conversation_with_versions(alice)
+    validate = ConversationSettingsForm.is_valid
+
+    def deleted_meanwhile(form: ConversationSettingsForm) -> bool:
+        Conversation.objects.filter(pk=conversation.pk).delete()  # in another tab
+        return validate(form)
+
+    monkeypatch.setattr(ConversationSettingsForm, "is_valid", deleted_meanwhile)
+    client.force_login(alice)
+    response = client.post(f"/chat/{conversation.pk}/settings/", {"model": "chat-model"})
+    assert response.status_code == 404
+    assert not Conversation.objects.exists()  # not written back

@@ -326,6 +326,22 @@ def test_a_ranged_log_pages_newest_first_by_time_both_ways(carol, alice, monkeyp
     assert back == pages[:-1]
 
 
+def test_a_hand_edited_log_cursor_is_never_a_500(carol, alice) -> None:
+    key = ApiKey.issue(user=alice, name="k")[0]
+    record(alice, key, request_id="one")
+    client = signed_in(carol)
+    url = reverse("console:usage_requests")
+    for cursor in (
+        {"after": "1", "at": str(10**18)},  # past year 9999
+        {"before": "1", "at": str(-(10**17))},
+        {"after": "1", "at": str(10**20)},  # past what a timedelta holds
+        {"after": "x", "at": "y"},
+        {"before": str(10**30)},
+    ):
+        response = client.get(url, {"range": "24h", **cursor})
+        assert response.status_code == 200, cursor
+
+
 def test_times_show_in_the_pages_zone(carol, alice) -> None:
     # The range and the log's times in the zone the page names, not the server's.
     key = ApiKey.issue(user=alice, name="k")[0]

@@ -67,6 +67,13 @@ def test_demo_fills_the_ledger_and_the_rollups() -> None:
 
 
 @pytest.mark.django_db
+def test_demo_refuses_more_records_than_its_request_ids_number() -> None:
+    with pytest.raises(CommandError, match="at most 999,999,999"):
+        run("demo", "--records", str(10**9))
+    assert not UsageRecord.objects.exists()
+
+
+@pytest.mark.django_db
 def test_demo_refuses_a_database_with_real_usage(alice) -> None:
     UsageRecord.objects.create(
         request_id="real-1",
