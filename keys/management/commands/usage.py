@@ -288,30 +288,28 @@ class DemoRows:
             counts[index] += 1
         return [(low, high, n) for (low, high), n in zip(windows, counts, strict=True) if n]
 
-    def chunks(self, *, naive: bool = False, binary: bool = False) -> Any:
-        """Per hour: (times as text, record numbers, (user, key, is_web), tail numbers).
+    def chunks(self, *, binary: bool = False) -> Any:
+        """Per hour: (times, record numbers, (user, key, is_web), tail numbers).
 
-        Times are PostgreSQL text (``+00``), or with ``naive`` Django's SQLite text
-        (naive UTC), or with ``binary`` PostgreSQL's own: microseconds since 2000-01-01
-        UTC.  The same seed draws the same times whichever the form.
+        Times are Django's SQLite text (naive UTC), or with ``binary`` PostgreSQL's own
+        form: microseconds since 2000-01-01 UTC.  The same seed draws the same times
+        whichever the form.
         """
         rng, random_ = self.rng, self.rng.random
-        suffix = "" if naive else "+00"
         number = 0
         for low, high, n in self.hours():
-            prefix = f"{low:%Y-%m-%d %H}:"
             base = (low.minute * 60 + low.second) * 1_000_000 + low.microsecond
             step = (high - low).total_seconds() * 1_000_000 / n
-            times: list[Any] = []
+            # Microseconds into the hour, spread evenly with jitter.
+            offsets = [base + int((j + random_()) * step) for j in range(n)]
+            hour = low.replace(minute=0, second=0, microsecond=0)
+            times: list[Any]
             if binary:
-                hour = (low.replace(minute=0, second=0, microsecond=0) - PG_EPOCH) // MICROSECOND
-                times = [hour + base + int((j + random_()) * step) for j in range(n)]
-            for j in range(0 if binary else n):
-                minute, rest = divmod(base + int((j + random_()) * step), 60_000_000)
-                second, micro = divmod(rest, 1_000_000)
-                # No fraction on a whole second, as Django writes one (SQLite compares text).
-                fraction = f".{micro:06d}" if micro else ""
-                times.append(f"{prefix}{minute:02d}:{second:02d}{fraction}{suffix}")
+                origin = (hour - PG_EPOCH) // MICROSECOND
+                times = [origin + offset for offset in offsets]
+            else:
+                prefix = f"{hour:%Y-%m-%d %H}:"
+                times = [_sqlite_time(prefix, offset) for offset in offsets]
             picks = rng.choices(self.keys, cum_weights=self.cum_weights, k=n)
             size = len(self.tails[False])
             tails = [int(random_() * size) for _ in range(n)]
@@ -382,13 +380,22 @@ class DemoRows:
     def tuples(self) -> Any:
         """The rows as parameter tuples in COLUMNS order (SQLite), a list per hour."""
         run, pools = self.run, self.tails
-        for times, numbers, picks, tails in self.chunks(naive=True):
+        for times, numbers, picks, tails in self.chunks():
             yield [
                 (at, f"{run}{number:09d}", user_id, key_id, *pools[is_web][tail])
                 for at, number, (user_id, key_id, is_web), tail in zip(
                     times, numbers, picks, tails, strict=True
                 )
             ]
+
+
+def _sqlite_time(hour: str, offset: int) -> str:
+    """``offset`` microseconds into ``hour`` (``YYYY-MM-DD HH:``) as Django writes a time
+    to SQLite: naive UTC text, no fraction on a whole second (SQLite compares text)."""
+    minute, rest = divmod(offset, 60_000_000)
+    second, micro = divmod(rest, 1_000_000)
+    fraction = f".{micro:06d}" if micro else ""
+    return f"{hour}{minute:02d}:{second:02d}{fraction}"
 
 
 def load_postgresql(
