@@ -1098,14 +1098,14 @@ def usage_request(request: HttpRequest, pk: int) -> HttpResponse:
     if not sees_all(request.user):
         records = records.filter(user_id=request.user.pk or 0)
     record = get_object_or_404(records, pk=pk)
-    zone = parse_query(request).zone
-    return render(
+    query = parse_query(request)
+    return _render(
         request,
+        query,
         "keys/console/usage/request.html",
         {
             "record": record,
-            "zone": zone.key,
-            "local_time": record.created_at.astimezone(zone),
+            "zone": query.zone.key,
             "status_class": _status_class_of(record).label,
             "amounts": {
                 name: money(getattr(record, name))

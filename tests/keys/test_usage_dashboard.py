@@ -345,7 +345,9 @@ def test_a_hand_edited_log_cursor_is_never_a_500(carol, alice) -> None:
 def test_times_show_in_the_pages_zone(carol, alice) -> None:
     # The range and the log's times in the zone the page names, not the server's.
     key = ApiKey.issue(user=alice, name="k")[0]
-    record(alice, key, request_id="at-midnight-utc", created_at=datetime(2026, 10, 7, tzinfo=UTC))
+    made = record(
+        alice, key, request_id="at-midnight-utc", created_at=datetime(2026, 10, 7, tzinfo=UTC)
+    )
     client = signed_in(carol)
     ranged = {"range": "custom", "from": "2026-10-07", "to": "2026-10-08", "tz": "Asia/Kathmandu"}
     html = client.get(reverse("console:usage"), ranged).content.decode()
@@ -353,6 +355,9 @@ def test_times_show_in_the_pages_zone(carol, alice) -> None:
     html = client.get(reverse("console:usage_requests"), ranged).content.decode()
     assert "Requests from 2026-10-07 00:00 to 2026-10-08 00:00 (Asia/Kathmandu)" in html
     assert "2026-10-07 05:45:00" in html  # 00:00 UTC
+    page = reverse("console:usage_request", args=[made.pk])
+    html = client.get(page, {"tz": "Asia/Kathmandu"}).content.decode()
+    assert "2026-10-07 05:45:00</time> (Asia/Kathmandu)" in html
 
 
 def test_a_ranged_log_says_so_and_keeps_its_range_when_filtered(carol, alice) -> None:
