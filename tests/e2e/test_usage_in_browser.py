@@ -185,4 +185,12 @@ def test_a_member_sees_only_their_own_usage_in_the_browser(
     page = member.open("/console/usage/requests/")
     assert "bob" not in page.content()
     page.screenshot(path=str(artifacts / "usage-requests-member-en.png"), full_page=True)
+    # One request on a phone: its long labels (English) leave its values room.
+    own = UsageRecord.objects.filter(user__email="alice@example.com", priced=False).first()
+    assert own is not None
+    page.set_viewport_size({"width": 390, "height": 844})
+    page = member.open(f"/console/usage/requests/{own.pk}/")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"a request's page is {width}px wide on a phone"
+    page.screenshot(path=str(artifacts / "usage-request-phone-en.png"), full_page=True)
     member.close()
