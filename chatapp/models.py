@@ -249,10 +249,10 @@ class Conversation(models.Model):
         return self.title or f"Conversation {self.pk}"
 
     def messages_with_attachments(self) -> list[Message]:
-        """Every message with its attachments, oldest first (two queries)."""
+        """Every message with its attachments (``Message.attached``), oldest first (two queries)."""
         return list(
             Message.objects.filter(conversation_id=self.pk)
-            .prefetch_related("attachments")
+            .prefetch_related(models.Prefetch("attachments", to_attr=ATTACHED))
             .order_by("created_at", "id")
         )
 
@@ -281,6 +281,10 @@ class MessageStatus(models.TextChoices):
     STOPPED = "stopped", _("stopped")
     FAILED = "failed", _("failed")
     INTERRUPTED = "interrupted", _("interrupted")  # its process died or shut down mid-reply
+
+
+# Where a message keeps its attachments once read (``Message.attached``).
+ATTACHED = "attached_list"
 
 
 class Message(models.Model):
@@ -315,6 +319,18 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role} #{self.pk}"
+
+    def attached(self) -> list[Attachment]:
+        """Its attachments: as read or written with it, else read now (and kept).
+
+        A plain list, not a prefetched queryset: Django builds a filtered queryset per
+        message to hold one, which cost a send more than any of its INSERTs.
+        """
+        found: list[Attachment] | None = getattr(self, ATTACHED, None)
+        if found is None:
+            found = list(self.attachments.all())
+            setattr(self, ATTACHED, found)
+        return found
 
     def siblings(self) -> list[Message]:
         """This message's versions: same parent, same role (edits and regenerations)."""

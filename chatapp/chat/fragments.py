@@ -16,7 +16,7 @@ from django.conf import settings
 from django.template.loader import render_to_string
 
 from chatapp.chat.rendering import render_markdown
-from chatapp.models import Conversation, Message
+from chatapp.models import ATTACHED, Conversation, Message
 from chatapp.relay.dialects.browser import failure_text
 
 
@@ -27,7 +27,7 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
         "html": render_markdown(message.content) if message.role == "assistant" else "",
         "reasoning_html": render_markdown(message.reasoning) if message.reasoning else "",
         "error": failure_text(message.error) if message.status == "failed" else "",
-        "attachments": list(message.attachments.all()),
+        "attachments": message.attached(),
         "version": index + 1,
         "versions": len(siblings),
         "previous_version": siblings[index - 1].pk if index > 0 else None,
@@ -38,16 +38,11 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
 
 
 def with_attachments(message: Message, attachments: list[Any]) -> Message:
-    """``message`` with its attachments known, as ``prefetch_related`` leaves it.
+    """``message`` with its attachments known (``Message.attached``), as a read leaves it.
 
     For messages just written: their branch renders without reading them back.
     """
-    from chatapp.models import Attachment
-
-    found = Attachment.objects.filter(message=message)
-    found._result_cache = list(attachments)  # what prefetch_related stores, no query
-    found._prefetch_done = True  # type: ignore[attr-defined]
-    message._prefetched_objects_cache = {"attachments": found}  # type: ignore[attr-defined]
+    setattr(message, ATTACHED, list(attachments))
     return message
 
 

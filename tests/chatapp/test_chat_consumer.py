@@ -481,3 +481,72 @@ async def test_a_new_conversation_is_titled_by_its_model_after_the_first_exchang
     # The title request was metered on the web key too.
     assert "Write a short title" in upstream.requests[-1].json["messages"][0]["content"]
     await ws.disconnect()
+
+
+def _image(owner: User, color: tuple[int, int, int]) -> Any:
+    import io
+
+    from django.core.files.base import ContentFile
+    from PIL import Image
+
+    from chatapp.models import Attachment
+
+    data = io.BytesIO()
+    Image.new("RGB", (2, 2), color).save(data, "PNG")
+    image = Attachment(
+        owner=owner, media_type="image/png", width=2, height=2, size=len(data.getvalue())
+    )
+    image.file.save("photo.png", ContentFile(data.getvalue()), save=True)
+    return image
+
+
+def _images_sent(request: Any) -> list[str]:
+    """The data URLs of every image in an upstream chat request, in order."""
+    return [
+        part["image_url"]["url"]
+        for message in request.json["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part.get("type") == "image_url"
+    ]
+
+
+async def test_images_reach_the_upstream_and_the_branch_in_new_and_existing_conversations(
+    upstream: FakeUpstream,
+) -> None:
+    import base64
+
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    red = await database_sync_to_async(_image)(alice, (255, 0, 0))
+    blue = await database_sync_to_async(_image)(alice, (0, 0, 255))
+    upstream.script(Reply(text="A red square."), Reply(text="A blue one."))
+    ws = await connect(alice)
+    # A new conversation's first message (its messages are not read back)...
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "What?", "attachments": [red.pk]}
+    )
+    events = await receive_until(ws, "done")
+    conversation_id = events[0]["conversation"]
+    assert f"/chat/attachments/{red.pk}/" in events[1]["html"]
+    # ...then a second one in it (the conversation's messages are read with theirs).
+    await ws.send_json_to(
+        {
+            "action": "send",
+            "conversation": conversation_id,
+            "text": "And this?",
+            "attachments": [blue.pk],
+        }
+    )
+    events = await receive_until(ws, "done")
+    html = next(event["html"] for event in events if event["type"] == "messages")
+    assert f"/chat/attachments/{red.pk}/" in html
+    assert f"/chat/attachments/{blue.pk}/" in html
+
+    def encoded(image: Any) -> str:
+        with image.file.open("rb") as handle:
+            return "data:image/png;base64," + base64.b64encode(handle.read()).decode()
+
+    first, second = upstream.requests[:2]
+    assert _images_sent(first) == [encoded(red)]
+    assert _images_sent(second) == [encoded(red), encoded(blue)]
+    await ws.disconnect()

@@ -63,7 +63,7 @@ def _history(message: Any, messages: list[Any]) -> list[Any]:
 
 def _parts(item: Any) -> list[Part]:
     parts: list[Part] = []
-    for attachment in item.attachments.all():
+    for attachment in item.attached():
         with attachment.file.open("rb") as handle:
             data = base64.b64encode(handle.read()).decode()
         parts.append(ImagePart(data=data, media_type=attachment.media_type))
