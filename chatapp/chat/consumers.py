@@ -181,9 +181,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """Carry out a send, edit or regenerate in one database trip; start its reply.
 
         The sender's web key and the catalog's version are read here, on the loop
-        (the hot store), not in the trip all the sends queue for.
+        (the hot store), not in the trip (``generation.trip``).
         """
-        started = await database_sync_to_async(_start)(
+        started = await generation.trip(_start)(
             action,
             user_id=self.user_id,
             principal=await aweb_principal(self.user_id),
@@ -338,8 +338,8 @@ _Started = tuple[actions.Started, list[Message], "browser.Prepared | None"]
 def _start(action: Callable[..., actions.Started], **arguments: Any) -> _Started:
     """Carry out a send, edit or regenerate; read its branch; prepare its reply.
 
-    One trip to the database thread: under a burst of messages every trip queues
-    behind all the others.  The reply's request is built from the conversation's
+    One trip (``generation.trip``): under a burst of messages the trips queue (on
+    SQLite behind all the others).  The reply's request is built from the conversation's
     messages as the action left them (a new conversation's are not read back), and
     those messages are returned for the branch to be rendered from.  A request that
     cannot be prepared here is prepared again by the reply's task, which saves and

@@ -24,12 +24,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, connections, transaction
 from django.utils import translation
 
 from chatapp import hotstore
@@ -65,6 +66,30 @@ STOP_CHECK_EVERY = 0.25  # seconds between looks at the shared stop flag
 SHUTDOWN_GRACE = 10.0  # seconds shutdown() waits for cancelled replies to be saved
 
 _tasks: set[asyncio.Task[Any]] = set()
+
+# The sends' and the replies' database trips (``trip``).  On PostgreSQL they run side by
+# side, each on a pooled connection: on the one database thread of the process every
+# trip of a burst queued behind all the others, and a send waiting on its conversation's
+# row lock held up every chat of the process.  SQLite takes one writer at a time: there
+# they stay on that thread.  At most this many extra connections per process.
+TRIP_THREADS = 4
+_trip_threads = ThreadPoolExecutor(TRIP_THREADS, thread_name_prefix="chat-trip")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def trip(function: Callable[P, R]) -> Callable[P, Any]:
+    """``function`` made awaitable for the chat's writes (see ``TRIP_THREADS``)."""
+    if connection.vendor != "postgresql":
+        return database_sync_to_async(function)
+
+    def on_own_connection(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            connections.close_all()  # back to the pool: the thread outlives the trip
+
+    return database_sync_to_async(on_own_connection, thread_sensitive=False, executor=_trip_threads)
 
 
 def start(
@@ -339,9 +364,7 @@ async def _finish(
         "request_id": call.request_id if call is not None else "",
     }
     try:
-        message, html, needs_title, title = await database_sync_to_async(_save)(
-            message_id, fields, prepared
-        )
+        message, html, needs_title, title = await trip(_save)(message_id, fields, prepared)
     except Exception:
         logger.exception("saving reply %s failed", message_id)
         return
@@ -366,8 +389,8 @@ def _save(
 
     Returns the reply, its HTML, whether the conversation still needs a title from its
     model, and the title given here (with titles by model switched off, the first
-    message's words).  One trip to the database thread, which under a burst of
-    replies queues every trip: what the reply's start read (``prepared``) is not
+    message's words).  One trip (``trip``), which under a burst of replies queues:
+    what the reply's start read (``prepared``) is not
     read again (no message is added to a conversation while a reply streams).
     """
     from django.utils import timezone

@@ -550,3 +550,50 @@ async def test_images_reach_the_upstream_and_the_branch_in_new_and_existing_conv
     assert _images_sent(first) == [encoded(red)]
     assert _images_sent(second) == [encoded(red), encoded(blue)]
     await ws.disconnect()
+
+
+async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
+    upstream: FakeUpstream,
+) -> None:
+    import psycopg
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite takes one writer at a time: its trips share one thread")
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    bob = await database_sync_to_async(make_user)("bob@example.com")
+    upstream.script(Reply(text="First."), Reply(text="For Bob."), Reply(text="Second."))
+    alice_ws = await connect(alice)
+    await alice_ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
+    )
+    conversation_id = (await receive_until(alice_ws, "done"))[0]["conversation"]
+    await receive_until(alice_ws, "title")  # the first exchange titles the conversation
+    # Another transaction holds Alice's conversation row (a send of another tab, a slow
+    # writer): her next send waits for it...
+    database = connection.settings_dict
+    holder = await psycopg.AsyncConnection.connect(
+        host=database["HOST"], port=database["PORT"], user=database["USER"], dbname=database["NAME"]
+    )
+    try:
+        await holder.execute(
+            "SELECT id FROM chatapp_conversation WHERE id = %s FOR UPDATE", [conversation_id]
+        )
+        await alice_ws.send_json_to(
+            {"action": "send", "conversation": conversation_id, "text": "More", "attachments": []}
+        )
+        # ...while Bob, on the same process, starts a conversation and reads its reply.
+        bob_ws = await connect(bob)
+        await bob_ws.send_json_to(
+            {"action": "send", "conversation": None, "text": "Hello", "attachments": []}
+        )
+        events = await receive_until(bob_ws, "done", wait=5)
+        assert events[-1]["status"] == "complete"
+        assert await alice_ws.receive_nothing(timeout=0.2)  # still waiting
+    finally:
+        await holder.rollback()
+        await holder.close()
+    events = await receive_until(alice_ws, "done")
+    assert [event["status"] for event in events if event["type"] == "done"] == ["complete"]
+    await alice_ws.disconnect()
+    await bob_ws.disconnect()
