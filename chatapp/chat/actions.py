@@ -352,7 +352,12 @@ def do_send_message(
             conversation=conversation, parent=conversation.current_leaf, role="user", content=text
         )
         if attachments:
-            Attachment.objects.filter(pk__in=[a.pk for a in attachments]).update(message=message)
+            # Only images no other send took meanwhile (two tabs sending one upload).
+            bound = Attachment.objects.filter(
+                pk__in=[a.pk for a in attachments], message=None
+            ).update(message=message)
+            if bound != len(attachments):
+                raise ChatError(_("An attached image is missing: upload it again."))
             for attachment in attachments:
                 attachment.message = message
         started = _start_reply(conversation, message, created, principal, web_key_hash)

@@ -552,10 +552,51 @@ async def test_images_reach_the_upstream_and_the_branch_in_new_and_existing_conv
     await ws.disconnect()
 
 
+async def _holding(*rows: tuple[str, int]) -> Any:
+    """A transaction of its own holding these (table, id) rows, as another writer would."""
+    import psycopg
+
+    holder = await psycopg.AsyncConnection.connect(**_connection_params())
+    for table, pk in rows:
+        await holder.execute(f"SELECT id FROM {table} WHERE id = %s FOR UPDATE", [pk])
+    return holder
+
+
+def _connection_params() -> dict[str, Any]:
+    from django.db import connection
+
+    database = connection.settings_dict
+    return {
+        "host": database["HOST"],
+        "port": database["PORT"],
+        "user": database["USER"],
+        "password": database["PASSWORD"] or None,
+        "dbname": database["NAME"],
+    }
+
+
+async def _wait_for_lock_waiters(count: int) -> None:
+    """Until ``count`` backends of the test database wait on a row lock."""
+    import psycopg
+
+    params = _connection_params()
+    async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as watcher:
+        for _ in range(100):
+            cursor = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = %s AND wait_event_type = 'Lock'",
+                [params["dbname"]],
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0] >= count:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} backend(s) never waited on the lock")
+
+
 async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
     upstream: FakeUpstream,
 ) -> None:
-    import psycopg
     from django.db import connection
 
     if connection.vendor != "postgresql":
@@ -571,17 +612,12 @@ async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
     await receive_until(alice_ws, "title")  # the first exchange titles the conversation
     # Another transaction holds Alice's conversation row (a send of another tab, a slow
     # writer): her next send waits for it...
-    database = connection.settings_dict
-    holder = await psycopg.AsyncConnection.connect(
-        host=database["HOST"], port=database["PORT"], user=database["USER"], dbname=database["NAME"]
-    )
+    holder = await _holding(("chatapp_conversation", conversation_id))
     try:
-        await holder.execute(
-            "SELECT id FROM chatapp_conversation WHERE id = %s FOR UPDATE", [conversation_id]
-        )
         await alice_ws.send_json_to(
             {"action": "send", "conversation": conversation_id, "text": "More", "attachments": []}
         )
+        await _wait_for_lock_waiters(1)
         # ...while Bob, on the same process, starts a conversation and reads its reply.
         bob_ws = await connect(bob)
         await bob_ws.send_json_to(
@@ -597,3 +633,41 @@ async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
     assert [event["status"] for event in events if event["type"] == "done"] == ["complete"]
     await alice_ws.disconnect()
     await bob_ws.disconnect()
+
+
+async def test_two_tabs_sending_one_image_at_once_attach_it_to_one_message(
+    upstream: FakeUpstream,
+) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("on SQLite one send at a time writes: they cannot interleave")
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    image = await database_sync_to_async(_image)(alice, (0, 128, 0))
+    upstream.script(Reply(text="A green square."))
+    first_tab, second_tab = await connect(alice), await connect(alice)
+    # Both tabs send the upload while another writer holds it: both sends have read it
+    # as attached to nothing, and both wait to take it.
+    holder = await _holding(("chatapp_attachment", image.pk))
+    try:
+        for tab in (first_tab, second_tab):
+            await tab.send_json_to(
+                {"action": "send", "conversation": None, "text": "What?", "attachments": [image.pk]}
+            )
+        await _wait_for_lock_waiters(2)
+    finally:
+        await holder.rollback()
+        await holder.close()
+    answers = [await tab.receive_json_from(timeout=10) for tab in (first_tab, second_tab)]
+    assert sorted(answer["type"] for answer in answers) == ["created", "error"]
+    refused = next(answer for answer in answers if answer["type"] == "error")
+    assert refused["error"] == "An attached image is missing: upload it again."
+    # One conversation, whose message holds the image; nothing of the refused send.
+    await image.arefresh_from_db()
+    conversation = await Conversation.objects.aget(owner=alice)
+    message = await Message.objects.aget(conversation=conversation, role="user")
+    assert image.message_id == message.pk
+    sent = first_tab if answers[0]["type"] == "created" else second_tab
+    assert (await receive_until(sent, "done"))[-1]["status"] == "complete"
+    await first_tab.disconnect()
+    await second_tab.disconnect()
