@@ -144,7 +144,7 @@ else:
         _database["CONN_HEALTH_CHECKS"] = False
         _database.setdefault("OPTIONS", {})["pool"] = {
             "min_size": env.integer("DATABASE_POOL_MIN", 1, minimum=0),
-            "max_size": env.integer("DATABASE_POOL_MAX", 10, minimum=1),
+            "max_size": env.integer("DATABASE_POOL_MAX", 16, minimum=1),
             "timeout": 10,
         }
     DATABASES = {"default": _database}
