@@ -80,7 +80,7 @@ def test_database_url_selects_postgres_with_a_connection_pool(tmp_path: Path) ->
     assert loaded["db"]["NAME"] == "switchboard"
     assert loaded["db"]["HOST"] == "db.internal"
     assert loaded["db"]["PORT"] == 5433
-    assert loaded["db"]["OPTIONS"]["pool"]["max_size"] == 10
+    assert loaded["db"]["OPTIONS"]["pool"]["max_size"] == 16
 
 
 def test_redis_url_moves_layer_cache_and_broker_to_redis(tmp_path: Path) -> None:
