@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -552,14 +553,19 @@ async def test_images_reach_the_upstream_and_the_branch_in_new_and_existing_conv
     await ws.disconnect()
 
 
-async def _holding(*rows: tuple[str, int]) -> Any:
-    """A transaction of its own holding these (table, id) rows, as another writer would."""
+@contextlib.asynccontextmanager
+async def _holding(*rows: tuple[str, int]) -> AsyncIterator[None]:
+    """A transaction of its own holding these (table, id) rows for the block, as another
+    writer would; rolled back at its end."""
     import psycopg
 
-    holder = await psycopg.AsyncConnection.connect(**_connection_params())
-    for table, pk in rows:
-        await holder.execute(f"SELECT id FROM {table} WHERE id = %s FOR UPDATE", [pk])
-    return holder
+    async with await psycopg.AsyncConnection.connect(**_connection_params()) as holder:
+        for table, pk in rows:
+            await holder.execute(f"SELECT id FROM {table} WHERE id = %s FOR UPDATE", [pk])
+        try:
+            yield
+        finally:
+            await holder.rollback()
 
 
 def _connection_params() -> dict[str, Any]:
@@ -612,8 +618,7 @@ async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
     await receive_until(alice_ws, "title")  # the first exchange titles the conversation
     # Another transaction holds Alice's conversation row (a send of another tab, a slow
     # writer): her next send waits for it...
-    holder = await _holding(("chatapp_conversation", conversation_id))
-    try:
+    async with _holding(("chatapp_conversation", conversation_id)):
         await alice_ws.send_json_to(
             {"action": "send", "conversation": conversation_id, "text": "More", "attachments": []}
         )
@@ -626,9 +631,6 @@ async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
         events = await receive_until(bob_ws, "done", wait=5)
         assert events[-1]["status"] == "complete"
         assert await alice_ws.receive_nothing(timeout=0.2)  # still waiting
-    finally:
-        await holder.rollback()
-        await holder.close()
     events = await receive_until(alice_ws, "done")
     assert [event["status"] for event in events if event["type"] == "done"] == ["complete"]
     await alice_ws.disconnect()
@@ -648,16 +650,12 @@ async def test_two_tabs_sending_one_image_at_once_attach_it_to_one_message(
     first_tab, second_tab = await connect(alice), await connect(alice)
     # Both tabs send the upload while another writer holds it: both sends have read it
     # as attached to nothing, and both wait to take it.
-    holder = await _holding(("chatapp_attachment", image.pk))
-    try:
+    async with _holding(("chatapp_attachment", image.pk)):
         for tab in (first_tab, second_tab):
             await tab.send_json_to(
                 {"action": "send", "conversation": None, "text": "What?", "attachments": [image.pk]}
             )
         await _wait_for_lock_waiters(2)
-    finally:
-        await holder.rollback()
-        await holder.close()
     answers = [await tab.receive_json_from(timeout=10) for tab in (first_tab, second_tab)]
     assert sorted(answer["type"] for answer in answers) == ["created", "error"]
     refused = next(answer for answer in answers if answer["type"] == "error")
