@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from django.db import transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -24,6 +26,11 @@ from keys.auth import Principal, principal_of
 
 MAX_MESSAGE_CHARS = 100_000
 MAX_ATTACHMENTS = 8
+# Seconds an action waits for a conversation (or an upload) another writer holds, on
+# PostgreSQL: normally milliseconds (another tab's send).  Longer, the action is
+# refused as busy rather than holding one of the few threads every chat of the
+# process writes through (``generation.TRIP_THREADS``).
+LOCK_WAIT = 5.0
 
 
 class ChatError(Exception):
@@ -32,6 +39,38 @@ class ChatError(Exception):
 
 class AccountDisabled(ChatError):
     """The user has been disabled: told so, and the socket is closed."""
+
+
+class ConversationBusy(ChatError):
+    """Another writer held the conversation longer than ``LOCK_WAIT``: nothing was saved."""
+
+
+@contextlib.contextmanager
+def _writing(*, waits: bool = True) -> Iterator[None]:
+    """One action's writes, all or nothing, waiting at most ``LOCK_WAIT`` for a lock.
+
+    ``waits``: whether it may wait on a row another writer holds (a new conversation
+    without images locks nothing: it skips the statement that bounds the wait).
+    """
+    try:
+        with transaction.atomic():
+            if waits and connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    # Local: for this transaction only (the connection goes back to a pool).
+                    cursor.execute(
+                        "SELECT set_config('lock_timeout', %s, true)",
+                        [f"{round(LOCK_WAIT * 1000)}ms"],
+                    )
+            yield
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == "55P03":  # lock_not_available
+            raise ConversationBusy(
+                _(
+                    "This conversation is busy: another change to it is still being saved. "
+                    "Nothing was saved; try again in a moment."
+                )
+            ) from exc
+        raise
 
 
 def check_active(*, user_id: int) -> bool:
@@ -309,8 +348,8 @@ def do_send_message(
     text = _check_text(text, required=not attachment_ids)
     # Lock the conversation row: two tabs sending at once must not both append to
     # the same leaf.
-    with transaction.atomic():
-        created = conversation_id in (None, "")
+    created = conversation_id in (None, "")
+    with _writing(waits=not created or bool(attachment_ids)):
         if created:
             if isinstance(model, str) and model:
                 name = model
@@ -382,7 +421,7 @@ def do_edit_message(
 
     models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
     pk = check_message_id(user_id=user_id, message_id=message_id)
-    with transaction.atomic():
+    with _writing():
         original = Message.objects.select_related("conversation").get(pk=pk)
         if original.role != "user":
             raise ChatError(_("Only your own messages can be edited."))
@@ -413,7 +452,7 @@ def do_regenerate(
 
     models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
     pk = check_message_id(user_id=user_id, message_id=message_id)
-    with transaction.atomic():
+    with _writing():
         original = Message.objects.get(pk=pk)
         if original.role != "assistant":
             raise ChatError(_("Only replies can be regenerated."))
@@ -427,10 +466,13 @@ def do_switch_branch(*, user_id: int, message_id: Any) -> Any:
     """Show ``message``'s version, with that version's own continuation."""
 
     pk = check_message_id(user_id=user_id, message_id=message_id)
-    message = Message.objects.get(pk=pk)
-    conversation = Conversation.objects.get(pk=message.conversation_id)
-    conversation.current_leaf = message.latest_leaf()
-    conversation.save(update_fields=["current_leaf"])
+    with _writing():
+        message = Message.objects.get(pk=pk)
+        # Locked before the leaf is looked for: a send appending to this version
+        # meanwhile would otherwise be hidden by the leaf it read before the send.
+        conversation = Conversation.objects.select_for_update().get(pk=message.conversation_id)
+        conversation.current_leaf = message.latest_leaf()
+        conversation.save(update_fields=["current_leaf"])
     return conversation
 
 

@@ -14,7 +14,13 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
 from chatapp.chat import attachments
-from chatapp.chat.actions import ChatError, chat_models, default_chat_model, do_switch_branch
+from chatapp.chat.actions import (
+    ChatError,
+    ConversationBusy,
+    chat_models,
+    default_chat_model,
+    do_switch_branch,
+)
 from chatapp.chat.forms import ConversationSettingsForm
 from chatapp.chat.fragments import branch_items, render_branch
 from chatapp.models import Attachment, Conversation
@@ -100,6 +106,8 @@ def conversation_messages(request: HttpRequest, conversation_id: int) -> HttpRes
 def switch_branch(request: HttpRequest, message_id: int) -> HttpResponse:
     try:
         conversation = do_switch_branch(user_id=int(request.user.pk or 0), message_id=message_id)
+    except ConversationBusy as exc:
+        return HttpResponse(str(exc), status=409)
     except ChatError as exc:
         return HttpResponse(str(exc), status=404)
     return HttpResponse(render_branch(conversation))

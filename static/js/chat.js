@@ -312,7 +312,9 @@
     } else if (button.hasAttribute("data-switch") && button.dataset.switch) {
       const url = chat.dataset.switchUrl.replace("/0/", `/${button.dataset.switch}/`);
       const response = await fetch(url, { method: "POST", headers: { "X-CSRFToken": csrf } });
+      // A refusal (the conversation busy, the version gone) is said, as a send's is.
       if (response.ok) replaceMessages(await response.text());
+      else showError(await response.text());
     } else if (button.hasAttribute("data-edit")) {
       startEdit(article, id);
     }

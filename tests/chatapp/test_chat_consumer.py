@@ -14,6 +14,7 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from accounts.models import User
+from chatapp.chat import actions
 from chatapp.chat.consumers import ChatConsumer
 from chatapp.models import CatalogModel, Conversation, Message, Provider, Route
 from chatapp.relay import routing
@@ -601,12 +602,13 @@ async def _wait_for_lock_waiters(count: int) -> None:
 
 
 async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
-    upstream: FakeUpstream,
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from django.db import connection
 
     if connection.vendor != "postgresql":
         pytest.skip("SQLite takes one writer at a time: its trips share one thread")
+    monkeypatch.setattr(actions, "LOCK_WAIT", 60.0)  # here it waits for as long as it takes
     alice = await database_sync_to_async(make_user)("alice@example.com")
     bob = await database_sync_to_async(make_user)("bob@example.com")
     upstream.script(Reply(text="First."), Reply(text="For Bob."), Reply(text="Second."))
@@ -635,6 +637,138 @@ async def test_on_postgresql_a_send_waiting_on_a_lock_holds_up_no_other_chat(
     assert [event["status"] for event in events if event["type"] == "done"] == ["complete"]
     await alice_ws.disconnect()
     await bob_ws.disconnect()
+
+
+async def test_on_postgresql_a_send_to_a_conversation_held_too_long_is_refused_as_busy(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has no row locks: a writer waits for the database's own")
+    monkeypatch.setattr(actions, "LOCK_WAIT", 0.5)
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    upstream.script(Reply(text="First."), Reply(text="Second."))
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Hi", "attachments": []})
+    conversation_id = (await receive_until(ws, "done"))[0]["conversation"]
+    await receive_until(ws, "title")
+    # Another writer holds the conversation for longer than a send waits: the send is
+    # refused in words, nothing of it saved, and the write thread it took is free again.
+    async with _holding(("chatapp_conversation", conversation_id)):
+        await ws.send_json_to(
+            {"action": "send", "conversation": conversation_id, "text": "More", "client_id": "c2"}
+        )
+        refused = await ws.receive_json_from(timeout=10)
+        assert refused == {
+            "type": "error",
+            "error": "This conversation is busy: another change to it is still being saved. "
+            "Nothing was saved; try again in a moment.",
+            "client_id": "c2",
+        }
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    # Once the other writer is done, the same send goes through.
+    await ws.send_json_to(
+        {"action": "send", "conversation": conversation_id, "text": "More", "attachments": []}
+    )
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "complete"
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 4
+    await ws.disconnect()
+
+
+def test_on_postgresql_switching_versions_waits_for_a_send_being_saved(alice: User) -> None:
+    """The leaf to show is looked for once the conversation is locked, not before."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection, transaction
+
+    if connection.vendor != "postgresql":
+        pytest.skip("on SQLite one writer at a time: the switch cannot overlap a send")
+    conversation = Conversation.objects.create(owner=alice, model="m", title="Lisbon")
+    question = Message.objects.create(conversation=conversation, role="user", content="Where?")
+    first = Message.objects.create(
+        conversation=conversation, parent=question, role="assistant", content="Tasca"
+    )
+    second = Message.objects.create(
+        conversation=conversation, parent=question, role="assistant", content="Cervejaria"
+    )
+    conversation.current_leaf = second
+    conversation.save()
+    holding, release = threading.Event(), threading.Event()
+
+    def send_in_flight() -> Message:
+        """A send appending to the first version (another tab), holding the conversation."""
+        try:
+            with transaction.atomic():
+                Conversation.objects.select_for_update().get(pk=conversation.pk)
+                follow_up = Message.objects.create(
+                    conversation=conversation, parent=first, role="user", content="And after?"
+                )
+                holding.set()
+                release.wait(10)
+            return follow_up
+        finally:
+            connection.close()
+
+    def switch() -> None:
+        try:
+            actions.do_switch_branch(user_id=alice.pk, message_id=first.pk)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        sending = pool.submit(send_in_flight)
+        assert holding.wait(10)
+        switching = pool.submit(switch)
+        asyncio.run(_wait_for_lock_waiters(1))  # the switch waits for the send...
+        release.set()
+        follow_up = sending.result(timeout=10)
+        switching.result(timeout=10)
+    # ...and then shows the first version with the message the send added to it.
+    conversation.refresh_from_db()
+    assert conversation.current_leaf_id == follow_up.pk
+
+
+def test_on_postgresql_a_version_switch_held_up_too_long_answers_409(
+    alice: User, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection, transaction
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has no row locks")
+    monkeypatch.setattr(actions, "LOCK_WAIT", 0.3)
+    conversation = Conversation.objects.create(owner=alice, model="m", title="Lisbon")
+    question = Message.objects.create(conversation=conversation, role="user", content="Where?")
+    first = Message.objects.create(
+        conversation=conversation, parent=question, role="assistant", content="Tasca"
+    )
+    conversation.current_leaf = first
+    conversation.save()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                Conversation.objects.select_for_update().get(pk=conversation.pk)
+                holding.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    client.force_login(alice)
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(hold)
+        assert holding.wait(10)
+        response = client.post(f"/chat/messages/{first.pk}/switch/")
+        release.set()
+        held.result(timeout=10)
+    assert response.status_code == 409
+    assert response.content.decode().startswith("This conversation is busy")
 
 
 async def test_two_tabs_sending_one_image_at_once_attach_it_to_one_message(
