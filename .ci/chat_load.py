@@ -284,6 +284,7 @@ async def load(
     limit: float,
     samplers: list[RssSampler],
     expected: str,
+    upstream: RssSampler,
 ) -> dict[str, Any]:
     """Client ``i`` talks to ``targets[i % len(targets)]`` (url, headers): one per worker."""
     opened: asyncio.Queue[int] = asyncio.Queue()
@@ -301,11 +302,13 @@ async def load(
     await asyncio.sleep(1.0)  # let the workers settle after the handshakes
     rss_connected = [sampler.read() for sampler in samplers]
     before = [sampler.cpu_split() for sampler in samplers]
+    upstream_before, own_before = upstream.cpu(), time.process_time()
     started = time.perf_counter()
     go.set()
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - started
     after = [sampler.cpu_split() for sampler in samplers]
+    upstream_cpu, own_cpu = upstream.cpu() - upstream_before, time.process_time() - own_before
     cpu = [a[0] - b[0] + a[1] - b[1] for a, b in zip(after, before, strict=True)]
     system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     return {
@@ -317,6 +320,9 @@ async def load(
         "daphne_cpu_per_worker_s": [round(value, 2) for value in cpu],
         "daphne_system_cpu_s": round(system, 2),
         "daphne_cpu_share": round(max(cpu) / wall, 2) if wall else None,
+        # The rest of the machine's load: the fake upstream and these clients.
+        "upstream_cpu_s": round(upstream_cpu, 2),
+        "clients_cpu_s": round(own_cpu, 2),
     }
 
 
@@ -583,7 +589,14 @@ def main() -> None:
         if spy is not None:
             time.sleep(1.0)  # py-spy attaches
         timing = asyncio.run(
-            load(clients, targets, options.timeout, samplers, expected_text(options.chunks))
+            load(
+                clients,
+                targets,
+                options.timeout,
+                samplers,
+                expected_text(options.chunks),
+                RssSampler(upstream.pid),
+            )
         )
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
@@ -622,6 +635,8 @@ def main() -> None:
         "daphne_cpu_per_worker_s": timing["daphne_cpu_per_worker_s"],
         "daphne_system_cpu_s": timing["daphne_system_cpu_s"],
         "daphne_cpu_share": timing["daphne_cpu_share"],
+        "upstream_cpu_s": timing["upstream_cpu_s"],
+        "clients_cpu_s": timing["clients_cpu_s"],
         "completed": sum(
             1 for client in clients if client.status == "complete" and not client.errors
         ),
@@ -630,6 +645,11 @@ def main() -> None:
         "ack_ms": summary_ms([c.ack for c in clients if c.ack is not None]),
         "first_delta_ms": summary_ms([c.first_delta for c in clients if c.first_delta is not None]),
         "done_ms": summary_ms([c.done for c in clients if c.done is not None]),
+        # Delta frames a reply arrived in (its chunks are gathered into fewer under load).
+        "deltas_per_reply": {
+            "p50": percentile([c.deltas for c in clients if c.done is not None], 0.5),
+            "max": max((c.deltas for c in clients if c.done is not None), default=None),
+        },
         "rss_kb": {
             "idle": rss_idle,
             "connected": timing["rss_connected_kb"],
@@ -669,13 +689,16 @@ def main() -> None:
                 f"{timing['wall_s']} s after the simultaneous send; Daphne used "
                 f"{timing['daphne_cpu_s']} CPU s in that time ({timing['daphne_cpu_per_worker_s']} "
                 f"per worker, {timing['daphne_system_cpu_s']} s in the kernel; the busiest worker "
-                f"{timing['daphne_cpu_share']:.0%} of one core)",
+                f"{timing['daphne_cpu_share']:.0%} of one core); meanwhile the fake upstream "
+                f"used {timing['upstream_cpu_s']} CPU s and these clients {timing['clients_cpu_s']}",
                 f"  completed {result['completed']}/{options.clients}; "
                 f"clients with errors {result['failed_clients']}",
                 *(f"    {count} x {error}" for error, count in errors.most_common(10)),
                 line("send -> messages", result["ack_ms"]),
                 line("send -> first delta", result["first_delta_ms"]),
                 line("send -> done", result["done_ms"]),
+                f"  delta frames per reply: p50 {result['deltas_per_reply']['p50']}, "
+                f"max {result['deltas_per_reply']['max']} ({options.chunks} chunks each)",
                 f"  Daphne RSS: idle {megabytes(rss_idle)}, {options.clients} sockets open "
                 f"{megabytes(timing['rss_connected_kb'])} ({per_socket_kb:.1f} kB per idle "
                 f"socket), peak {megabytes(rss_peak)}, after {megabytes(rss_end)}",
