@@ -244,19 +244,29 @@ async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
     )
 
 
-async def aappend(key: str, values: list[Any], ttl: float | None = None) -> None:
+async def aappend(
+    key: str, values: list[Any], ttl: float | None = None, *, read: str | None = None
+) -> Any:
     """Append ``values`` to the list at ``key`` and (re)start its time to live.
 
     Cost in proportion to what is appended, not to the list's length: a reply's
-    text so far grows piece by piece without being rewritten.
+    text so far grows piece by piece without being rewritten.  ``read``: a key of
+    this process family's own to read in the same round trip; its value is returned.
     """
-    if not values:
-        return
     if _redis_url() is None:
-        _local.append(key, values, ttl)
-        return
+        if values:
+            _local.append(key, values, ttl)
+        return None if read is None else _local.get(read)
+    if not values and read is None:
+        return None
     async with async_client().pipeline(transaction=True) as pipe:
-        await _appending(pipe, key, values, ttl).execute()
+        if values:
+            _appending(pipe, key, values, ttl)
+        if read is not None:
+            pipe.get(PREFIX + read)
+        results = await pipe.execute()
+    raw = results[-1] if read is not None else None
+    return None if raw is None else pickle.loads(raw)
 
 
 def _appending(pipe: Any, key: str, values: list[Any], ttl: float | None) -> Any:

@@ -35,12 +35,19 @@ def snapshot_key(message_id: int) -> str:
     return f"reply:{message_id}"
 
 
-async def append_snapshot(message_id: int, frames: list[dict[str, Any]]) -> None:
-    """Add the frames about to be published to the reply's snapshot."""
-    await hotstore.aappend(
-        snapshot_key(message_id),
-        [(frame["seq"], frame["type"], frame["text"]) for frame in frames],
-        SNAPSHOT_TTL,
+async def append_snapshot(message_id: int, frames: list[dict[str, Any]]) -> bool:
+    """Add the frames about to be published to the reply's snapshot.
+
+    Returns whether a stop was asked for the reply: read in the same round trip to
+    the hot store, so every publication also looks at the stop flag, for free.
+    """
+    return bool(
+        await hotstore.aappend(
+            snapshot_key(message_id),
+            [(frame["seq"], frame["type"], frame["text"]) for frame in frames],
+            SNAPSHOT_TTL,
+            read=stop_key(message_id),
+        )
     )
 
 

@@ -62,7 +62,9 @@ RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while stre
 # out as one frame.  Under a burst of replies this is what keeps the worker's cost
 # per reply from growing with the number of pieces the upstream splits it into.
 FLUSH_EVERY = 0.05
-STOP_CHECK_EVERY = 0.25  # seconds between looks at the shared stop flag
+# Seconds between looks at the shared stop flag of their own, when no publication
+# (which reads it in passing: ``append_snapshot``) has looked meanwhile.
+STOP_CHECK_EVERY = 0.25
 SHUTDOWN_GRACE = 10.0  # seconds shutdown() waits for cancelled replies to be saved
 
 _tasks: set[asyncio.Task[Any]] = set()
@@ -275,6 +277,9 @@ class _Publisher:
         self.closing = False
         self.published_at = 0.0
         self.rendered_at = time.monotonic()
+        # The stop flag as the last publication read it, and when it read it.
+        self.stop_asked = False
+        self.stop_checked_at = 0.0
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def poke(self) -> None:
@@ -298,7 +303,9 @@ class _Publisher:
         if not frames:
             return
         text = self.writer.text  # as of take(): what the frames cover
-        await append_snapshot(self.writer.message_id, frames)
+        if await append_snapshot(self.writer.message_id, frames):
+            self.stop_asked = True
+        self.stop_checked_at = self.published_at
         for frame in frames:
             await publish(self.conversation_id, frame)
         if self.published_at - self.rendered_at >= RENDER_EVERY and text:
@@ -326,8 +333,11 @@ async def _relay(
             if writer.item(item):
                 publisher.poke()
             await heartbeat.beat()
+            if publisher.stop_asked:  # seen by a publication: what it published is kept
+                stream.stop()
+                return MessageStatus.STOPPED
             now = time.monotonic()
-            if now - last_stop_check >= STOP_CHECK_EVERY:
+            if now - max(last_stop_check, publisher.stop_checked_at) >= STOP_CHECK_EVERY:
                 last_stop_check = now
                 if await hotstore.aget(stop_key(writer.message_id)):
                     stream.stop()

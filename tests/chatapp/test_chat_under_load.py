@@ -18,7 +18,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from chatapp import hotstore
-from chatapp.chat import actions, events
+from chatapp.chat import actions, events, generation
 from chatapp.chat.consumers import _start
 from chatapp.models import CatalogModel, Message, Route
 from chatapp.relay import catalog
@@ -238,4 +238,28 @@ async def test_opening_the_chat_learns_the_users_web_key_for_the_first_message(
         await asyncio.sleep(0.02)
     else:
         raise AssertionError("the socket's opening did not learn alice's web key")
+    await ws.disconnect()
+
+
+async def test_a_stop_is_seen_by_the_next_publication_of_the_reply(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reply's own timed look at the stop flag is out of the picture: the
+    # publications, which read the flag with each append to the snapshot, see it.
+    monkeypatch.setattr(generation, "STOP_CHECK_EVERY", 3600.0)
+    upstream.script(Reply(text=" ".join(["word"] * 300), chunk_delay=0.01))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Go", "attachments": []})
+    reply_id = (await receive_until(ws, "delta"))[-1]["message"]
+    await ws.send_json_to({"action": "stop", "message": reply_id})
+    after = await receive_until(ws, "done")
+    assert after[-1]["status"] == "stopped"
+    # Within a frame or two of the stop (one may have been on its way), not the
+    # three seconds of the whole reply.
+    assert len([frame for frame in after if frame["type"] == "delta"]) <= 3
+    reply = await Message.objects.aget(pk=reply_id)
+    assert reply.status == "stopped"
+    assert 0 < len(reply.content.split()) < 100
     await ws.disconnect()
