@@ -328,7 +328,8 @@ async def _relay(
 ) -> str:
     publisher = _Publisher(writer, conversation_id)
     try:
-        last_stop_check = 0.0
+        # The first publication, at the first piece, looks at the flag: no look of its own before.
+        last_stop_check = time.monotonic()
         async for item in stream:
             if writer.item(item):
                 publisher.poke()
