@@ -376,7 +376,7 @@ def test_compose_stream_images_refusals_and_screenshots(
     console.assert_clean()
 
 
-def test_stop_regenerate_edit_and_versions(page: Page, fake: FakeUpstream) -> None:
+def test_stop_regenerate_edit_and_versions(page: Page, fake: FakeUpstream, artifacts: Path) -> None:
     console = open_chat(page, "bob@example.com")
     long_text = " ".join(f"word{i}" for i in range(200))
     fake.script(Reply(text=long_text, chunk_delay=0.04))
@@ -434,6 +434,17 @@ def test_stop_regenerate_edit_and_versions(page: Page, fake: FakeUpstream) -> No
     assert last_assistant(page).locator(".body").inner_text().strip() == "A shorter second answer."
     assert len(fake.requests) == 3
     console.assert_clean()
+
+    # The other version was deleted meanwhile (another tab): the switch to it is
+    # refused in words, and the branch on screen stays as it was.
+    Message.objects.filter(content="Talk a little").delete()
+    last_user(page).locator(".versions button").last.click()  # ›
+    error = page.locator("#composer-error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == "No such message."
+    assert version_label(last_user(page)) == "1/2"
+    assert last_assistant(page).locator(".body").inner_text().strip() == "A shorter second answer."
+    page.screenshot(path=str(artifacts / "chat-switch-refused.png"), full_page=True)
 
 
 def test_a_reload_mid_reply_and_a_failing_upstream(page: Page, fake: FakeUpstream) -> None:
