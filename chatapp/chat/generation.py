@@ -8,7 +8,7 @@ module only publishes what comes back to the conversation's channel-layer group,
 so every open tab — on any Daphne process, with the Redis layer — sees it.
 Closing the tab does not stop it; the reply is saved when it ends.
 
-While it streams, the reply keeps a heartbeat in the hot store
+From its start to its end the reply keeps a heartbeat in the hot store
 (``chatapp.chat.events``).  A reply whose process died has none (once it is older
 than a heartbeat's lifetime), and is saved as interrupted when its conversation is
 next opened, sent to or stopped (``recover``).  Its frames go out in batches
@@ -162,19 +162,33 @@ async def recover(conversation_id: int) -> list[int]:
 
 
 class _Heartbeat:
-    """Refreshes the reply's ``alive`` key while it streams."""
+    """Refreshes the reply's ``alive`` key from its start to its end.
+
+    A task of its own, beating every ``HEARTBEAT_EVERY`` whatever the upstream does: a
+    reply waiting longer than a heartbeat's lifetime for its first words (a reasoning
+    model, a local model's queue under load) must not be taken for one whose process
+    died when a tab opens its conversation.
+    """
 
     def __init__(self, message_id: int) -> None:
         self.key = alive_key(message_id)
-        self.last = 0.0
+        self.task: asyncio.Task[None] | None = None
 
-    async def beat(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= HEARTBEAT_EVERY:
-            self.last = now
-            await hotstore.aset(self.key, True, HEARTBEAT_TTL)
+    async def start(self) -> None:
+        await hotstore.aset(self.key, True, HEARTBEAT_TTL)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY)
+            try:
+                await hotstore.aset(self.key, True, HEARTBEAT_TTL)
+            except Exception as exc:  # the hot store unreachable for a moment: beat again
+                logger.warning("heartbeat of %s failed: %r", self.key, exc)
 
     async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
         await hotstore.aset(self.key, None, 1)
 
 
@@ -194,7 +208,7 @@ async def run(
     started = time.perf_counter()
     heartbeat = _Heartbeat(message_id)
     try:
-        await heartbeat.beat(force=True)
+        await heartbeat.start()
         if prepared is None:
             prepared = await database_sync_to_async(browser.prepare)(message_id)
         conversation_id = prepared.conversation_id
@@ -224,7 +238,7 @@ async def run(
             on_cancel=pipeline.INTERRUPTED,
         )
         async with pipeline.chat(call) as stream:
-            status = await _relay(stream, writer, conversation_id, heartbeat)
+            status = await _relay(stream, writer, conversation_id)
     except RelayError as exc:
         # The person reads plain words (browser.failure_text); the technical message
         # is in the usage record and here, for admins.
@@ -321,10 +335,7 @@ class _Publisher:
 
 
 async def _relay(
-    stream: pipeline.ChatStream,
-    writer: browser.ReplyWriter,
-    conversation_id: int,
-    heartbeat: _Heartbeat,
+    stream: pipeline.ChatStream, writer: browser.ReplyWriter, conversation_id: int
 ) -> str:
     publisher = _Publisher(writer, conversation_id)
     try:
@@ -333,7 +344,6 @@ async def _relay(
         async for item in stream:
             if writer.item(item):
                 publisher.poke()
-            await heartbeat.beat()
             if publisher.stop_asked:  # seen by a publication: what it published is kept
                 stream.stop()
                 return MessageStatus.STOPPED

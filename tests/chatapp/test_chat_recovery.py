@@ -112,6 +112,37 @@ async def test_a_live_reply_is_not_taken_for_a_dead_one(upstream: FakeUpstream) 
     await other_tab.disconnect()
 
 
+async def test_a_reply_waiting_long_for_its_first_words_is_not_taken_for_dead(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Here a heartbeat lasts a second and beats every 0.3 s; the upstream (a reasoning
+    # model, a busy local model) says nothing for 2.5 s.
+    monkeypatch.setattr(generation, "HEARTBEAT_TTL", 1)
+    monkeypatch.setattr(generation, "HEARTBEAT_EVERY", 0.3)
+    upstream.script(Reply(text="Worth the wait.", delay=2.5))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Think hard"})
+    conversation_id = (await receive_until(ws, "messages"))[0]["conversation"]
+    await asyncio.sleep(1.8)  # past a heartbeat's lifetime, before any word
+    # Another tab opens the conversation: the reply is still being written.
+    other_tab = await connect(alice)
+    await other_tab.send_json_to({"action": "open", "conversation": conversation_id})
+    assert (await other_tab.receive_json_from(timeout=5))["type"] == "opened"
+    assert (await other_tab.receive_json_from(timeout=5))["type"] == "snapshot"
+    done = await receive_until(other_tab, "done")
+    assert done[-1]["status"] == "complete"
+    assert "".join(event.get("text", "") for event in done if event["type"] == "delta") == (
+        "Worth the wait."
+    )
+    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    reply = await Message.objects.aget(role="assistant")
+    assert (reply.status, reply.content) == ("complete", "Worth the wait.")
+    await ws.disconnect()
+    await other_tab.disconnect()
+
+
 async def test_a_shutdown_saves_running_replies_and_bills_what_they_produced(
     upstream: FakeUpstream,  # noqa: F811
 ) -> None:
