@@ -376,7 +376,9 @@ def test_compose_stream_images_refusals_and_screenshots(
     console.assert_clean()
 
 
-def test_stop_regenerate_edit_and_versions(page: Page, fake: FakeUpstream, artifacts: Path) -> None:
+def test_stop_regenerate_edit_and_versions(
+    page: Page, browser: Browser, live_server_url: str, fake: FakeUpstream, artifacts: Path
+) -> None:  # fmt: skip
     console = open_chat(page, "bob@example.com")
     long_text = " ".join(f"word{i}" for i in range(200))
     fake.script(Reply(text=long_text, chunk_delay=0.04))
@@ -435,16 +437,34 @@ def test_stop_regenerate_edit_and_versions(page: Page, fake: FakeUpstream, artif
     assert len(fake.requests) == 3
     console.assert_clean()
 
-    # The other version was deleted meanwhile (another tab): the switch to it is
-    # refused in words, and the branch on screen stays as it was.
+    # The other version is deleted meanwhile (in another tab): a switch to it is
+    # refused in words and the branch on screen stays as it was; here in Chinese, on
+    # this page and on a phone.
+    page.select_option("#language", "zh-hans")
+    page.wait_for_selector("html[lang=zh-hans]")
+    page.wait_for_selector("#messages article.msg.assistant")
+    phone = browser.new_context(
+        base_url=live_server_url,
+        viewport={"width": 375, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        storage_state=page.context.storage_state(),
+    )
+    small = phone.new_page()
+    small.goto(page.url)
+    small.wait_for_selector("#messages article.msg.assistant")
     Message.objects.filter(content="Talk a little").delete()
-    last_user(page).locator(".versions button").last.click()  # ›
-    error = page.locator("#composer-error")
-    error.wait_for(state="visible")
-    assert error.inner_text() == "No such message."
-    assert version_label(last_user(page)) == "1/2"
-    assert last_assistant(page).locator(".body").inner_text().strip() == "A shorter second answer."
-    page.screenshot(path=str(artifacts / "chat-switch-refused.png"), full_page=True)
+    for view in (page, small):
+        last_user(view).locator(".versions button").last.click()  # ›
+        error = view.locator("#composer-error")
+        error.wait_for(state="visible")
+        assert error.inner_text() == "没有这条消息。"  # No such message.
+        assert version_label(last_user(view)) == "1/2"
+        answer = last_assistant(view).locator(".body").inner_text().strip()
+        assert answer == "A shorter second answer."
+    page.screenshot(path=str(artifacts / "chat-switch-refused-zh-hans.png"), full_page=True)
+    small.screenshot(path=str(artifacts / "chat-switch-refused-phone-zh-hans.png"))
+    phone.close()
 
 
 def test_a_reload_mid_reply_and_a_failing_upstream(page: Page, fake: FakeUpstream) -> None:
