@@ -285,8 +285,13 @@ async def load(
     samplers: list[RssSampler],
     expected: str,
     upstream: RssSampler,
+    spy_command: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Client ``i`` talks to ``targets[i % len(targets)]`` (url, headers): one per worker."""
+    """Client ``i`` talks to ``targets[i % len(targets)]`` (url, headers): one per worker.
+
+    ``spy_command``: py-spy's, started once every socket is open (the burst alone is
+    sampled); returned as ``spy`` for the caller to stop.
+    """
     opened: asyncio.Queue[int] = asyncio.Queue()
     go = asyncio.Event()
     tasks = [
@@ -300,6 +305,12 @@ async def load(
         await opened.get()
     connected_in = time.perf_counter() - connect_started
     await asyncio.sleep(1.0)  # let the workers settle after the handshakes
+    spy = None
+    if spy_command is not None:
+        spy = await asyncio.to_thread(
+            subprocess.Popen, spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        await asyncio.sleep(1.0)  # py-spy attaches
     rss_connected = [sampler.read() for sampler in samplers]
     before = [sampler.cpu_split() for sampler in samplers]
     upstream_before, own_before = upstream.cpu(), time.process_time()
@@ -323,6 +334,7 @@ async def load(
         # The rest of the machine's load: the fake upstream and these clients.
         "upstream_cpu_s": round(upstream_cpu, 2),
         "clients_cpu_s": round(own_cpu, 2),
+        "spy": spy,
     }
 
 
@@ -463,8 +475,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="sample the first worker with py-spy (pip install py-spy) while the clients "
-        "connect and chat, into FILE as collapsed stacks; prints the top functions "
+        help="sample the first worker with py-spy (pip install py-spy) from the burst of "
+        "sends to the last reply, into FILE as collapsed stacks; prints the top functions "
         "(PY_SPY_FLAGS: py-spy's sampling flags, --gil by default)",
     )
     options = parser.parse_args()
@@ -564,30 +576,24 @@ def main() -> None:
             )
             for port in ports
         ]
-        spy = (
-            subprocess.Popen(
-                [
-                    shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"),
-                    "record",
-                    "--pid",
-                    str(workers[0].pid),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    os.environ.get("PY_SPY_RATE", "200"),
-                    "--nonblocking",
-                    *os.environ.get("PY_SPY_FLAGS", "--gil").split(),
-                    "--output",
-                    options.profile,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        spy_command = (
+            [
+                shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(workers[0].pid),
+                "--format",
+                "raw",
+                "--rate",
+                os.environ.get("PY_SPY_RATE", "200"),
+                "--nonblocking",
+                *os.environ.get("PY_SPY_FLAGS", "--gil").split(),
+                "--output",
+                options.profile,
+            ]
             if options.profile
             else None
         )
-        if spy is not None:
-            time.sleep(1.0)  # py-spy attaches
         timing = asyncio.run(
             load(
                 clients,
@@ -596,8 +602,10 @@ def main() -> None:
                 samplers,
                 expected_text(options.chunks),
                 RssSampler(upstream.pid),
+                spy_command,
             )
         )
+        spy = timing.pop("spy")
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
             spy.wait(timeout=30)
