@@ -28,6 +28,8 @@ from chatapp.models import Attachment, Conversation
 # --- The browser chat ---
 
 PAGE_SIZE = 30
+# A refusal the page shows as it is (any other failure: its own words, SwitchFailed).
+REFUSAL = "text/plain; charset=utf-8"
 
 
 def _conversation_page(request: HttpRequest) -> dict[str, Any]:
@@ -74,6 +76,7 @@ def chat_strings() -> dict[str, str]:
         "NoVision": _("%(model)s cannot read images: remove the image or pick a model that can."),
         "NotImage": _("%(name)s: not an image."),
         "UploadFailed": _("The upload failed: try again."),
+        "SwitchFailed": _("This version could not be shown: reload the page and try again."),
         "RemoveImage": _("Remove the image"),
         "SettingsFailed": _("The settings could not be saved: %(errors)s"),
         "EditMessage": _("Edit your message"),
@@ -107,9 +110,9 @@ def switch_branch(request: HttpRequest, message_id: int) -> HttpResponse:
     try:
         conversation = do_switch_branch(user_id=int(request.user.pk or 0), message_id=message_id)
     except ConversationBusy as exc:
-        return HttpResponse(str(exc), status=409)
+        return HttpResponse(str(exc), status=409, content_type=REFUSAL)
     except ChatError as exc:
-        return HttpResponse(str(exc), status=404)
+        return HttpResponse(str(exc), status=404, content_type=REFUSAL)
     return HttpResponse(render_branch(conversation))
 
 
