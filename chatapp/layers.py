@@ -8,7 +8,8 @@ second, that walk was the worker's single largest cost (``.ci/chat_load.py
 second after its ``expiry`` (60 s by default), a group membership a second after
 ``group_expiry`` (a day).
 
-``group_send`` puts the message on each member's queue at once.  Channels' own
+``group_send`` puts the message on each member's queue at once, and neither it nor
+``receive`` makes a queue they then throw away (Channels' ``setdefault``).  Channels' own
 starts a task per member and waits for them all, and deep-copies the message for
 each: per frame of a reply, two turns of the event loop and a copy, under a burst
 of replies a twentieth of the worker's time.  The message itself is queued, not a
@@ -43,9 +44,26 @@ class InMemoryChannelLayer(BaseInMemoryChannelLayer):
         self._clean_expired()
         expires = time.time() + self.expiry
         for channel in list(self.groups.get(group, ())):
-            queue = self.channels.setdefault(
-                channel, asyncio.Queue(maxsize=self.get_capacity(channel))
-            )
+            queue = self._queue(channel)
             # As Channels does: a member whose queue is full misses the message.
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait((expires, message))
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """Channels' own, without a new queue made (and dropped) on every call."""
+        self.require_valid_channel_name(channel)
+        self._clean_expired()
+        queue = self._queue(channel)
+        try:
+            _, message = await queue.get()
+        finally:
+            if queue.empty():
+                self.channels.pop(channel, None)
+        return message
+
+    def _queue(self, channel: str) -> asyncio.Queue[Any]:
+        """The channel's queue, made when it has none (``setdefault`` would make one each time)."""
+        queue = self.channels.get(channel)
+        if queue is None:
+            queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
+        return queue
