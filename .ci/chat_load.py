@@ -286,11 +286,12 @@ async def load(
     expected: str,
     upstream: RssSampler,
     spy_command: list[str] | None = None,
+    spies: list[subprocess.Popen[bytes]] | None = None,
 ) -> dict[str, Any]:
     """Client ``i`` talks to ``targets[i % len(targets)]`` (url, headers): one per worker.
 
     ``spy_command``: py-spy's, started once every socket is open (the burst alone is
-    sampled); returned as ``spy`` for the caller to stop.
+    sampled) and added to ``spies`` for the caller to stop.
     """
     opened: asyncio.Queue[int] = asyncio.Queue()
     go = asyncio.Event()
@@ -305,11 +306,12 @@ async def load(
         await opened.get()
     connected_in = time.perf_counter() - connect_started
     await asyncio.sleep(1.0)  # let the workers settle after the handshakes
-    spy = None
     if spy_command is not None:
         spy = await asyncio.to_thread(
             subprocess.Popen, spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        if spies is not None:
+            spies.append(spy)
         await asyncio.sleep(1.0)  # py-spy attaches
     rss_connected = [sampler.read() for sampler in samplers]
     before = [sampler.cpu_split() for sampler in samplers]
@@ -334,7 +336,6 @@ async def load(
         # The rest of the machine's load: the fake upstream and these clients.
         "upstream_cpu_s": round(upstream_cpu, 2),
         "clients_cpu_s": round(own_cpu, 2),
-        "spy": spy,
     }
 
 
@@ -473,6 +474,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per client")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data directory")
     parser.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="write each client's seconds from its send to messages, first delta and done "
+        "(CSV, one line per client) to FILE",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="sample the first worker with py-spy (pip install py-spy) from the burst of "
@@ -507,6 +514,7 @@ def main() -> None:
     workers: list[subprocess.Popen[bytes]] = []
     logs = [data / f"daphne-{port}.log" for port in ports]
     samplers: list[RssSampler] = []
+    spies: list[subprocess.Popen[bytes]] = []
     try:
         upstream = subprocess.Popen(
             [
@@ -603,10 +611,10 @@ def main() -> None:
                 expected_text(options.chunks),
                 RssSampler(upstream.pid),
                 spy_command,
+                spies,
             )
         )
-        spy = timing.pop("spy")
-        if spy is not None:
+        for spy in spies:
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
             spy.wait(timeout=30)
         time.sleep(0.3)
@@ -620,6 +628,8 @@ def main() -> None:
     finally:
         for sampler in samplers:
             sampler.stopping.set()
+        for spy in spies:
+            stop(spy)
         for worker in workers:
             stop(worker)
         stop(upstream)
@@ -675,6 +685,14 @@ def main() -> None:
         },
     }
     print(json.dumps(result, ensure_ascii=False))
+    if options.timeline:
+        with open(options.timeline, "w") as timeline:
+            timeline.write("client,messages_s,first_delta_s,done_s,deltas\n")
+            for client in clients:
+                timeline.write(
+                    f"{client.index},{client.ack or ''},{client.first_delta or ''},"
+                    f"{client.done or ''},{client.deltas}\n"
+                )
 
     def line(name: str, stats: dict[str, float | None]) -> str:
         return (

@@ -65,6 +65,9 @@ FLUSH_EVERY = 0.05
 # Seconds between looks at the shared stop flag of their own, when no publication
 # (which reads it in passing: ``append_snapshot``) has looked meanwhile.
 STOP_CHECK_EVERY = 0.25
+# Seconds between two wakes of a reply's heartbeat task: it beats every HEARTBEAT_EVERY,
+# and until the upstream's first words looks at the stop flag on each wake.
+WATCH_EVERY = 1.0
 SHUTDOWN_GRACE = 10.0  # seconds shutdown() waits for cancelled replies to be saved
 
 _tasks: set[asyncio.Task[Any]] = set()
@@ -162,33 +165,53 @@ async def recover(conversation_id: int) -> list[int]:
 
 
 class _Heartbeat:
-    """Refreshes the reply's ``alive`` key from its start to its end.
+    """Refreshes the reply's ``alive`` key from its start to its end; sees an early stop.
 
-    A task of its own, beating every ``HEARTBEAT_EVERY`` whatever the upstream does: a
-    reply waiting longer than a heartbeat's lifetime for its first words (a reasoning
-    model, a local model's queue under load) must not be taken for one whose process
-    died when a tab opens its conversation.
+    A task of its own, waking every ``WATCH_EVERY`` whatever the upstream does: a reply
+    waiting longer than a heartbeat's lifetime for its first words (a reasoning model,
+    a local model's queue under load) must not be taken for one whose process died
+    when a tab opens its conversation.  Until those first words, it also looks at the
+    stop flag (the publications do once they flow) and stops the reply's opening.
     """
 
     def __init__(self, message_id: int) -> None:
         self.key = alive_key(message_id)
+        self.stop_key = stop_key(message_id)
         self.task: asyncio.Task[None] | None = None
+        # The reply's opening (admission, the upstream's first words), stopped by calling
+        # ``stop_opening``; ``streaming`` once they came (the publications look then).
+        self.stop_opening: Callable[[], None] | None = None
+        self.streaming = False
+        self.stopped = False
 
     async def start(self) -> None:
         await hotstore.aset(self.key, True, HEARTBEAT_TTL)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        beaten = time.monotonic()
         while True:
-            await asyncio.sleep(HEARTBEAT_EVERY)
+            await asyncio.sleep(WATCH_EVERY)
             try:
-                await hotstore.aset(self.key, True, HEARTBEAT_TTL)
-            except Exception as exc:  # the hot store unreachable for a moment: beat again
+                if time.monotonic() - beaten >= HEARTBEAT_EVERY:
+                    beaten = time.monotonic()
+                    await hotstore.aset(self.key, True, HEARTBEAT_TTL)
+                if self.stop_opening is not None and not self.streaming:
+                    asked = await hotstore.aget(self.stop_key)
+                    if asked and not self.streaming:  # (it may have begun meanwhile)
+                        self.stopped = True
+                        self.stop_opening()
+                        self.stop_opening = None
+            except Exception as exc:  # the hot store unreachable for a moment: try again
                 logger.warning("heartbeat of %s failed: %r", self.key, exc)
 
-    async def stop(self) -> None:
+    def end(self) -> None:
+        """No more beats (synchronous: it holds even in a task being cancelled)."""
         if self.task is not None:
             self.task.cancel()
+
+    async def stop(self) -> None:
+        self.end()
         await hotstore.aset(self.key, None, 1)
 
 
@@ -237,8 +260,7 @@ async def run(
             user_id=prepared.user_id,
             on_cancel=pipeline.INTERRUPTED,
         )
-        async with pipeline.chat(call) as stream:
-            status = await _relay(stream, writer, conversation_id)
+        status = await _opened_and_relayed(call, writer, conversation_id, heartbeat)
     except RelayError as exc:
         # The person reads plain words (browser.failure_text); the technical message
         # is in the usage record and here, for admins.
@@ -258,21 +280,57 @@ async def run(
         status = MessageStatus.FAILED
         error = browser.failure(code=f"internal:{type(exc).__name__}")
     finally:
-        await asyncio.shield(
-            _finish(
-                message_id,
-                conversation_id,
-                call,
-                status,
-                error,
-                writer,
-                left_out,
-                started,
-                prepared,
+        try:
+            await asyncio.shield(
+                _finish(
+                    message_id,
+                    conversation_id,
+                    call,
+                    status,
+                    error,
+                    writer,
+                    left_out,
+                    started,
+                    prepared,
+                )
             )
-        )
+        finally:
+            heartbeat.end()  # even when this task is cancelled while the reply is saved
         with contextlib.suppress(Exception):
             await asyncio.shield(heartbeat.stop())
+
+
+async def _opened_and_relayed(
+    call: pipeline.Call,
+    writer: browser.ReplyWriter,
+    conversation_id: int,
+    heartbeat: _Heartbeat,
+) -> str:
+    """The pipeline's stream relayed; the reply's status.
+
+    The opening runs as a task of its own, which the heartbeat cancels when the user
+    stops the reply before its first words: stopped, not interrupted.
+    """
+
+    async def opened_and_relayed() -> str:
+        async with pipeline.chat(call) as stream:
+            heartbeat.streaming = True  # from here the publications look at the stop flag
+            return await _relay(stream, writer, conversation_id)
+
+    task = asyncio.ensure_future(opened_and_relayed())
+
+    def stop_opening() -> None:
+        call.on_cancel = pipeline.STOPPED  # the call's outcome, as its record says
+        task.cancel()
+
+    heartbeat.stop_opening = stop_opening
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if heartbeat.stopped and (current is None or not current.cancelling()):
+            return MessageStatus.STOPPED
+        raise  # this reply itself was cancelled (a shutdown)
 
 
 class _Publisher:
@@ -339,7 +397,7 @@ async def _relay(
 ) -> str:
     publisher = _Publisher(writer, conversation_id)
     try:
-        # The first publication, at the first piece, looks at the flag: no look of its own before.
+        # Until now the heartbeat looked at the flag; the first publication looks next.
         last_stop_check = time.monotonic()
         async for item in stream:
             if writer.item(item):

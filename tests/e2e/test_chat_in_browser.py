@@ -465,6 +465,10 @@ def test_stop_regenerate_edit_and_versions(
     page.screenshot(path=str(artifacts / "chat-switch-refused-zh-hans.png"), full_page=True)
     small.screenshot(path=str(artifacts / "chat-switch-refused-phone-zh-hans.png"))
     phone.close()
+    # A switch that goes through clears the refusal.
+    last_assistant(page).locator(".versions button").first.click()  # ‹ the stopped reply
+    poll(lambda: "1/2" in last_state(page)["versions"], "the reply's first version")
+    page.locator("#composer-error").wait_for(state="hidden")
 
 
 def test_a_reload_mid_reply_and_a_failing_upstream(page: Page, fake: FakeUpstream) -> None:
