@@ -144,6 +144,17 @@ def admit(key_id: int, limits: dict[str, Any], tokens: int = 10, **extra: Any) -
     return asyncio.run(run())
 
 
+def early_in_a_minute(margin: float = 15.0) -> None:
+    """Wait for the next minute when this one has less than ``margin`` seconds left.
+
+    Rate windows are fixed minutes (``limiter.windows``): a test that counts requests
+    "this minute" must not straddle two (it failed once at hh:mm:59).
+    """
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.05)
+
+
 def refusal(key_id: int, limits: dict[str, Any], tokens: int = 10) -> LimitExceeded:
     with pytest.raises(LimitExceeded) as caught:
         admit(key_id, limits, tokens)
@@ -156,6 +167,7 @@ def test_a_flush_loses_none_of_the_requests_another_worker_has_in_flight(
     # Given another worker, slow to answer, with 3 requests in flight on a key allowing 3
     # at once, 5 this minute on a key allowing 5 per minute, and 4 × 200 tokens of a
     # 1000-token budget...
+    early_in_a_minute()
     workers.append(
         Worker(
             [{"key_id": CONCURRENCY_KEY, "limits": CONCURRENCY, "tokens": 10}] * 3
@@ -188,6 +200,7 @@ def test_a_second_flush_is_survived_too(transactional_db, workers: list[Worker])
 def test_rate_windows_are_rebuilt_from_the_ledger_after_a_flush(transactional_db) -> None:
     user = User.objects.create_user("alice@example.com", "pw")
     key, _raw = ApiKey.issue(user=user, name="tests")
+    early_in_a_minute()
     # Given 3 requests served this minute and 2 refused by the limiter (never admitted)...
     for number in range(5):
         UsageRecord.objects.create(
