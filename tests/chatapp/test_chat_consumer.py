@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +22,7 @@ from chatapp.models import CatalogModel, Conversation, Message, Provider, Route
 from chatapp.relay import routing
 from keys import ledger
 from keys.models import UsageRecord
+from tests.chatapp.test_chat_views import conversation_with_versions
 from tests.conftest import make_user
 from tests.fake_upstream import DropMidStream, Fail, FakeUpstream, Reply
 
@@ -677,40 +680,45 @@ async def test_on_postgresql_a_send_to_a_conversation_held_too_long_is_refused_a
     await ws.disconnect()
 
 
-def test_on_postgresql_switching_versions_waits_for_a_send_being_saved(alice: User) -> None:
-    """The leaf to show is looked for once the conversation is locked, not before."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
+@contextlib.contextmanager
+def _held_by_another_writer(
+    conversation: Conversation, write: Callable[[], Any] | None = None
+) -> Iterator[Future[Any]]:
+    """Another writer's transaction, on a thread of its own, holding the conversation's row
+    for the block after doing ``write`` under the lock (``_holding`` for synchronous tests
+    that write through the ORM); the future gives ``write``'s result once it committed."""
     from django.db import connection, transaction
 
-    if connection.vendor != "postgresql":
-        pytest.skip("on SQLite one writer at a time: the switch cannot overlap a send")
-    conversation = Conversation.objects.create(owner=alice, model="m", title="Lisbon")
-    question = Message.objects.create(conversation=conversation, role="user", content="Where?")
-    first = Message.objects.create(
-        conversation=conversation, parent=question, role="assistant", content="Tasca"
-    )
-    second = Message.objects.create(
-        conversation=conversation, parent=question, role="assistant", content="Cervejaria"
-    )
-    conversation.current_leaf = second
-    conversation.save()
     holding, release = threading.Event(), threading.Event()
 
-    def send_in_flight() -> Message:
-        """A send appending to the first version (another tab), holding the conversation."""
+    def writer() -> Any:
         try:
             with transaction.atomic():
                 Conversation.objects.select_for_update().get(pk=conversation.pk)
-                follow_up = Message.objects.create(
-                    conversation=conversation, parent=first, role="user", content="And after?"
-                )
+                result = write() if write is not None else None
                 holding.set()
                 release.wait(10)
-            return follow_up
+            return result
         finally:
             connection.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        written = pool.submit(writer)
+        assert holding.wait(10)
+        try:
+            yield written
+        finally:
+            release.set()
+            written.result(timeout=10)
+
+
+def test_on_postgresql_switching_versions_waits_for_a_send_being_saved(alice: User) -> None:
+    """The leaf to show is looked for once the conversation is locked, not before."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("on SQLite one writer at a time: the switch cannot overlap a send")
+    conversation, first, _second = conversation_with_versions(alice)
 
     def switch() -> None:
         try:
@@ -718,55 +726,34 @@ def test_on_postgresql_switching_versions_waits_for_a_send_being_saved(alice: Us
         finally:
             connection.close()
 
-    with ThreadPoolExecutor(2) as pool:
-        sending = pool.submit(send_in_flight)
-        assert holding.wait(10)
-        switching = pool.submit(switch)
-        asyncio.run(_wait_for_lock_waiters(1))  # the switch waits for the send...
-        release.set()
-        follow_up = sending.result(timeout=10)
+    def follow_up() -> Message:
+        return Message.objects.create(
+            conversation=conversation, parent=first, role="user", content="And after?"
+        )
+
+    # A send appending to the first version (another tab) holds the conversation...
+    with ThreadPoolExecutor(1) as pool:
+        with _held_by_another_writer(conversation, follow_up) as sending:
+            switching = pool.submit(switch)
+            asyncio.run(_wait_for_lock_waiters(1))  # ...the switch waits for it...
         switching.result(timeout=10)
     # ...and then shows the first version with the message the send added to it.
     conversation.refresh_from_db()
-    assert conversation.current_leaf_id == follow_up.pk
+    assert conversation.current_leaf_id == sending.result().pk
 
 
 def test_on_postgresql_a_version_switch_held_up_too_long_answers_409(
     alice: User, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from django.db import connection, transaction
+    from django.db import connection
 
     if connection.vendor != "postgresql":
         pytest.skip("SQLite has no row locks")
     monkeypatch.setattr(actions, "LOCK_WAIT", 0.3)
-    conversation = Conversation.objects.create(owner=alice, model="m", title="Lisbon")
-    question = Message.objects.create(conversation=conversation, role="user", content="Where?")
-    first = Message.objects.create(
-        conversation=conversation, parent=question, role="assistant", content="Tasca"
-    )
-    conversation.current_leaf = first
-    conversation.save()
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        try:
-            with transaction.atomic():
-                Conversation.objects.select_for_update().get(pk=conversation.pk)
-                holding.set()
-                release.wait(10)
-        finally:
-            connection.close()
-
+    conversation, first, _second = conversation_with_versions(alice)
     client.force_login(alice)
-    with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(hold)
-        assert holding.wait(10)
+    with _held_by_another_writer(conversation):
         response = client.post(f"/chat/messages/{first.pk}/switch/")
-        release.set()
-        held.result(timeout=10)
     assert response.status_code == 409
     assert response["X-Chat-Refusal"] == "1"  # the page shows these words as they are
     assert response.content.decode().startswith("This conversation is busy")
