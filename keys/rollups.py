@@ -32,11 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import connection, connections, models, transaction
+from django.db import connection, models, transaction
 from django.db.models import (
     Aggregate,
     BigIntegerField,
@@ -55,6 +55,7 @@ from django.db.models import (
 from django.db.models.expressions import Func
 from django.utils import timezone
 
+from chatapp.connections import on_own_connection
 from keys.models import (
     BUCKET_SECONDS,
     COST_SCALE,
@@ -926,7 +927,6 @@ def catch_up_for_reading(*, force: bool = False) -> None:
         roll_up(max_buckets=96 * 7)
 
 
-T = TypeVar("T")
 # Threads for the reads run beside a request's own (read_together): at most this many
 # extra database connections at a time in the process, whatever the traffic.
 PARALLEL_READS = 4
@@ -946,16 +946,9 @@ def read_together(*reads: Callable[[], Any]) -> list[Any]:
     """
     if len(reads) < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
         return [read() for read in reads]
-    futures = [_readers.submit(_on_own_connection, read) for read in reads[1:]]
+    futures = [_readers.submit(on_own_connection, read) for read in reads[1:]]
     first = reads[0]()
     return [first, *(future.result() for future in futures)]
-
-
-def _on_own_connection(read: Callable[[], T]) -> T:
-    try:
-        return read()
-    finally:
-        connections.close_all()  # back to the pool: the thread outlives the request
 
 
 REPORTING_WORK_MEM = "64MB"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 from django.utils import translation
 
 from chatapp import hotstore
@@ -48,6 +49,7 @@ from chatapp.chat.events import (
 )
 from chatapp.chat.fragments import render_message
 from chatapp.chat.rendering import render_markdown
+from chatapp.connections import on_own_connection
 from chatapp.models import CatalogModel, Conversation, Message, MessageStatus
 from chatapp.relay import catalog, pipeline
 from chatapp.relay.dialects import browser
@@ -87,14 +89,11 @@ def trip(function: Callable[P, R]) -> Callable[P, Any]:
     """``function`` made awaitable for the chat's writes (see ``TRIP_THREADS``)."""
     if connection.vendor != "postgresql":
         return database_sync_to_async(function)
-
-    def on_own_connection(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return function(*args, **kwargs)
-        finally:
-            connections.close_all()  # back to the pool: the thread outlives the trip
-
-    return database_sync_to_async(on_own_connection, thread_sensitive=False, executor=_trip_threads)
+    return database_sync_to_async(
+        functools.partial(on_own_connection, function),
+        thread_sensitive=False,
+        executor=_trip_threads,
+    )
 
 
 def start(
