@@ -348,9 +348,10 @@ class _Publisher:
         self.closing = False
         self.published_at = 0.0
         self.rendered_at = time.monotonic()
-        # The stop flag as the last publication read it, and when it read it.
+        # The stop flag as the last publication read it, and when it was last read
+        # (by a publication or the reply's own look; until now the heartbeat looked).
         self.stop_asked = False
-        self.stop_checked_at = 0.0
+        self.stop_checked_at = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def poke(self) -> None:
@@ -396,8 +397,6 @@ async def _relay(
 ) -> str:
     publisher = _Publisher(writer, conversation_id)
     try:
-        # Until now the heartbeat looked at the flag; the first publication looks next.
-        last_stop_check = time.monotonic()
         async for item in stream:
             if writer.item(item):
                 publisher.poke()
@@ -405,8 +404,8 @@ async def _relay(
                 stream.stop()
                 return MessageStatus.STOPPED
             now = time.monotonic()
-            if now - max(last_stop_check, publisher.stop_checked_at) >= STOP_CHECK_EVERY:
-                last_stop_check = now
+            if now - publisher.stop_checked_at >= STOP_CHECK_EVERY:
+                publisher.stop_checked_at = now
                 if await hotstore.aget(stop_key(writer.message_id)):
                     stream.stop()
                     return MessageStatus.STOPPED
