@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -58,3 +60,15 @@ def page(browser, live_server_url: str) -> Iterator[object]:  # noqa: F811
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+def phone_context(browser: Any, page: Any, *, width: int = 375, height: int = 740) -> Any:
+    """A phone-sized touch browser, signed in as ``page`` is, on ``page``'s server (to close)."""
+    address = urlsplit(page.url)
+    return browser.new_context(
+        base_url=f"{address.scheme}://{address.netloc}",
+        viewport={"width": width, "height": height},
+        is_mobile=True,
+        has_touch=True,
+        storage_state=page.context.storage_state(),
+    )

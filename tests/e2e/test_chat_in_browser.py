@@ -24,6 +24,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Locator, Page
 from chatapp.models import CatalogModel, Message, Provider, Route
 from chatapp.relay import routing
 from tests.conftest import PASSWORD, make_user
+from tests.e2e.conftest import phone_context
 from tests.fake_upstream import Fail, FakeUpstream, Reply
 
 # Test instrumentation, run before the page's own scripts on every navigation (injected
@@ -241,7 +242,7 @@ def make_png(path: Path) -> Path:
 
 
 def test_compose_stream_images_refusals_and_screenshots(
-    page: Page, browser: Browser, live_server_url: str, fake: FakeUpstream, tmp_path: Path,
+    page: Page, browser: Browser, fake: FakeUpstream, tmp_path: Path,
     artifacts: Path,
 ) -> None:  # fmt: skip
     console = open_chat(page, "alice@example.com")
@@ -351,13 +352,7 @@ def test_compose_stream_images_refusals_and_screenshots(
     page.fill("#prompt", "")
 
     # The same conversation on a phone.
-    phone = browser.new_context(
-        base_url=live_server_url,
-        viewport={"width": 375, "height": 740},
-        is_mobile=True,
-        has_touch=True,
-        storage_state=page.context.storage_state(),
-    )
+    phone = phone_context(browser, page)
     small = phone.new_page()
     small.goto(page.url)
     small.wait_for_selector("#messages article.msg.assistant")
@@ -377,7 +372,7 @@ def test_compose_stream_images_refusals_and_screenshots(
 
 
 def test_stop_regenerate_edit_and_versions(
-    page: Page, browser: Browser, live_server_url: str, fake: FakeUpstream, artifacts: Path
+    page: Page, browser: Browser, fake: FakeUpstream, artifacts: Path
 ) -> None:  # fmt: skip
     console = open_chat(page, "bob@example.com")
     long_text = " ".join(f"word{i}" for i in range(200))
@@ -443,13 +438,7 @@ def test_stop_regenerate_edit_and_versions(
     page.select_option("#language", "zh-hans")
     page.wait_for_selector("html[lang=zh-hans]")
     page.wait_for_selector("#messages article.msg.assistant")
-    phone = browser.new_context(
-        base_url=live_server_url,
-        viewport={"width": 375, "height": 740},
-        is_mobile=True,
-        has_touch=True,
-        storage_state=page.context.storage_state(),
-    )
+    phone = phone_context(browser, page)
     small = phone.new_page()
     small.goto(page.url)
     small.wait_for_selector("#messages article.msg.assistant")
@@ -560,13 +549,7 @@ def test_a_reply_whose_server_died_shows_as_interrupted_and_the_chat_goes_on(
     assert answer.locator(".body").inner_text().strip() == "Here is the end of it."
 
     # On a phone, and in Chinese.
-    phone = browser.new_context(
-        base_url=page.url.split("/chat/")[0],
-        viewport={"width": 375, "height": 740},
-        is_mobile=True,
-        has_touch=True,
-        storage_state=page.context.storage_state(),
-    )
+    phone = phone_context(browser, page)
     small = phone.new_page()
     small.goto(f"/chat/{conversation.pk}/")
     small.select_option("#language", "zh-hans")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Page
 
+from tests.e2e.conftest import phone_context
 from tests.e2e.test_chat_in_browser import (  # noqa: F401 - fixture
     fake,
     last_assistant,
@@ -32,7 +33,6 @@ def test_reasoning_is_folded_above_the_answer_and_streams_in(
     page: Page,
     fake: FakeUpstream,  # noqa: F811
     browser: Browser,
-    live_server_url: str,
 ) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     console = open_chat(page, "alice@example.com")
@@ -87,13 +87,7 @@ def test_reasoning_is_folded_above_the_answer_and_streams_in(
     page.screenshot(path=str(SHOTS / "reasoning-zh-hans.png"))
 
     # On a phone, opened: nothing wider than the screen
-    phone = browser.new_context(
-        base_url=live_server_url,
-        viewport={"width": 390, "height": 780},
-        is_mobile=True,
-        has_touch=True,
-        storage_state=page.context.storage_state(),
-    )
+    phone = phone_context(browser, page, width=390, height=780)
     small = phone.new_page()
     small.goto(page.url)
     small.wait_for_selector(FOLD)
