@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -122,8 +123,79 @@ class _Local:
         self.data.clear()
 
 
+class _Pipeline:
+    """Commands of every task of an event loop, sent together: one round trip at a time.
+
+    The chat's publications (a reply's frames appended to its snapshot and published
+    to its conversation's tabs) are many small writes from hundreds of tasks at once.
+    One at a time, each cost a round trip: about 0.3 ms of the worker's CPU and a
+    turn of its event loop, and Channels' Redis layer let only one publication of the
+    process be in flight at a time (a lock around every ``PUBLISH``).  Here whatever
+    the tasks queue while a round trip is under way goes out in the next one, as one
+    pipeline: a quarter of the CPU per publication, and none waits behind more than
+    one round trip.  Each task's commands stay together and in order (Redis runs a
+    connection's commands in the order sent); unlike MULTI, other clients' commands
+    may fall between them.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.waiting: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]] = []
+        self.sending = False
+        self.round_trips = 0
+
+    def submit(self, queue: Callable[[Any], None]) -> asyncio.Future[list[Any]]:
+        """``queue(pipeline)`` adds commands; the future gets their replies."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self.waiting.append((queue, future))
+        if not self.sending:
+            self.sending = True
+            loop.create_task(self._send())
+        return future
+
+    async def _send(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, []
+                pipe = self.client.pipeline(transaction=False)
+                counts = []
+                for queue, future in batch:
+                    before = len(pipe)
+                    try:
+                        queue(pipe)
+                    except Exception as exc:  # nothing of it was sent
+                        del pipe.command_stack[before:]
+                        future.set_exception(exc)
+                    counts.append(len(pipe) - before)
+                self.round_trips += 1
+                try:
+                    replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
+                except Exception as exc:
+                    for _queue, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for (_queue, future), count in zip(batch, counts, strict=True):
+                    own = replies[start : start + count]
+                    start += count
+                    if future.done():  # failed above, or its task gave up waiting
+                        continue
+                    error = next((r for r in own if isinstance(r, Exception)), None)
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(own)
+        finally:
+            self.sending = False
+
+
 _local = _Local()
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+    weakref.WeakKeyDictionary()
+)
+_pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipeline] = (
     weakref.WeakKeyDictionary()
 )
 _sync_client: Any = None
@@ -158,6 +230,15 @@ def async_client() -> Any:
         client = redis.asyncio.Redis(connection_pool=pool)
         _async_clients[loop] = client
     return client
+
+
+def pipeline() -> _Pipeline:
+    """This event loop's shared pipeline (Redis mode only): see ``_Pipeline``."""
+    loop = asyncio.get_running_loop()
+    shared = _pipelines.get(loop)
+    if shared is None:
+        shared = _pipelines[loop] = _Pipeline(async_client())
+    return shared
 
 
 def sync_client() -> Any:
@@ -245,28 +326,48 @@ async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
 
 
 async def aappend(
-    key: str, values: list[Any], ttl: float | None = None, *, read: str | None = None
+    key: str,
+    values: list[Any],
+    ttl: float | None = None,
+    *,
+    read: str | None = None,
+    publish: Sequence[tuple[str, bytes]] = (),
 ) -> Any:
     """Append ``values`` to the list at ``key`` and (re)start its time to live.
 
     Cost in proportion to what is appended, not to the list's length: a reply's
     text so far grows piece by piece without being rewritten.  ``read``: a key of
     this process family's own to read in the same round trip; its value is returned.
+    ``publish``: Redis pub/sub messages ``(channel, message)`` sent after the append,
+    in the same round trip (Redis mode only).
     """
     if _redis_url() is None:
+        assert not publish, "Redis pub/sub messages need REDIS_URL"
         if values:
             _local.append(key, values, ttl)
         return None if read is None else _local.get(read)
-    if not values and read is None:
+    if not values and read is None and not publish:
         return None
-    async with async_client().pipeline(transaction=True) as pipe:
-        if values:
-            _appending(pipe, key, values, ttl)
+    pieces = [pickle.dumps(value) for value in values]
+
+    def queue(pipe: Any) -> None:
+        if pieces:
+            pipe.rpush(PREFIX + key, *pieces)
+            if ttl:
+                pipe.expire(PREFIX + key, int(ttl))
         if read is not None:
             pipe.get(PREFIX + read)
-        results = await pipe.execute()
-    raw = results[-1] if read is not None else None
+        for channel, message in publish:
+            pipe.publish(channel, message)
+
+    replies = await pipeline().submit(queue)
+    raw = replies[len(replies) - len(publish) - 1] if read is not None else None
     return None if raw is None else pickle.loads(raw)
+
+
+async def apublish(channel: str, message: bytes) -> None:
+    """``PUBLISH`` through the shared pipeline (Redis mode only: ``chatapp.layers``)."""
+    await pipeline().submit(lambda pipe: pipe.publish(channel, message))
 
 
 def _appending(pipe: Any, key: str, values: list[Any], ttl: float | None) -> Any:
@@ -330,6 +431,7 @@ def clear() -> None:
 
 
 async def aclose() -> None:
+    _pipelines.pop(asyncio.get_running_loop(), None)
     client = _async_clients.pop(asyncio.get_running_loop(), None)
     if client is not None:
         await client.aclose()

@@ -1,4 +1,6 @@
-"""The embedded mode's channel layer.
+"""The channel layers: the embedded mode's, and Redis's with publications pipelined.
+
+The embedded mode's (``InMemoryChannelLayer``):
 
 Channels' ``InMemoryChannelLayer`` walks every channel's queue and every group's
 members on each ``send``, ``receive`` and ``group_send`` to drop expired entries.
@@ -14,6 +16,12 @@ starts a task per member and waits for them all, and deep-copies the message for
 each: per frame of a reply, two turns of the event loop and a copy, under a burst
 of replies a twentieth of the worker's time.  The message itself is queued, not a
 copy: what is published (the chat's frames) is never changed after.
+
+With Redis (``RedisPubSubChannelLayer``): Channels' pub/sub layer sends each
+``group_send`` as its own ``PUBLISH`` under a lock of the process, one round trip at
+a time.  Ours sends it through the hot store's shared pipeline
+(``chatapp.hotstore._Pipeline``) on the same Redis: what every task of the process
+publishes meanwhile goes out together.  Receiving, groups and channels are Channels'.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ import time
 from typing import Any
 
 from channels.layers import InMemoryChannelLayer as BaseInMemoryChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer as BaseRedisPubSubChannelLayer
+
+from chatapp import hotstore
 
 CLEAN_EVERY = 1.0  # seconds between walks over every channel and group
 
@@ -67,3 +78,21 @@ class InMemoryChannelLayer(BaseInMemoryChannelLayer):
         if queue is None:
             queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
         return queue
+
+
+class RedisPubSubChannelLayer(BaseRedisPubSubChannelLayer):
+    """Channels' Redis pub/sub layer, its publications sent through the shared pipeline.
+
+    It must use the Redis of ``REDIS_URL`` (the hot store's), as the settings do.
+    """
+
+    def group_channel(self, group: str) -> str:
+        """The Redis channel the group's members are subscribed to (Channels' naming)."""
+        return self._get_layer()._get_group_channel_name(group)
+
+    def publication(self, group: str, message: dict[str, Any]) -> tuple[str, bytes]:
+        """``group_send``'s ``PUBLISH``, as ``(channel, message)``, for a caller's pipeline."""
+        return self.group_channel(group), self.serialize(message)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        await hotstore.apublish(*self.publication(group, message))

@@ -25,13 +25,14 @@ def test_the_database_is_postgresql_through_psycopg3_with_a_pool() -> None:
 
 @pytest.mark.skipif(not USING_REDIS, reason="TEST_REDIS_URL not set: embedded run")
 async def test_cache_and_channel_layer_are_redis() -> None:
-    from channels_redis.pubsub import RedisPubSubChannelLayer
     from django.core.cache import caches
     from django.core.cache.backends.redis import RedisCache
 
     assert isinstance(caches["default"], RedisCache)
     await cache.aset("services-probe", 42)
     assert await cache.aget("services-probe") == 42
+
+    from chatapp.layers import RedisPubSubChannelLayer
 
     layer = get_channel_layer()
     assert isinstance(layer, RedisPubSubChannelLayer)

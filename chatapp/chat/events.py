@@ -19,6 +19,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 
 from chatapp import hotstore
+from chatapp.layers import RedisPubSubChannelLayer
 
 SNAPSHOT_TTL = 3600
 HEARTBEAT_EVERY = 2.0  # seconds between heartbeats of a reply being written
@@ -35,18 +36,34 @@ def snapshot_key(message_id: int) -> str:
     return f"reply:{message_id}"
 
 
-async def append_snapshot(message_id: int, frames: list[dict[str, Any]]) -> bool:
-    """Add the frames about to be published to the reply's snapshot.
+async def publish_frames(
+    conversation_id: int, message_id: int, frames: list[dict[str, Any]]
+) -> bool:
+    """Add a reply's frames to its snapshot, then publish them to its conversation.
 
-    Returns whether a stop was asked for the reply: read in the same round trip to
-    the hot store, so every publication also looks at the stop flag, for free.
+    In that order: a tab that subscribes, then reads the snapshot, misses none (it
+    drops the frames its snapshot already covers).  Returns whether a stop was asked
+    for the reply: read in passing, so every publication also looks at the stop flag.
+    With Redis all of it is one round trip, shared with the process's other replies
+    (``hotstore._Pipeline``).
     """
+    pieces = [(frame["seq"], frame["type"], frame["text"]) for frame in frames]
+    layer = get_channel_layer()
+    if not isinstance(layer, RedisPubSubChannelLayer):
+        stop = await hotstore.aappend(
+            snapshot_key(message_id), pieces, SNAPSHOT_TTL, read=stop_key(message_id)
+        )
+        for frame in frames:
+            await publish(conversation_id, frame)
+        return bool(stop)
+    group = group_name(conversation_id)
     return bool(
         await hotstore.aappend(
             snapshot_key(message_id),
-            [(frame["seq"], frame["type"], frame["text"]) for frame in frames],
+            pieces,
             SNAPSHOT_TTL,
             read=stop_key(message_id),
+            publish=[layer.publication(group, _event(frame)) for frame in frames],
         )
     )
 
@@ -81,9 +98,11 @@ def alive_key(message_id: int) -> str:
     return f"alive:{message_id}"
 
 
+def _event(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "chat.event", "payload": payload}
+
+
 async def publish(conversation_id: int, payload: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is not None:
-        await layer.group_send(
-            group_name(conversation_id), {"type": "chat.event", "payload": payload}
-        )
+        await layer.group_send(group_name(conversation_id), _event(payload))

@@ -41,9 +41,9 @@ from chatapp.chat.events import (
     HEARTBEAT_EVERY,
     HEARTBEAT_TTL,
     alive_key,
-    append_snapshot,
     drop_snapshot,
     publish,
+    publish_frames,
     read_snapshot,
     stop_key,
 )
@@ -65,7 +65,7 @@ RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while stre
 # per reply from growing with the number of pieces the upstream splits it into.
 FLUSH_EVERY = 0.05
 # Seconds between looks at the shared stop flag of their own, when no publication
-# (which reads it in passing: ``append_snapshot``) has looked meanwhile.
+# (which reads it in passing: ``publish_frames``) has looked meanwhile.
 STOP_CHECK_EVERY = 0.25
 # Seconds between two wakes of a reply's heartbeat task: it beats every HEARTBEAT_EVERY,
 # and until the upstream's first words looks at the stop flag on each wake.
@@ -375,11 +375,9 @@ class _Publisher:
         if not frames:
             return
         text = self.writer.text  # as of take(): what the frames cover
-        if await append_snapshot(self.writer.message_id, frames):
+        if await publish_frames(self.conversation_id, self.writer.message_id, frames):
             self.stop_asked = True
         self.stop_checked_at = self.published_at
-        for frame in frames:
-            await publish(self.conversation_id, frame)
         if self.published_at - self.rendered_at >= RENDER_EVERY and text:
             self.rendered_at = self.published_at
             render = self.writer.render_frame(render_markdown(text))

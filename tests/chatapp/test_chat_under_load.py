@@ -80,14 +80,15 @@ async def test_the_first_piece_goes_out_at_once_and_slow_pieces_one_by_one(
 
 
 async def test_the_snapshot_grows_by_appending_and_reads_back_whole() -> None:
-    await events.append_snapshot(
+    await events.publish_frames(
+        5,
         5,
         [
             {"type": "reasoning", "seq": 1, "text": "Hmm. "},
             {"type": "delta", "seq": 2, "text": "Hello"},
         ],
     )
-    await events.append_snapshot(5, [{"type": "delta", "seq": 3, "text": ", world"}])
+    await events.publish_frames(5, 5, [{"type": "delta", "seq": 3, "text": ", world"}])
     assert await events.read_snapshot(5) == (3, "Hello, world", "Hmm. ")
     assert await hotstore.arange(events.snapshot_key(5)) == [
         (1, "reasoning", "Hmm. "),

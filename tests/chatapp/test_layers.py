@@ -1,8 +1,22 @@
-"""The embedded mode's channel layer: what a publication to a conversation's group does."""
+"""The channel layers: what a publication to a conversation's group does.
+
+The embedded mode's in-memory layer, and with Redis the hot store's shared pipeline
+the chat's publications go through (``chatapp.hotstore._Pipeline``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from channels.layers import get_channel_layer
+
+from chatapp import hotstore
+from chatapp.chat import events
 from chatapp.layers import InMemoryChannelLayer
+from tests.services import USING_REDIS
+
+redis_only = pytest.mark.skipif(not USING_REDIS, reason="TEST_REDIS_URL not set: embedded run")
 
 
 async def test_a_group_message_reaches_every_member_in_order_at_once() -> None:
@@ -60,3 +74,55 @@ async def test_a_publication_starts_no_task_and_copies_nothing() -> None:
     assert started == []
     assert await layer.receive(first) is frame
     assert await layer.receive(second) is frame
+
+
+@redis_only
+async def test_with_redis_many_replies_publish_together_in_order_and_whole() -> None:
+    layer = get_channel_layer()
+    tabs = [await layer.new_channel() for _ in range(2)]
+    for tab in tabs:
+        await layer.group_add(events.group_name(9), tab)
+    shared = hotstore.pipeline()
+    before = shared.round_trips
+
+    async def reply(message_id: int) -> None:
+        for seq in range(1, 6):
+            frame = {"type": "delta", "message": message_id, "seq": seq, "text": f"{seq} "}
+            assert await events.publish_frames(9, message_id, [frame]) is False
+
+    # 40 replies of one conversation, five publications each, all at once.
+    await asyncio.gather(*(reply(message_id) for message_id in range(100, 140)))
+    # One round trip per publication would be 200; all the replies share each one.
+    assert shared.round_trips - before <= 20
+    for tab in tabs:
+        received: dict[int, list[int]] = {}
+        for _ in range(200):
+            frame = (await asyncio.wait_for(layer.receive(tab), 5))["payload"]
+            received.setdefault(frame["message"], []).append(frame["seq"])
+        assert received == {message_id: [1, 2, 3, 4, 5] for message_id in range(100, 140)}
+    # Each reply's snapshot holds what it published, appended before it went out.
+    assert await events.read_snapshot(123) == (5, "1 2 3 4 5 ", "")
+
+
+@redis_only
+async def test_with_redis_a_stop_asked_is_read_by_the_next_publication() -> None:
+    await hotstore.aset(events.stop_key(77), True, 60)
+    frame = {"type": "delta", "message": 77, "seq": 1, "text": "Hi"}
+    assert await events.publish_frames(9, 77, [frame]) is True
+    assert await events.publish_frames(9, 78, [frame | {"message": 78}]) is False
+
+
+@redis_only
+async def test_with_redis_a_command_that_fails_fails_its_caller_alone() -> None:
+    # A string where the snapshot's list should be: Redis refuses the append
+    # (WRONGTYPE).  Sent in the same round trip, the other reply's append goes through.
+    await hotstore.aset(events.snapshot_key(50), "not a list", 60)
+    frame = {"type": "delta", "message": 50, "seq": 1, "text": "Hi"}
+    failed, done = await asyncio.gather(
+        events.publish_frames(9, 50, [frame]),
+        events.publish_frames(9, 51, [frame | {"message": 51}]),
+        return_exceptions=True,
+    )
+    assert "WRONGTYPE" in str(failed)
+    assert done is False
+    assert await events.read_snapshot(51) == (1, "Hi", "")

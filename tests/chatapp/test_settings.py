@@ -85,7 +85,7 @@ def test_database_url_selects_postgres_with_a_connection_pool(tmp_path: Path) ->
 
 def test_redis_url_moves_layer_cache_and_broker_to_redis(tmp_path: Path) -> None:
     loaded = json.loads(load_settings(tmp_path, REDIS_URL="redis://cache.internal:6379/2").stdout)
-    assert loaded["layer"]["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
+    assert loaded["layer"]["BACKEND"] == "chatapp.layers.RedisPubSubChannelLayer"
     assert loaded["layer"]["CONFIG"]["hosts"] == ["redis://cache.internal:6379/2"]
     assert loaded["cache"] == "django.core.cache.backends.redis.RedisCache"
     assert loaded["broker"] == "redis://cache.internal:6379/2"
