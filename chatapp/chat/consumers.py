@@ -183,13 +183,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         The sender's web key and the catalog's version are read here, on the loop
         (the hot store), not in the trip (``generation.trip``).
         """
-        started = await generation.trip(_start)(
-            action,
-            user_id=self.user_id,
-            principal=await aweb_principal(self.user_id),
-            catalog_version=await catalog.aversion(),
-            **arguments,
-        )
+        with generation.starting():
+            started = await generation.trip(_start)(
+                action,
+                user_id=self.user_id,
+                principal=await aweb_principal(self.user_id),
+                catalog_version=await catalog.aversion(),
+                **arguments,
+            )
         await self._started(started, client_id)
 
     async def _started(self, started: _Started, client_id: str) -> None:

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -64,6 +64,12 @@ RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while stre
 # out as one frame.  Under a burst of replies this is what keeps the worker's cost
 # per reply from growing with the number of pieces the upstream splits it into.
 FLUSH_EVERY = 0.05
+# Every frame costs the worker the same, however little it carries (the channel layer,
+# each tab's consumer, the WebSocket).  With many replies streaming in the process a
+# reply publishes less often: this much longer per reply running, up to FLUSH_MOST.
+# 200 replies at once are five frames a second each, not twenty.
+FLUSH_PER_REPLY = 0.001
+FLUSH_MOST = 0.25
 # Seconds between looks at the shared stop flag of their own, when no publication
 # (which reads it in passing: ``publish_frames``) has looked meanwhile.
 STOP_CHECK_EVERY = 0.25
@@ -249,6 +255,7 @@ async def run(
             left_out = browser.fit_context(request, model.context_window, model.max_output_tokens)
             if left_out:
                 await publish(conversation_id, browser.left_out_frame(message_id, left_out))
+        pace = _Pace()
         call = pipeline.Call(
             principal=principal,
             endpoint="browser",
@@ -258,8 +265,9 @@ async def run(
             request=request,
             user_id=prepared.user_id,
             on_cancel=pipeline.INTERRUPTED,
+            pace=pace,
         )
-        status = await _opened_and_relayed(call, writer, conversation_id, heartbeat)
+        status = await _opened_and_relayed(call, writer, conversation_id, heartbeat, pace)
     except RelayError as exc:
         # The person reads plain words (browser.failure_text); the technical message
         # is in the usage record and here, for admins.
@@ -304,6 +312,7 @@ async def _opened_and_relayed(
     writer: browser.ReplyWriter,
     conversation_id: int,
     heartbeat: _Heartbeat,
+    pace: _Pace,
 ) -> str:
     """The pipeline's stream relayed; the reply's status.
 
@@ -314,7 +323,7 @@ async def _opened_and_relayed(
     async def opened_and_relayed() -> str:
         async with pipeline.chat(call) as stream:
             heartbeat.streaming = True  # from here the publications look at the stop flag
-            return await _relay(stream, writer, conversation_id)
+            return await _relay(stream, writer, conversation_id, pace)
 
     task = asyncio.ensure_future(opened_and_relayed())
 
@@ -332,11 +341,53 @@ async def _opened_and_relayed(
         raise  # this reply itself was cancelled (a shutdown)
 
 
+class _Pace:
+    """How long the reply lets its upstream's pieces gather before reading on.
+
+    Until the next publication is due: reading every piece the moment it arrives
+    buys nothing when they go out together, and costs a wake-up of the reply and of
+    every layer of its HTTP client per piece (``chatapp.relay.sse.events``).  The first
+    pieces are read at once (the first words go out as soon as they come).
+    """
+
+    def __init__(self) -> None:
+        self.publisher: _Publisher | None = None
+
+    def __call__(self) -> float:
+        publisher = self.publisher
+        if publisher is None:
+            return 0.0
+        return publisher.published_at + flush_interval() - time.monotonic()
+
+
+def flush_interval() -> float:
+    """Seconds between two publications of a reply, as busy as this process is now.
+
+    Busy: the replies it writes, and the sends, edits and regenerations on their way
+    to starting one (``starting``).
+    """
+    return min(FLUSH_MOST, max(FLUSH_EVERY, (len(_tasks) + _starting) * FLUSH_PER_REPLY))
+
+
+_starting = 0
+
+
+@contextlib.contextmanager
+def starting() -> Iterator[None]:
+    """A reply on its way to ``start``: it counts towards how busy the process is."""
+    global _starting
+    _starting += 1
+    try:
+        yield
+    finally:
+        _starting -= 1
+
+
 class _Publisher:
-    """Publishes a reply's frames at most once per ``FLUSH_EVERY``, in order.
+    """Publishes a reply's frames at most once per ``flush_interval()``, in order.
 
     The reply's reader gathers pieces into the writer and pokes; this task wakes,
-    lets ``FLUSH_EVERY`` pass since its last publication, then appends what was
+    lets ``flush_interval()`` pass since its last publication, then appends what was
     gathered to the snapshot and publishes it, with the markdown rendered every
     ``RENDER_EVERY``.  The first piece after a quiet spell goes out at once.
     """
@@ -362,7 +413,7 @@ class _Publisher:
     async def _run(self) -> None:
         while not self.closing:
             await self.wake.wait()
-            delay = self.published_at + FLUSH_EVERY - time.monotonic()
+            delay = self.published_at + flush_interval() - time.monotonic()
             if delay > 0 and not self.closing:
                 await asyncio.sleep(delay)
             self.wake.clear()
@@ -391,9 +442,14 @@ class _Publisher:
 
 
 async def _relay(
-    stream: pipeline.ChatStream, writer: browser.ReplyWriter, conversation_id: int
+    stream: pipeline.ChatStream,
+    writer: browser.ReplyWriter,
+    conversation_id: int,
+    pace: _Pace | None = None,
 ) -> str:
     publisher = _Publisher(writer, conversation_id)
+    if pace is not None:
+        pace.publisher = publisher
     try:
         async for item in stream:
             if writer.item(item):

@@ -125,6 +125,9 @@ class Call:
     error_type: str = ""
     error_message: str = ""
     settled: bool = False
+    # The transport's pace: seconds to let pass before reading the upstream's stream
+    # on (``sse.events``); None reads every piece as it arrives (the /v1 streams).
+    pace: Callable[[], float] | None = None
 
     @property
     def rate(self) -> tuple[RateWindow, ...]:
@@ -726,10 +729,13 @@ CONTENT_EVENTS = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta, Finis
 
 
 async def _items(
-    target: Target, response: httpx.Response, decoder: StreamDecoder
+    target: Target,
+    response: httpx.Response,
+    decoder: StreamDecoder,
+    pace: Callable[[], float] | None = None,
 ) -> AsyncIterator[UpstreamItem]:
     try:
-        async for name, data in sse.events(response):
+        async for name, data in sse.events(response, pace):
             item = decoder.feed(name, data)
             if item is not None:
                 yield item
@@ -837,7 +843,7 @@ async def _open(call: Call, targets: list[Target], request: ChatRequest) -> Chat
             await connection.__aexit__(None, None, None)
             raise
         decoder = upstream.stream_decoder(target)
-        items = _items(target, response, decoder)
+        items = _items(target, response, decoder, call.pace)
         opening: list[UpstreamItem] = []
         try:
             async for item in items:

@@ -10,6 +10,7 @@ once; a catalog change still reaches the next send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -76,6 +77,44 @@ async def test_the_first_piece_goes_out_at_once_and_slow_pieces_one_by_one(
     await ws.send_json_to({"action": "send", "conversation": None, "text": "Go", "attachments": []})
     frames = [frame for frame in await receive_until(ws, "done") if frame["type"] == "delta"]
     assert [frame["text"] for frame in frames] == ["one", " two", " three", " four"]
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("busy_with", ["replies", "sends"])
+async def test_with_many_replies_running_each_goes_out_in_fewer_bigger_frames(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    busy_with: str,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    # 40 pieces 25 ms apart: a second of streaming, like the load script's replies.
+    upstream.script(Reply(text=words, chunk_delay=0.025), Reply(text=words, chunk_delay=0.025))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+
+    async def deltas() -> list[dict[str, Any]]:
+        await ws.send_json_to(
+            {"action": "send", "conversation": None, "text": "Go", "attachments": []}
+        )
+        frames = [frame for frame in await receive_until(ws, "done") if frame["type"] == "delta"]
+        assert [frame["seq"] for frame in frames] == list(range(1, len(frames) + 1))
+        assert "".join(frame["text"] for frame in frames) == words
+        return frames
+
+    alone = await deltas()
+    if busy_with == "replies":
+        # 200 other replies being written by this process (stand-ins for their tasks).
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(generation, "_tasks", {loop.create_future() for _ in range(200)})
+        busy = await deltas()
+    else:
+        # 200 sends of other people on their way to their replies (a burst's start).
+        with contextlib.ExitStack() as stack:
+            for _ in range(200):
+                stack.enter_context(generation.starting())
+            busy = await deltas()
+    assert len(alone) >= 10  # every 50 ms
+    assert len(busy) <= 8  # every 0.2 s
     await ws.disconnect()
 
 
