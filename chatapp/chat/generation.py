@@ -189,14 +189,14 @@ class _Heartbeat:
         self.streaming = False
         self.stopped = False
 
-    async def start(self) -> None:
-        await hotstore.aset(self.key, True, HEARTBEAT_TTL)
+    def start(self) -> None:
+        # The first beat too is the task's: the reply's start does not wait for it (a
+        # reply younger than a heartbeat's lifetime counts as live meanwhile: recover).
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        beaten = time.monotonic()
+        beaten = -HEARTBEAT_EVERY  # (long ago: beat at once)
         while True:
-            await asyncio.sleep(WATCH_EVERY)
             try:
                 if time.monotonic() - beaten >= HEARTBEAT_EVERY:
                     beaten = time.monotonic()
@@ -209,6 +209,7 @@ class _Heartbeat:
                         self.stop_opening = None
             except Exception as exc:  # the hot store unreachable for a moment: try again
                 logger.warning("heartbeat of %s failed: %r", self.key, exc)
+            await asyncio.sleep(WATCH_EVERY)
 
     def end(self) -> None:
         """No more beats (synchronous: it holds even in a task being cancelled)."""
@@ -236,7 +237,7 @@ async def run(
     started = time.perf_counter()
     heartbeat = _Heartbeat(message_id)
     try:
-        await heartbeat.start()
+        heartbeat.start()
         if prepared is None:
             prepared = await database_sync_to_async(browser.prepare)(message_id)
         conversation_id = prepared.conversation_id
