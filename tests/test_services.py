@@ -32,8 +32,11 @@ async def test_cache_and_channel_layer_are_redis() -> None:
     await cache.aset("services-probe", 42)
     assert await cache.aget("services-probe") == 42
 
+    from redis.utils import HIREDIS_AVAILABLE
+
     from chatapp.layers import RedisPubSubChannelLayer
 
+    assert HIREDIS_AVAILABLE  # redis-py parses replies in C (pyproject: redis[hiredis])
     layer = get_channel_layer()
     assert isinstance(layer, RedisPubSubChannelLayer)
     channel = await layer.new_channel()
