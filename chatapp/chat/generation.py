@@ -65,11 +65,12 @@ RENDER_EVERY = 0.75  # seconds between server-rendered markdown swaps while stre
 # per reply from growing with the number of pieces the upstream splits it into.
 FLUSH_EVERY = 0.05
 # Every frame costs the worker the same, however little it carries (the channel layer,
-# each tab's consumer, the WebSocket).  With many replies streaming in the process a
-# reply publishes less often: this much longer per reply running, up to FLUSH_MOST.
-# 200 replies at once are five frames a second each, not twenty.
-FLUSH_PER_REPLY = 0.001
-FLUSH_MOST = 0.25
+# each tab's consumer, the WebSocket), and under a burst that time is taken from the
+# sends still waiting for their first words.  So the busier the process, the less
+# often a reply publishes: this much longer per reply running or starting, up to
+# FLUSH_MOST.  200 replies at once get a frame every 0.4 s each, not every 50 ms.
+FLUSH_PER_REPLY = 0.002
+FLUSH_MOST = 0.5
 # Seconds between looks at the shared stop flag of their own, when no publication
 # (which reads it in passing: ``publish_frames``) has looked meanwhile.
 STOP_CHECK_EVERY = 0.25

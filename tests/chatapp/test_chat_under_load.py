@@ -114,7 +114,7 @@ async def test_with_many_replies_running_each_goes_out_in_fewer_bigger_frames(
                 stack.enter_context(generation.starting())
             busy = await deltas()
     assert len(alone) >= 10  # every 50 ms
-    assert len(busy) <= 8  # every 0.2 s
+    assert len(busy) <= 8  # every 0.4 s
     await ws.disconnect()
 
 
