@@ -126,6 +126,9 @@ class _Local:
 class _Pipeline:
     """Commands of every task of an event loop, sent together: one round trip at a time.
 
+    Every read and write of the hot store goes through it (``aget``, ``aset``,
+    ``aappend``...; the limiter's scripts use the client directly).
+
     The chat's publications (a reply's frames appended to its snapshot and published
     to its conversation's tabs) are many small writes from hundreds of tasks at once.
     One at a time, each cost a round trip: about 0.3 ms of the worker's CPU and a
@@ -294,7 +297,7 @@ async def aget(key: str) -> Any:
         if value is None:
             _missed.set((key, _local.generation))
         return value
-    raw = await async_client().get(PREFIX + key)
+    (raw,) = await pipeline().submit(lambda pipe: pipe.get(PREFIX + key))
     return None if raw is None else pickle.loads(raw)
 
 
@@ -312,7 +315,8 @@ async def aset(key: str, value: Any, ttl: float | None = None) -> None:
     if _redis_url() is None:
         _local.set(key, value, ttl)
         return
-    await async_client().set(PREFIX + key, pickle.dumps(value), ex=int(ttl) if ttl else None)
+    raw = pickle.dumps(value)
+    await pipeline().submit(lambda pipe: pipe.set(PREFIX + key, raw, ex=int(ttl) if ttl else None))
 
 
 async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
@@ -320,8 +324,9 @@ async def aadd(key: str, value: Any, ttl: float | None = None) -> None:
     if _redis_url() is None:
         _local.add(key, value, ttl)
         return
-    await async_client().set(
-        PREFIX + key, pickle.dumps(value), ex=int(ttl) if ttl else None, nx=True
+    raw = pickle.dumps(value)
+    await pipeline().submit(
+        lambda pipe: pipe.set(PREFIX + key, raw, ex=int(ttl) if ttl else None, nx=True)
     )
 
 
@@ -382,7 +387,8 @@ async def arange(key: str) -> list[Any]:
     """The list at ``key`` (empty when there is none)."""
     if _redis_url() is None:
         return list(_local.get(key) or ())
-    return [pickle.loads(raw) for raw in await async_client().lrange(PREFIX + key, 0, -1)]
+    (items,) = await pipeline().submit(lambda pipe: pipe.lrange(PREFIX + key, 0, -1))
+    return [pickle.loads(raw) for raw in items]
 
 
 async def adelete(*keys: str) -> None:
@@ -390,7 +396,10 @@ async def adelete(*keys: str) -> None:
     if _redis_url() is None:
         _local.delete(list(keys))
         return
-    await async_client().delete(*(PREFIX + key for key in keys))
+    if not keys:
+        return
+    names = [PREFIX + key for key in keys]
+    await pipeline().submit(lambda pipe: pipe.delete(*names))
 
 
 def set(key: str, value: Any, ttl: float | None = None) -> None:  # noqa: A001 - mirrors aset

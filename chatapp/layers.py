@@ -21,7 +21,11 @@ With Redis (``RedisPubSubChannelLayer``): Channels' pub/sub layer sends each
 ``group_send`` as its own ``PUBLISH`` under a lock of the process, one round trip at
 a time.  Ours sends it through the hot store's shared pipeline
 (``chatapp.hotstore._Pipeline``) on the same Redis: what every task of the process
-publishes meanwhile goes out together.  Receiving, groups and channels are Channels'.
+publishes meanwhile goes out together.  Its ``group_add`` takes that lock too, once
+per group: under a burst of new conversations the subscriptions went one per turn of
+the event loop, and each sender's first frame waited for its own.  Ours subscribes
+to every group asked for meanwhile in one ``SUBSCRIBE`` (``_Subscriber``).  Receiving
+and the rest are Channels'.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from typing import Any
 
 from channels.layers import InMemoryChannelLayer as BaseInMemoryChannelLayer
@@ -96,3 +101,72 @@ class RedisPubSubChannelLayer(BaseRedisPubSubChannelLayer):
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await hotstore.apublish(*self.publication(group, message))
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Channels' own, with the subscription sent together with the others meanwhile."""
+        layer = self._get_layer()
+        if channel not in layer.channels:
+            raise RuntimeError("You can only call group_add() on channels that exist in-process.")
+        group_channel = layer._get_group_channel_name(group)
+        layer.groups.setdefault(group_channel, set()).add(channel)
+        shard = layer._get_shard(group_channel)
+        if group_channel not in shard._subscribed_to:
+            subscriber = _subscribers.get(shard)
+            if subscriber is None:
+                subscriber = _subscribers[shard] = _Subscriber(shard)
+            await subscriber.subscribe(group_channel)
+
+
+class _Subscriber:
+    """The subscriptions asked of one Redis connection meanwhile, sent as one command.
+
+    The shard's own lock (channels_redis's) still orders them with its subscribes and
+    unsubscribes.  Like Channels', a subscription is made when its command is sent:
+    a ``PUBLISH`` Redis receives after it reaches this process.
+    """
+
+    def __init__(self, shard: Any) -> None:
+        self.shard = shard
+        self.waiting: dict[str, asyncio.Future[None]] = {}
+        self.sending = False
+        self.commands = 0
+
+    async def subscribe(self, name: str) -> None:
+        future = self.waiting.get(name)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self.waiting[name] = loop.create_future()
+            # Read here if no waiter is left to (a cancelled one).
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            if not self.sending:
+                self.sending = True
+                loop.create_task(self._send())
+        await asyncio.shield(future)
+
+    async def _send(self) -> None:
+        shard = self.shard
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, {}
+                try:
+                    async with shard._lock:
+                        shard._ensure_redis()
+                        shard._ensure_receiver()
+                        names = [name for name in batch if name not in shard._subscribed_to]
+                        if names:
+                            self.commands += 1
+                            await shard._pubsub.subscribe(*names)
+                            shard._subscribed_to.update(names)
+                except Exception as exc:
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self.sending = False
+
+
+_subscribers: weakref.WeakKeyDictionary[Any, _Subscriber] = weakref.WeakKeyDictionary()

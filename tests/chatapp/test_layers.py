@@ -126,3 +126,33 @@ async def test_with_redis_a_command_that_fails_fails_its_caller_alone() -> None:
     assert "WRONGTYPE" in str(failed)
     assert done is False
     assert await events.read_snapshot(51) == (1, "Hi", "")
+
+
+@redis_only
+async def test_with_redis_groups_joined_at_once_are_subscribed_together() -> None:
+    from chatapp.layers import _subscribers
+
+    layer = get_channel_layer()
+    tabs = [await layer.new_channel() for _ in range(100)]
+    # A burst of new conversations: every tab joins its own group at the same time.
+    await asyncio.gather(
+        *(layer.group_add(events.group_name(1000 + n), tab) for n, tab in enumerate(tabs))
+    )
+    commands = sum(subscriber.commands for subscriber in _subscribers.values())
+    assert commands <= 5  # not one SUBSCRIBE per group, each waiting for the one before
+    for n in range(len(tabs)):
+        await events.publish(1000 + n, {"type": "delta", "message": n, "seq": 1, "text": "x"})
+    for n, tab in enumerate(tabs):
+        assert (await asyncio.wait_for(layer.receive(tab), 5))["payload"]["message"] == n
+
+
+@redis_only
+async def test_with_redis_reads_and_writes_of_many_tasks_share_round_trips() -> None:
+    shared = hotstore.pipeline()
+    await asyncio.gather(*(hotstore.aset(f"probe:{n}", n, 60) for n in range(200)))
+    before = shared.round_trips
+    values = await asyncio.gather(*(hotstore.aget(f"probe:{n}") for n in range(200)))
+    assert values == list(range(200))
+    assert 1 <= shared.round_trips - before <= 3  # (one each: 200)
+    await hotstore.adelete(*(f"probe:{n}" for n in range(200)))
+    assert await hotstore.aget("probe:7") is None
