@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import translation
 from django.utils.translation import gettext as _
@@ -284,7 +285,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             # action's own could start.
             await self.websocket_receive(message)
             return
+        if message.get("type") in ("websocket.connect", "websocket.disconnect"):
+            # Nor for opening and closing, which read nothing from the database (the
+            # user was read by the auth middleware): a burst of tabs reconnecting
+            # after a restart queued two trips each behind the sends and saves.
+            await (
+                self.websocket_connect(message)
+                if message["type"] == "websocket.connect"
+                else self.websocket_disconnect(message)
+            )
+            return
         await super().dispatch(message)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        """Channels' own without its trip to the database thread (see ``dispatch``)."""
+        await self.disconnect(message["code"])
+        raise StopConsumer()
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         await self.send_json(event["payload"])

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
@@ -68,6 +69,19 @@ async def receive_until(
         events.append(event)
         if event["type"] == kind:
             return events
+
+
+async def test_tabs_open_and_close_while_the_database_thread_is_busy() -> None:
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    # Another request's long trip holds the process's database thread for 3 s (a burst
+    # of sends and saves, on SQLite).  Opening and closing a tab touch no database.
+    busy = asyncio.ensure_future(database_sync_to_async(time.sleep)(3))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    ws = await connect(alice)
+    await ws.disconnect()
+    assert time.monotonic() - started < 1.5
+    await busy
 
 
 async def test_a_message_streams_its_reply_and_is_saved(upstream: FakeUpstream) -> None:
