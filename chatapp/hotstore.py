@@ -145,6 +145,7 @@ class _Pipeline:
         self.client = client
         self.waiting: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]] = []
         self.sending = False
+        self.task: asyncio.Task[None] | None = None  # (held: the loop keeps only a weak one)
         self.round_trips = 0
 
     def submit(self, queue: Callable[[Any], None]) -> asyncio.Future[list[Any]]:
@@ -154,7 +155,7 @@ class _Pipeline:
         self.waiting.append((queue, future))
         if not self.sending:
             self.sending = True
-            loop.create_task(self._send())
+            self.task = loop.create_task(self._send())
         return future
 
     async def _send(self) -> None:

@@ -129,6 +129,7 @@ class _Subscriber:
         self.shard = shard
         self.waiting: dict[str, asyncio.Future[None]] = {}
         self.sending = False
+        self.task: asyncio.Task[None] | None = None  # (held: the loop keeps only a weak one)
         self.commands = 0
 
     async def subscribe(self, name: str) -> None:
@@ -140,7 +141,7 @@ class _Subscriber:
             future.add_done_callback(lambda done: done.cancelled() or done.exception())
             if not self.sending:
                 self.sending = True
-                loop.create_task(self._send())
+                self.task = loop.create_task(self._send())
         await asyncio.shield(future)
 
     async def _send(self) -> None:
