@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from django.db import OperationalError, connection, transaction
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -335,6 +336,17 @@ def do_send_message(
     ``principal``: the sender's web key as the hot store has it, if known;
     ``catalog_version``: the catalog's version, if just read.
     """
+    if conversation_id in (None, "") and attachment_ids == []:
+        start = check_new_conversation(
+            user_id=user_id,
+            text=text,
+            model=model,
+            system_prompt=system_prompt,
+            temperature=temperature,
+            principal=principal,
+            catalog_version=catalog_version,
+        )
+        return do_start_conversations(starts=[start])[0]
     models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
 
     if model is not None and not isinstance(model, str):
@@ -351,18 +363,8 @@ def do_send_message(
     created = conversation_id in (None, "")
     with _writing(waits=not created or bool(attachment_ids)):
         if created:
-            if isinstance(model, str) and model:
-                name = model
-            else:
-                default = default_chat_model(models, catalog_version)
-                name = default.name if default else ""
-            if not name:
-                raise ChatError(
-                    _("No model is available to you yet: ask an administrator to add one.")
-                )
-            prompt, temperature = _check_settings(system_prompt, temperature)
-            conversation = Conversation(
-                owner_id=user_id, model=name, system_prompt=prompt, temperature=temperature
+            conversation = _new_conversation(
+                user_id, models, model, system_prompt, temperature, catalog_version
             )
         else:
             pk = check_conversation_id(user_id=user_id, conversation_id=conversation_id)
@@ -407,6 +409,129 @@ def do_send_message(
             messages=[with_attachments(message, attachments), with_attachments(reply, [])],
         )
     return started
+
+
+@dataclass(frozen=True)
+class NewConversation:
+    """A send that starts a conversation, checked; written by ``do_start_conversations``."""
+
+    conversation: Conversation  # not saved yet
+    text: str
+    principal: Principal
+    web_key_hash: str = ""
+
+
+def check_new_conversation(
+    *,
+    user_id: int,
+    text: Any,
+    model: Any = None,
+    system_prompt: Any = None,
+    temperature: Any = None,
+    principal: Principal | None = None,
+    catalog_version: str | None = None,
+) -> NewConversation:
+    """A send that starts a conversation (without images), checked as ``do_send_message`` does.
+
+    Reads nothing when the sender's key is known (``principal``) and the catalog is
+    cached at ``catalog_version``.
+    """
+    models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
+    if model is not None and not isinstance(model, str):
+        raise ChatError(_("The model must be given by its name."))
+    text = _check_text(text, required=True)
+    conversation = _new_conversation(
+        user_id, models, model, system_prompt, temperature, catalog_version
+    )
+    _check_model(models=models, name=conversation.model, images=False)
+    return NewConversation(conversation, text, principal, web_key_hash)
+
+
+def _new_conversation(
+    user_id: int,
+    models: list[CatalogModel],
+    model: str | None,
+    system_prompt: Any,
+    temperature: Any,
+    catalog_version: str | None,
+) -> Conversation:
+    """A new conversation (not saved) with the send's model, else the default, and settings."""
+    if isinstance(model, str) and model:
+        name = model
+    else:
+        default = default_chat_model(models, catalog_version)
+        name = default.name if default else ""
+    if not name:
+        raise ChatError(_("No model is available to you yet: ask an administrator to add one."))
+    prompt, checked_temperature = _check_settings(system_prompt, temperature)
+    return Conversation(
+        owner_id=user_id, model=name, system_prompt=prompt, temperature=checked_temperature
+    )
+
+
+def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
+    """Write checked new conversations, each with its first turn and its reply (to be generated).
+
+    All in one transaction and, however many, in three inserts and one update per
+    conversation: under a burst of people starting chats at once (a class, a demo)
+    the sends that queued meanwhile are written together (``generation.Gathering``),
+    where each on its own took five statements, each a hand-over of the interpreter
+    between the database thread and the event loop.  A new conversation locks no row
+    another writer holds: nothing here waits.
+    """
+    if not starts:
+        return []
+    with _writing(waits=False):
+        conversations = [start.conversation for start in starts]
+        Conversation.objects.bulk_create(conversations)
+        turns = Message.objects.bulk_create(
+            [
+                Message(conversation=conversation, parent=None, role="user", content=start.text)
+                for conversation, start in zip(conversations, starts, strict=True)
+            ]
+        )
+        replies = Message.objects.bulk_create(
+            [
+                Message(
+                    conversation=conversation,
+                    parent=turn,
+                    role="assistant",
+                    model=conversation.model,
+                    status=MessageStatus.STREAMING,
+                )
+                for conversation, turn in zip(conversations, turns, strict=True)
+            ]
+        )
+        # One statement for all: each new conversation's leaf is its reply, its one
+        # assistant message.
+        now = timezone.now()
+        Conversation.objects.filter(
+            pk__in=[conversation.pk for conversation in conversations]
+        ).update(
+            current_leaf=Subquery(
+                Message.objects.filter(conversation=OuterRef("pk"), role="assistant").values("pk")[
+                    :1
+                ]
+            ),
+            updated_at=now,
+        )
+        for conversation, reply in zip(conversations, replies, strict=True):
+            conversation.current_leaf = reply
+            conversation.updated_at = now
+    # No heartbeat yet: see _start_reply.
+    return [
+        Started(
+            conversation,
+            reply,
+            True,
+            start.principal,
+            messages=[with_attachments(turn, []), with_attachments(reply, [])],
+            web_key_hash=start.web_key_hash,
+        )
+        for start, conversation, turn, reply in zip(
+            starts, conversations, turns, replies, strict=True
+        )
+    ]
 
 
 def do_edit_message(

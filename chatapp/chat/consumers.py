@@ -185,13 +185,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         (the hot store), not in the trip (``generation.trip``).
         """
         with generation.starting():
-            started = await generation.trip(_start)(
-                action,
+            arguments.update(
                 user_id=self.user_id,
                 principal=await aweb_principal(self.user_id),
                 catalog_version=await catalog.aversion(),
-                **arguments,
             )
+            if (
+                action is actions.do_send_message
+                and arguments["conversation_id"] in (None, "")
+                and arguments["attachment_ids"] == []
+            ):
+                # A new conversation: written together with the others that arrive
+                # meanwhile (the first message of a class or a demo, all at once).
+                del arguments["conversation_id"], arguments["attachment_ids"]
+                started = await _start_conversation(arguments)
+            else:
+                started = await generation.trip(_start)(action, **arguments)
         await self._started(started, client_id)
 
     async def _started(self, started: _Started, client_id: str) -> None:
@@ -362,7 +371,46 @@ def _start(action: Callable[..., actions.Started], **arguments: Any) -> _Started
     cannot be prepared here is prepared again by the reply's task, which saves and
     reports the failure.
     """
-    result = action(**arguments)
+    return _prepared(action(**arguments))
+
+
+def _start_conversations(sends: list[dict[str, Any]]) -> list[_Started | Exception]:
+    """``_start`` for sends that each start a conversation (without images), together.
+
+    Each is checked on its own (a refused one gets its own error); those that pass are
+    written in one transaction (``actions.do_start_conversations``).  Should that fail,
+    each is written again on its own, so each gets its own outcome and no send is lost
+    for another's sake.
+    """
+    outcomes: dict[int, _Started | Exception] = {}
+    checked: list[tuple[int, actions.NewConversation]] = []
+    for index, send in enumerate(sends):
+        try:
+            checked.append((index, actions.check_new_conversation(**send)))
+        except Exception as exc:
+            outcomes[index] = exc
+    try:
+        started = actions.do_start_conversations(starts=[start for _index, start in checked])
+    except Exception:
+        logger.warning("writing %d new conversations together failed", len(checked), exc_info=True)
+        for index, _checked in checked:
+            try:
+                outcomes[index] = _start(
+                    actions.do_send_message, conversation_id=None, attachment_ids=[], **sends[index]
+                )
+            except Exception as exc:
+                outcomes[index] = exc
+    else:
+        for (index, _checked), result in zip(checked, started, strict=True):
+            outcomes[index] = _prepared(result)
+    return [outcomes[index] for index in range(len(sends))]
+
+
+_start_conversation = generation.Gathering(_start_conversations)
+
+
+def _prepared(result: actions.Started) -> _Started:
+    """``result`` with its branch's messages and its reply's request (``_start``)."""
     conversation = result.conversation
     messages = result.messages
     if messages is None:

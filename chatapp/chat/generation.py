@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -92,6 +93,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def trip_parallelism() -> int:
+    """How many trips (``trip``) run side by side: SQLite takes one writer at a time."""
+    return TRIP_THREADS if connection.vendor == "postgresql" else 1
+
+
 def trip(function: Callable[P, R]) -> Callable[P, Any]:
     """``function`` made awaitable for the chat's writes (see ``TRIP_THREADS``)."""
     if connection.vendor != "postgresql":
@@ -101,6 +107,78 @@ def trip(function: Callable[P, R]) -> Callable[P, Any]:
         thread_sensitive=False,
         executor=_trip_threads,
     )
+
+
+class Gathering:
+    """Trips (``trip``) that each carry the calls that arrived while the others were under way.
+
+    ``function`` takes the arguments gathered (at most ``most``) and returns one
+    outcome for each, in order: its result, or the exception that call raises.
+
+    Each trip is a hop to a database thread and back, and each SQL statement in it
+    hands the interpreter over between that thread and the event loop (SQLite's and
+    psycopg's calls release it): under a burst of sends the hand-overs cost as much
+    CPU as the statements.  A call to a quiet process goes at once; those that come
+    while ``parallel`` trips are under way go together on the next one (by default
+    ``trip_parallelism()``: one on SQLite, which writes one transaction at a time; on
+    PostgreSQL, one per trip thread).
+    One state per event loop (the futures belong to it).
+    """
+
+    def __init__(
+        self,
+        function: Callable[[list[Any]], list[Any]],
+        most: int = 16,
+        parallel: int | None = None,
+    ) -> None:
+        self.function = function
+        self.most = most
+        self.parallel = parallel
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gathered] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.trips = 0  # how many it took (for the tests)
+
+    async def __call__(self, argument: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            state = self._states[loop] = _Gathered()
+        future: asyncio.Future[Any] = loop.create_future()
+        state.waiting.append((argument, future))
+        if len(state.tasks) < (self.parallel or trip_parallelism()):
+            task = loop.create_task(self._run(state))
+            state.tasks.add(task)
+            task.add_done_callback(state.tasks.discard)
+        return await future
+
+    async def _run(self, state: _Gathered) -> None:
+        while state.waiting:
+            batch, state.waiting = state.waiting[: self.most], state.waiting[self.most :]
+            self.trips += 1
+            try:
+                outcomes = await trip(self.function)([argument for argument, _ in batch])
+            except Exception as exc:  # the trip itself failed: every call with it
+                outcomes = [exc] * len(batch)
+            except BaseException:  # cancelled (the loop is closing): so are the calls
+                for _argument, future in batch + state.waiting:
+                    future.cancel()
+                state.waiting = []
+                raise
+            for (_argument, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # its caller was cancelled meanwhile
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+
+class _Gathered:
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Any, asyncio.Future[Any]]] = []
+        # The trips under way (held: the loop keeps only a weak reference to a task).
+        self.tasks: set[asyncio.Task[None]] = set()
 
 
 def start(

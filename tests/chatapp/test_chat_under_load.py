@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from chatapp import hotstore
 from chatapp.chat import actions, events, generation
 from chatapp.chat.consumers import _start
-from chatapp.models import CatalogModel, Message, Route
+from chatapp.models import CatalogModel, Conversation, Message, Route
 from chatapp.relay import catalog
 from chatapp.relay.canonical import ReasoningDelta, TextDelta
 from chatapp.relay.dialects.browser import ReplyWriter
@@ -303,3 +304,98 @@ async def test_a_stop_is_seen_by_the_next_publication_of_the_reply(
     assert reply.status == "stopped"
     assert 0 < len(reply.content.split()) < 100
     await ws.disconnect()
+
+
+async def test_sends_that_start_conversations_together_are_written_together(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    from chatapp.chat import consumers
+
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    # Ten tabs (people, in the load script) send at once: eight good messages, one for
+    # a model she may not use and one with no words.
+    tabs = [await connect(alice) for _ in range(10)]
+    texts = [f"Question number {index}" for index in range(8)]
+    # Given the database thread busy when they arrive (a burst's first send)...
+    busy = asyncio.ensure_future(database_sync_to_async(time.sleep)(0.5))
+    await asyncio.sleep(0.1)
+    trips = consumers._start_conversation.trips
+    for tab, text in zip(tabs, texts, strict=False):
+        await tab.send_json_to(
+            {
+                "action": "send",
+                "conversation": None,
+                "text": text,
+                "attachments": [],
+                "client_id": text,
+            }
+        )
+    await tabs[8].send_json_to(
+        {"action": "send", "conversation": None, "text": "Hi", "attachments": [], "model": "nope"}
+    )
+    await tabs[9].send_json_to(
+        {"action": "send", "conversation": None, "text": " ", "attachments": []}
+    )
+    await busy
+    # ...they were written together, in one trip (or two, had one begun meanwhile).
+    for tab, text in zip(tabs, texts, strict=False):
+        events = await receive_until(tab, "done")
+        messages = next(event for event in events if event["type"] == "messages")
+        assert messages["client_id"] == text
+        assert text in messages["html"]
+        assert events[-1]["status"] == "complete"
+    assert consumers._start_conversation.trips - trips <= 2
+    # The refused ones each got their own error; nothing of theirs was saved.
+    refused = [await tabs[index].receive_json_from(timeout=5) for index in (8, 9)]
+    assert [frame["type"] for frame in refused] == ["error", "error"]
+    assert "nope" in refused[0]["error"]
+    assert refused[1]["error"] == "Type a message first."
+    # Every conversation has its own turn, its reply after it, and the reply as its leaf.
+    conversations = [
+        conversation
+        async for conversation in Conversation.objects.filter(owner=alice).select_related(
+            "current_leaf__parent"
+        )
+    ]
+    assert sorted(conversation.current_leaf.parent.content for conversation in conversations) == (
+        sorted(texts)
+    )
+    for conversation in conversations:
+        reply = conversation.current_leaf
+        assert (reply.role, reply.status, reply.conversation_id) == (
+            "assistant",
+            "complete",
+            conversation.pk,
+        )
+        assert reply.parent.conversation_id == conversation.pk
+    for tab in tabs:
+        await tab.disconnect()
+
+
+def test_when_writing_sends_together_fails_each_is_written_on_its_own(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    from chatapp.chat.consumers import _start_conversations
+    from keys.actions import do_get_web_key
+    from keys.auth import principal_of
+
+    alice = make_user("alice@example.com")
+    bob = make_user("bob@example.com")
+    principals = {user.pk: principal_of(do_get_web_key(user=user)) for user in (alice, bob)}
+    sends = [
+        {"user_id": user.pk, "text": f"From {user.email}", "model": "chat-model",
+         "principal": principals[user.pk]}
+        for user in (alice, bob, alice)
+    ]  # fmt: skip
+    # Bob is deleted after his send was checked (his key's principal still cached):
+    # his conversation cannot be written, and with it fails the transaction of all three.
+    bob.delete()
+    outcomes = _start_conversations(sends)
+    assert isinstance(outcomes[1], Exception)
+    for outcome in (outcomes[0], outcomes[2]):
+        assert not isinstance(outcome, Exception)
+        result, messages, prepared = outcome
+        assert [message.content for message in messages] == ["From alice@example.com", ""]
+        assert prepared is not None
+    assert Conversation.objects.filter(owner=alice).count() == 2
+    assert Message.objects.count() == 4
