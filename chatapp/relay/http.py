@@ -46,6 +46,20 @@ def client() -> httpx.AsyncClient:
     return existing
 
 
+def socket_of(response: httpx.Response) -> asyncio.Transport | None:
+    """The connection a streamed response of our client reads from, while it is open.
+
+    None for any other response (another transport, a test's), or once the body is
+    read: aiohttp lets go of the connection then.
+    """
+    aiohttp_response = getattr(getattr(response.stream, "_stream", None), "_aiohttp_response", None)
+    connection = getattr(aiohttp_response, "connection", None)
+    transport = getattr(connection, "transport", None)
+    if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+        return transport
+    return None
+
+
 async def aclose() -> None:
     """Close this event loop's client now (server shutdown, tests)."""
     loop = asyncio.get_running_loop()

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
+from chatapp.relay import http as relay_http
+
 
 class _Parser:
     """Lines in, (event name, data) pairs out, as the format says."""
@@ -41,6 +43,25 @@ class _Parser:
         return [(self.name, "\n".join(self.data))] if self.data else []
 
 
+async def _rest(response: httpx.Response, delay: float) -> None:
+    """Let ``delay`` seconds pass without reading the response's socket.
+
+    The event loop does not watch the socket meanwhile: what arrives waits in the
+    kernel's buffer, and comes in one read afterwards, not one wake-up of the loop
+    and of the HTTP client's parser per piece.
+    """
+    transport = relay_http.socket_of(response)
+    if transport is None:
+        await asyncio.sleep(delay)
+        return
+    transport.pause_reading()
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
 async def events(
     response: httpx.Response, pace: Callable[[], float] | None = None
 ) -> AsyncIterator[tuple[str, str]]:
@@ -65,6 +86,6 @@ async def events(
         if pace is not None:
             delay = pace()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await _rest(response, delay)
     for event in parser.end(pending):
         yield event

@@ -52,10 +52,12 @@ def fake() -> AsyncIterator[FakeUpstream]:  # type: ignore[misc]
     server.stop()
 
 
-async def _reads(fake: FakeUpstream, pace: float | None) -> tuple[int, str]:
-    """How many reads a stream of 20 pieces 10 ms apart took, and its text."""
+async def _reads(fake: FakeUpstream, pace: float | None) -> tuple[int, str, int]:
+    """How many reads a stream of 20 pieces 10 ms apart took, its text, and how many
+    times the event loop read the socket for it."""
     fake.script(Reply(text=" ".join(f"w{i}" for i in range(20)), chunk_delay=0.01))
     reads = 0
+    socket_reads = 0
 
     def pacing() -> float:
         nonlocal reads
@@ -69,21 +71,36 @@ async def _reads(fake: FakeUpstream, pace: float | None) -> tuple[int, str]:
         f"{fake.openai_base_url}/chat/completions",
         json={"model": "up", "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
     ) as response:
+        socket = http.socket_of(response)
+        assert socket is not None
+        protocol = socket.get_protocol()
+        received = protocol.data_received
+
+        def counted(data: bytes) -> None:
+            nonlocal socket_reads
+            socket_reads += bool(data)  # (aiohttp calls it with b"" to resume its parser)
+            received(data)
+
+        protocol.data_received = counted  # type: ignore[method-assign]
         async for _name, data in sse.events(response, pacing):
             if data != "[DONE]":
                 for choice in json.loads(data)["choices"]:
                     text += choice["delta"].get("content") or ""
-    return reads, text
+    return reads, text, socket_reads
 
 
 async def test_a_paced_reader_gets_the_pieces_sent_meanwhile_in_one_read(
     fake: FakeUpstream,
 ) -> None:
     words = " ".join(f"w{i}" for i in range(20))
-    eager, eager_text = await _reads(fake, None)
-    paced, paced_text = await _reads(fake, 0.1)
+    eager, eager_text, eager_socket = await _reads(fake, None)
+    paced, paced_text, paced_socket = await _reads(fake, 0.1)
     await http.aclose()
     assert eager_text == paced_text == words
     # About one read per piece as they come; paced, a read per 0.1 s of a 0.2 s stream.
     assert eager >= 15
     assert paced <= 5
+    # Nor does the event loop wake for each piece meanwhile: the socket is not watched
+    # while the reader rests, and what came in is read at once afterwards.
+    assert eager_socket >= 15
+    assert paced_socket <= 6
