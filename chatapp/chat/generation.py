@@ -485,6 +485,17 @@ class _Publisher:
         self.stop_checked_at = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
+    async def gathered(self) -> None:
+        """The reader gathered pieces: the first go out now, the rest at the next publication.
+
+        The first are published by the reader itself: a hop to this task is a turn of
+        the event loop, and under a burst of replies starting a turn is long.
+        """
+        if self.published_at == 0.0 and not self.wake.is_set():
+            await self._publish()
+        else:
+            self.poke()
+
     def poke(self) -> None:
         self.wake.set()
         if self.task.done():  # it failed (the hot store or the channel layer is down)
@@ -533,7 +544,7 @@ async def _relay(
     try:
         async for item in stream:
             if writer.item(item):
-                publisher.poke()
+                await publisher.gathered()
             if publisher.stop_asked:  # seen by a publication: what it published is kept
                 stream.stop()
                 return MessageStatus.STOPPED
