@@ -391,7 +391,10 @@ def _start_conversations(sends: list[dict[str, Any]]) -> list[_Started | Excepti
             outcomes[index] = exc
     try:
         started = actions.do_start_conversations(starts=[start for _index, start in checked])
-    except Exception:
+    except Exception as exc:
+        if len(checked) == 1:  # it was on its own already
+            outcomes[checked[0][0]] = exc
+            return [outcomes[index] for index in range(len(sends))]
         logger.warning("writing %d new conversations together failed", len(checked), exc_info=True)
         for index, _checked in checked:
             try:

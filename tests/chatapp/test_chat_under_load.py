@@ -374,6 +374,7 @@ async def test_sends_that_start_conversations_together_are_written_together(
 
 def test_when_writing_sends_together_fails_each_is_written_on_its_own(
     upstream: FakeUpstream,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from chatapp.chat.consumers import _start_conversations
     from keys.actions import do_get_web_key
@@ -399,3 +400,9 @@ def test_when_writing_sends_together_fails_each_is_written_on_its_own(
         assert prepared is not None
     assert Conversation.objects.filter(owner=alice).count() == 2
     assert Message.objects.count() == 4
+    assert "writing 3 new conversations together failed" in caplog.text
+    # Alone, his send fails once: it is not written again.
+    caplog.clear()
+    (outcome,) = _start_conversations([sends[1]])
+    assert isinstance(outcome, Exception)
+    assert "together failed" not in caplog.text
