@@ -147,12 +147,19 @@ class Gathering:
         future: asyncio.Future[Any] = loop.create_future()
         state.waiting.append((argument, future))
         if len(state.tasks) < (self.parallel or trip_parallelism()):
-            task = loop.create_task(self._run(state))
-            state.tasks.add(task)
-            task.add_done_callback(state.tasks.discard)
+            state.tasks.add(loop.create_task(self._run(state)))
         return await future
 
     async def _run(self, state: _Gathered) -> None:
+        try:
+            await self._trips(state)
+        finally:
+            # Now, not in a done callback: a call made before that callback ran (in the
+            # turn its caller resumed) would find this task still counted and wait for
+            # a trip that never comes.
+            state.tasks.discard(asyncio.current_task())
+
+    async def _trips(self, state: _Gathered) -> None:
         while state.waiting:
             batch, state.waiting = state.waiting[: self.most], state.waiting[self.most :]
             self.trips += 1

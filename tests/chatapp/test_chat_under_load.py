@@ -406,3 +406,20 @@ def test_when_writing_sends_together_fails_each_is_written_on_its_own(
     (outcome,) = _start_conversations([sends[1]])
     assert isinstance(outcome, Exception)
     assert "together failed" not in caplog.text
+
+
+async def test_a_send_right_after_the_last_trip_ended_gets_a_trip_of_its_own() -> None:
+    gathering = generation.Gathering(lambda arguments: [argument * 2 for argument in arguments])
+    assert await gathering(1) == 2
+    # This caller resumes before the finished trip's task is done with, and asks again
+    # at once: it must not wait for a trip that nobody will make.
+    async with asyncio.timeout(5):
+        assert await gathering(2) == 4
+    # A call that raises fails alone; the others of its trip are answered.
+    failing = generation.Gathering(
+        lambda arguments: [ValueError(a) if a < 0 else a for a in arguments]
+    )
+    results = await asyncio.gather(failing(1), failing(-1), failing(3), return_exceptions=True)
+    assert results[0] == 1
+    assert isinstance(results[1], ValueError)
+    assert results[2] == 3
