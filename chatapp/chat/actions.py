@@ -336,7 +336,7 @@ def do_send_message(
     ``principal``: the sender's web key as the hot store has it, if known;
     ``catalog_version``: the catalog's version, if just read.
     """
-    if conversation_id in (None, "") and attachment_ids == []:
+    if starts_conversation(conversation_id, attachment_ids):
         start = check_new_conversation(
             user_id=user_id,
             text=text,
@@ -411,6 +411,11 @@ def do_send_message(
     return started
 
 
+def starts_conversation(conversation_id: Any, attachment_ids: Any) -> bool:
+    """Whether a send starts a conversation without images (``do_start_conversations``)."""
+    return conversation_id in (None, "") and attachment_ids == []
+
+
 @dataclass(frozen=True)
 class NewConversation:
     """A send that starts a conversation, checked; written by ``do_start_conversations``."""
@@ -472,8 +477,7 @@ def _new_conversation(
 def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
     """Write checked new conversations, each with its first turn and its reply (to be generated).
 
-    All in one transaction and, however many, in three inserts and one update per
-    conversation: under a burst of people starting chats at once (a class, a demo)
+    All in one transaction and, however many, in three inserts and one update: under a burst of people starting chats at once (a class, a demo)
     the sends that queued meanwhile are written together (``generation.Gathering``),
     where each on its own took five statements, each a hand-over of the interpreter
     between the database thread and the event loop.  A new conversation locks no row

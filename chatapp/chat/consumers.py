@@ -190,10 +190,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 principal=await aweb_principal(self.user_id),
                 catalog_version=await catalog.aversion(),
             )
-            if (
-                action is actions.do_send_message
-                and arguments["conversation_id"] in (None, "")
-                and arguments["attachment_ids"] == []
+            if action is actions.do_send_message and actions.starts_conversation(
+                arguments["conversation_id"], arguments["attachment_ids"]
             ):
                 # A new conversation: written together with the others that arrive
                 # meanwhile (the first message of a class or a demo, all at once).
@@ -394,15 +392,22 @@ def _start_conversations(sends: list[dict[str, Any]]) -> list[_Started | Excepti
     except Exception as exc:
         if len(checked) == 1:  # it was on its own already
             outcomes[checked[0][0]] = exc
-            return [outcomes[index] for index in range(len(sends))]
-        logger.warning("writing %d new conversations together failed", len(checked), exc_info=True)
-        for index, _checked in checked:
-            try:
-                outcomes[index] = _start(
-                    actions.do_send_message, conversation_id=None, attachment_ids=[], **sends[index]
-                )
-            except Exception as exc:
-                outcomes[index] = exc
+        else:
+            logger.warning(
+                "writing %d new conversations together failed", len(checked), exc_info=True
+            )
+            # From the send itself, not its checked conversation: the failed insert left
+            # ids on those objects.
+            for index, _checked in checked:
+                try:
+                    outcomes[index] = _start(
+                        actions.do_send_message,
+                        conversation_id=None,
+                        attachment_ids=[],
+                        **sends[index],
+                    )
+                except Exception as exc:
+                    outcomes[index] = exc
     else:
         for (index, _checked), result in zip(checked, started, strict=True):
             outcomes[index] = _prepared(result)
