@@ -32,6 +32,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chatapp.chat.routing import websocket_urlpatterns  # noqa: E402
+from chatapp.relay import http as relay_http  # noqa: E402
 from chatapp.relay.asgi import api_app  # noqa: E402
 from chatapp.security import SameOriginValidator  # noqa: E402
 from keys import ledger  # noqa: E402
@@ -63,6 +64,10 @@ application = ProtocolTypeRouter(
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+
+# The upstreams' TLS settings (the CA bundle) are loaded now, not on the event loop
+# by the worker's first request to an upstream, in front of every other.
+relay_http.ssl_context()
 
 # Everything loaded so far (Django, Channels, our modules: over 100,000
 # objects) lives as long as the process.  Frozen, the cyclic garbage collector stops

@@ -16,6 +16,8 @@ there the reactor's shutdown closes it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import sys
 import weakref
 from typing import Any
@@ -33,13 +35,26 @@ _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None
 )
 
 
+@functools.cache
+def ssl_context() -> ssl.SSLContext:
+    """The clients' TLS settings, as httpx's defaults (``SSL_CERT_FILE``, certifi's CAs).
+
+    One per process, shared by every event loop's client: loading the CA bundle takes
+    tens of milliseconds, which a client built on the fly spent on its event loop at
+    the worker's first upstream request (``chatapp.asgi`` builds it at startup).
+    """
+    return httpx.create_ssl_context()
+
+
 def client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     existing = _clients.get(loop)
     if existing is None or existing.is_closed:
         # The transport keeps its own pool: give it our limits (its default is 100).
         existing = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=LIMITS), limits=LIMITS, follow_redirects=False
+            transport=AiohttpTransport(limits=LIMITS, verify=ssl_context()),
+            limits=LIMITS,
+            follow_redirects=False,
         )
         _clients[loop] = existing
         _close_with_loop(loop, existing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,44 @@ def test_aclose_closes_the_client_at_once() -> None:
         return client.is_closed
 
     assert asyncio.run(open_and_close())
+
+
+def test_a_worker_loads_the_tls_settings_at_startup_not_at_its_first_upstream_call(
+    tmp_path: Path,
+) -> None:
+    # Loading the CA bundle takes tens of milliseconds: spent on the event loop by the
+    # first reply of a worker, it delayed every reply started in the same burst.
+    env = {**os.environ, "SWITCHBOARD_DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"}
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    script = """
+import asyncio, ssl
+import chatapp.asgi
+from chatapp.relay import http as relay_http
+
+def refused(*args, **kwargs):
+    raise AssertionError("a TLS context was built on the event loop")
+
+ssl.create_default_context = refused
+
+async def clients():
+    return relay_http.client().__class__.__name__
+
+print(asyncio.run(clients()), asyncio.run(clients()))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["AsyncClient", "AsyncClient"]
+
+
+async def test_every_loops_client_shares_the_one_tls_context() -> None:
+    transport = relay_http.client()._transport
+    assert transport.ssl_context is relay_http.ssl_context()  # type: ignore[attr-defined]
+    assert transport.ssl_context.verify_mode == ssl.CERT_REQUIRED  # type: ignore[attr-defined]
