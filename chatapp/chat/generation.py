@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -122,6 +123,10 @@ class Gathering:
     while ``parallel`` trips are under way go together on the next one (by default
     ``trip_parallelism()``: one on SQLite, which writes one transaction at a time; on
     PostgreSQL, one per trip thread).
+
+    The trip's thread answers the calls itself, in one callback on the event loop:
+    through the trip's own awaiting task it took two more turns of the loop, and under
+    a burst of sends a turn is long.
     One state per event loop (the futures belong to it).
     """
 
@@ -145,46 +150,74 @@ class Gathering:
         if state is None:
             state = self._states[loop] = _Gathered()
         future: asyncio.Future[Any] = loop.create_future()
-        state.waiting.append((argument, future))
-        if len(state.tasks) < (self.parallel or trip_parallelism()):
-            state.tasks.add(loop.create_task(self._run(state)))
+        with state.lock:  # the trips' threads take from the list
+            state.waiting.append((argument, future))
+        self._more(state, loop)
         return await future
 
-    async def _run(self, state: _Gathered) -> None:
-        try:
-            await self._trips(state)
-        finally:
-            # Now, not in a done callback: a call made before that callback ran (in the
-            # turn its caller resumed) would find this task still counted and wait for
-            # a trip that never comes.
-            state.tasks.discard(asyncio.current_task())
+    def _more(self, state: _Gathered, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a trip if calls wait and fewer than ``parallel`` are under way."""
+        with state.lock:
+            if not state.waiting or state.running >= (self.parallel or trip_parallelism()):
+                return
+            state.running += 1
+        task = loop.create_task(self._run(state, loop))
+        state.tasks.add(task)  # held: the loop keeps only a weak reference to a task
+        task.add_done_callback(state.tasks.discard)
 
-    async def _trips(self, state: _Gathered) -> None:
-        while state.waiting:
-            batch, state.waiting = state.waiting[: self.most], state.waiting[self.most :]
+    async def _run(self, state: _Gathered, loop: asyncio.AbstractEventLoop) -> None:
+        began = threading.Event()
+        try:
+            await trip(self._trip)(state, loop, began)
+        except Exception as exc:
+            if began.is_set():  # its calls were answered
+                logger.exception("a trip of %s failed", self.function.__name__)
+            else:  # it could not begin: the calls it would have carried fail with it
+                with state.lock:
+                    state.running -= 1
+                    batch = state.waiting[: self.most]
+                    state.waiting = state.waiting[self.most :]
+                _answer(batch, [exc] * len(batch))
+        # Those that came while it was under way, should no trip have taken them.
+        self._more(state, loop)
+
+    def _trip(
+        self, state: _Gathered, loop: asyncio.AbstractEventLoop, began: threading.Event
+    ) -> None:
+        """On the trip's thread: the calls waiting (at most ``most``), each answered."""
+        began.set()
+        try:
+            with state.lock:
+                batch = state.waiting[: self.most]
+                state.waiting = state.waiting[self.most :]
+            if not batch:  # another trip took them
+                return
             self.trips += 1
             try:
-                outcomes = await trip(self.function)([argument for argument, _ in batch])
+                outcomes = self.function([argument for argument, _ in batch])
             except Exception as exc:  # the trip itself failed: every call with it
                 outcomes = [exc] * len(batch)
-            except BaseException:  # cancelled (the loop is closing): so are the calls
-                for _argument, future in batch + state.waiting:
-                    future.cancel()
-                state.waiting = []
-                raise
-            for (_argument, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():  # its caller was cancelled meanwhile
-                    continue
-                if isinstance(outcome, BaseException):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+            loop.call_soon_threadsafe(_answer, batch, outcomes)
+        finally:
+            with state.lock:
+                state.running -= 1
+
+
+def _answer(batch: list[tuple[Any, asyncio.Future[Any]]], outcomes: list[Any]) -> None:
+    for (_argument, future), outcome in zip(batch, outcomes, strict=True):
+        if future.done():  # its caller was cancelled meanwhile
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class _Gathered:
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.waiting: list[tuple[Any, asyncio.Future[Any]]] = []
-        # The trips under way (held: the loop keeps only a weak reference to a task).
+        self.running = 0  # trips under way (counted from the moment one is decided)
         self.tasks: set[asyncio.Task[None]] = set()
 
 

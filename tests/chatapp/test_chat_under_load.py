@@ -423,3 +423,51 @@ async def test_a_send_right_after_the_last_trip_ended_gets_a_trip_of_its_own() -
     assert results[0] == 1
     assert isinstance(results[1], ValueError)
     assert results[2] == 3
+
+
+async def test_a_trips_calls_are_answered_from_its_thread_in_one_turn_of_the_loop() -> None:
+    # Under a burst every turn of the event loop is long: the callers resume one turn
+    # after their trip is written, not after the trip's own task has come round too.
+    turns = 0
+    seen_in_trip: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    def write(arguments: list[int]) -> list[int]:
+        time.sleep(0.05)  # the ticker turns meanwhile
+        seen_in_trip.append(turns)
+        return arguments
+
+    gathering = generation.Gathering(write)
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        await asyncio.sleep(0)
+        assert await gathering(1) == 1
+        resumed = turns
+    finally:
+        ticking.cancel()
+    assert resumed - seen_in_trip[0] <= 2, (resumed, seen_in_trip)
+
+
+async def test_a_trip_that_cannot_begin_fails_its_calls_and_the_next_one_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gathering = generation.Gathering(lambda arguments: [argument * 2 for argument in arguments])
+
+    def no_thread(function: Any) -> Any:
+        async def refuse(*args: Any) -> None:
+            raise RuntimeError("no database thread")
+
+        return refuse
+
+    monkeypatch.setattr(generation, "trip", no_thread)
+    with pytest.raises(RuntimeError, match="no database thread"):
+        await gathering(1)
+    monkeypatch.undo()
+    # Nothing is left counted as under way: the next call gets its trip.
+    async with asyncio.timeout(5):
+        assert await gathering(2) == 4
