@@ -11,23 +11,36 @@ when it is collected.  A loop run by ``asyncio.run`` or an ``asyncio.Runner``
 tasks) cancels the tasks still pending before it closes: a task waiting for that
 cancellation closes the client.  Daphne's Twisted reactor cancels nothing, so
 there the reactor's shutdown closes it.
+
+The relay's own calls (``send``) go straight to the client's transport: the
+client's layers (cookies, authentication, redirects, hooks, the URL merged with a
+base) do nothing for them and cost CPU on every request.  No layer keeps cookies:
+an upstream's ``Set-Cookie`` is never sent back with another user's request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import http.cookiejar
 import ssl
 import sys
 import weakref
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
 LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
 
+# What the relay's requests say they are (httpx's client would say python-httpx).
+USER_AGENT = "Switchboard"
+
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+_transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AiohttpTransport] = (
     weakref.WeakKeyDictionary()
 )
 _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
@@ -46,19 +59,51 @@ def ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def _session() -> aiohttp.ClientSession:
+    """The transport's connection pool: our limits and TLS settings, and no cookie jar."""
+    connector = aiohttp.TCPConnector(
+        limit=LIMITS.max_connections or 0,
+        keepalive_timeout=LIMITS.keepalive_expiry,
+        ssl=ssl_context(),
+    )
+    # (Not ``trust_env``: it reads the environment, and ~/.netrc, on every request.)
+    return aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), headers={"User-Agent": USER_AGENT}
+    )
+
+
 def client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     existing = _clients.get(loop)
     if existing is None or existing.is_closed:
-        # The transport keeps its own pool: give it our limits (its default is 100).
+        transport = AiohttpTransport(limits=LIMITS, verify=ssl_context(), client=_session)
         existing = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=LIMITS, verify=ssl_context()),
+            transport=transport,
             limits=LIMITS,
             follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+            cookies=_NoCookies(),
         )
         _clients[loop] = existing
+        _transports[loop] = transport
         _close_with_loop(loop, existing)
     return existing
+
+
+async def send(request: httpx.Request) -> httpx.Response:
+    """``request`` sent through this loop's pool, streamed: read it, then ``aclose()`` it.
+
+    Its ``timeout`` extension (``Timeout.as_dict()``) gives its timeouts.
+    """
+    client()
+    return await _transports[asyncio.get_running_loop()].handle_async_request(request)
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: the shared client serves every user alike."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
 
 
 def socket_of(response: httpx.Response) -> asyncio.Transport | None:
@@ -67,7 +112,8 @@ def socket_of(response: httpx.Response) -> asyncio.Transport | None:
     None for any other response (another transport, a test's), or once the body is
     read: aiohttp lets go of the connection then.
     """
-    aiohttp_response = getattr(getattr(response.stream, "_stream", None), "_aiohttp_response", None)
+    stream = getattr(response.stream, "_stream", response.stream)  # (the client wraps it)
+    aiohttp_response = getattr(stream, "_aiohttp_response", None)
     connection = getattr(aiohttp_response, "connection", None)
     transport = getattr(connection, "transport", None)
     if isinstance(transport, asyncio.Transport) and not transport.is_closing():
@@ -81,6 +127,7 @@ async def aclose() -> None:
     closer = _closers.pop(loop, None)
     if closer is not None:
         closer.cancel()
+    _transports.pop(loop, None)
     existing = _clients.pop(loop, None)
     if existing is not None:
         await existing.aclose()
@@ -94,6 +141,7 @@ async def _close_when_cancelled(client: httpx.AsyncClient) -> None:
         # The client refers to its loop: left in the map, neither would ever be freed.
         if _clients.get(loop) is client:
             del _clients[loop]
+            _transports.pop(loop, None)
         await client.aclose()  # a no-op when aclose() closed it first
 
 

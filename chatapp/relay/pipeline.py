@@ -509,16 +509,16 @@ def chat_http(target: Target, request: ChatRequest) -> HttpCall:
 
 
 async def _send(http_call: HttpCall, target: Target, *, stream: bool) -> httpx.Response:
-    client = relay_http.client()
-    request = client.build_request(
+    timeout = httpx.Timeout(target.timeout, connect=min(CONNECT_TIMEOUT, target.timeout))
+    request = httpx.Request(
         "POST",
         http_call.url,
         headers=http_call.headers,
         content=json.dumps(http_call.body, ensure_ascii=False).encode(),
-        timeout=httpx.Timeout(target.timeout, connect=min(CONNECT_TIMEOUT, target.timeout)),
+        extensions={"timeout": timeout.as_dict()},
     )
     try:
-        response = await client.send(request, stream=True)
+        response = await relay_http.send(request)
     except httpx.HTTPError as exc:
         if relay_http.is_timeout(exc):
             raise UpstreamError(

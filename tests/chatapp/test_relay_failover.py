@@ -163,3 +163,24 @@ def test_a_client_that_disconnects_mid_stream_is_billed_for_what_was_generated(
     assert (
         record.latency_ms < 1500
     )  # settled when the client left, not when the reply would have ended
+
+
+def test_an_upstreams_cookie_is_never_sent_back_with_another_request(gateway: Gateway) -> None:
+    # The relay's connections are shared by every user: a cookie one answer sets would
+    # otherwise go back with the next request to that host, whoever makes it.
+    gateway.fake.script(
+        Fail(429, "wait a moment", headers={"set-cookie": "session=alice-secret; Path=/"}),
+        Reply(text="ok now"),
+        Reply(text="and again"),
+    )
+    client = gateway.openai()
+    completion = client.chat.completions.create(model="gpt-fake", messages=USER)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content == "ok now"
+    stream = client.chat.completions.create(model="gpt-fake", messages=USER, stream=True)  # type: ignore[arg-type]
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    requests = [
+        request for request in gateway.fake.requests if request.path.endswith("/chat/completions")
+    ]
+    assert len(requests) == 3
+    assert [request.headers.get("cookie") for request in requests] == [None, None, None]
+    assert requests[0].headers["user-agent"] == "Switchboard"
