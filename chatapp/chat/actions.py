@@ -477,10 +477,11 @@ def _new_conversation(
 def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
     """Write checked new conversations, each with its first turn and its reply (to be generated).
 
-    All in one transaction and, however many, in three inserts and one update: under a burst of people starting chats at once (a class, a demo)
-    the sends that queued meanwhile are written together (``generation.Gathering``),
-    where each on its own took five statements, each a hand-over of the interpreter
-    between the database thread and the event loop.  A new conversation locks no row
+    All in one transaction and, however many, in three inserts and one update: under a
+    burst of people starting chats at once (a class, a demo) the sends that queued
+    meanwhile are written together (``generation.Gathering``), where each on its own
+    took five statements, each a hand-over of the interpreter between the database
+    thread and the event loop.  A new conversation locks no row
     another writer holds: nothing here waits.
     """
     if not starts:

@@ -59,19 +59,24 @@ print("done")
 }
 
 
-@pytest.mark.parametrize("runner", SCRIPTS)
-def test_a_process_that_used_the_client_exits_without_unclosed_session_errors(
-    fake_upstream: FakeUpstream, runner: str
-) -> None:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatapp.settings"}
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPTS[runner], fake_upstream.openai_base_url + "/models"],
+def _python(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a fresh Python process from the project's root."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("runner", SCRIPTS)
+def test_a_process_that_used_the_client_exits_without_unclosed_session_errors(
+    fake_upstream: FakeUpstream, runner: str
+) -> None:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatapp.settings"}
+    result = _python(SCRIPTS[runner], fake_upstream.openai_base_url + "/models", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "done"
     assert "Unclosed" not in result.stderr, result.stderr
@@ -119,14 +124,7 @@ async def clients():
 
 print(asyncio.run(clients()), asyncio.run(clients()))
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _python(script, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["AsyncClient", "AsyncClient"]
 
