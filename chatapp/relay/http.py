@@ -76,7 +76,9 @@ def client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     existing = _clients.get(loop)
     if existing is None or existing.is_closed:
-        transport = AiohttpTransport(limits=LIMITS, verify=ssl_context(), client=_session)
+        # The pool and its limits are ``_session``'s; ``verify`` only spares the
+        # transport loading the CA bundle again for a context it would not use.
+        transport = AiohttpTransport(verify=ssl_context(), client=_session)
         existing = httpx.AsyncClient(
             transport=transport,
             limits=LIMITS,
