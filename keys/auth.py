@@ -126,6 +126,11 @@ def remember_web_key(user_id: int, digest: str) -> None:
     _web_key_hashes[user_id] = digest
 
 
+def forget_web_keys() -> None:
+    """Forget every web key learnt (tests: a new database reuses the users' ids)."""
+    _web_key_hashes.clear()
+
+
 async def awarm_web_key(user_id: int) -> None:
     """Learn the user's web-key hash and cache its principal (a chat page opening)."""
     if user_id in _web_key_hashes:

@@ -16,7 +16,7 @@ from django.core.cache import cache
 
 from accounts.models import Role, User
 from chatapp import hotstore
-from keys import limiter
+from keys import auth, limiter
 from tests.services import USING_REDIS
 
 PASSWORD = "correct horse battery staple"
@@ -51,6 +51,7 @@ def _public_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def _clean_cache() -> Iterator[None]:
     cache.clear()
     hotstore.clear()
+    auth.forget_web_keys()  # the users' ids come back in the next test's database
     limiter.reset_local()
     yield
     if USING_REDIS:

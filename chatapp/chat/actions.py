@@ -86,8 +86,10 @@ def chat_models(*, user: Any) -> list[CatalogModel]:
     return _allowed(do_get_web_key(user=user).allowed_models)
 
 
-def _allowed(allowed_models: Any, version: str | None = None) -> list[CatalogModel]:
-    models, _local = _chat_catalog(version)
+def _allowed(
+    allowed_models: Any, version: str | None = None, catalog: ChatCatalog | None = None
+) -> list[CatalogModel]:
+    models, _local = catalog or _chat_catalog(version)
     allowed = set(allowed_models or ())
     return [model for model in models if not allowed or model.name in allowed]
 
@@ -96,6 +98,7 @@ def _allowed(allowed_models: Any, version: str | None = None) -> list[CatalogMod
 # a catalog version (chatapp.relay.catalog): read on every page load and send, they
 # are read from the database only when the catalog changed.
 _chat_cache: tuple[str, list[CatalogModel], frozenset[int]] | None = None
+ChatCatalog = tuple[list[CatalogModel], frozenset[int]]
 
 
 def _chat_catalog(version: str | None = None) -> tuple[list[CatalogModel], frozenset[int]]:
@@ -123,8 +126,28 @@ def _chat_catalog(version: str | None = None) -> tuple[list[CatalogModel], froze
     return models, local
 
 
+def load_chat_catalog(version: str | None = None) -> None:
+    """Cache the chat's catalog at ``version`` (else the current one) unless it is."""
+    _chat_catalog(version)
+
+
+def catalog_in_memory(version: str | None) -> ChatCatalog | None:
+    """The chat's catalog at ``version`` if it is cached, else None (reads nothing).
+
+    For ``check_new_conversation`` on the event loop: given it (and the sender's key),
+    the check reads nothing, even should a database thread cache a newer version meanwhile.
+    """
+    cached = _chat_cache
+    if cached is None or version is None or cached[0] != version:
+        return None
+    return cached[1], cached[2]
+
+
 def _chat_access(
-    user_id: int, known: Principal | None = None, version: str | None = None
+    user_id: int,
+    known: Principal | None = None,
+    version: str | None = None,
+    catalog: ChatCatalog | None = None,
 ) -> tuple[list[CatalogModel], Principal, str]:
     """The chat models the user's web key may use, that key as the relay sees it, and
     its hash when it was read here.
@@ -140,7 +163,7 @@ def _chat_access(
     if known is not None:
         if known.state == "owner_disabled":
             raise AccountDisabled(_("Your account is disabled."))
-        return _allowed(known.allowed_models, version), known, ""
+        return _allowed(known.allowed_models, version, catalog), known, ""
     key = (
         ApiKey.objects.select_related("user")
         .filter(user_id=user_id, is_web_key=True, user__is_active=True)
@@ -152,16 +175,16 @@ def _chat_access(
             raise AccountDisabled(_("Your account is disabled."))
         key = do_get_web_key(user=user)
         key.user = user
-    return _allowed(key.allowed_models, version), principal_of(key), key.key_hash
+    return _allowed(key.allowed_models, version, catalog), principal_of(key), key.key_hash
 
 
 def default_chat_model(
-    models: list[CatalogModel], version: str | None = None
+    models: list[CatalogModel], version: str | None = None, catalog: ChatCatalog | None = None
 ) -> CatalogModel | None:
     """A new chat's model among ``models``: the admin's pick, else the local model, else the first."""
     chosen = next((model for model in models if model.is_chat_default), None)
     if chosen is None:
-        _models, local = _chat_catalog(version)
+        _models, local = catalog or _chat_catalog(version)
         chosen = next((model for model in models if model.pk in local), None)
     return chosen or (models[0] if models else None)
 
@@ -435,18 +458,19 @@ def check_new_conversation(
     temperature: Any = None,
     principal: Principal | None = None,
     catalog_version: str | None = None,
+    catalog: ChatCatalog | None = None,
 ) -> NewConversation:
     """A send that starts a conversation (without images), checked as ``do_send_message`` does.
 
     Reads nothing when the sender's key is known (``principal``) and the catalog is
-    cached at ``catalog_version``.
+    cached at ``catalog_version`` or given (``catalog_in_memory``).
     """
-    models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version)
+    models, principal, web_key_hash = _chat_access(user_id, principal, catalog_version, catalog)
     if model is not None and not isinstance(model, str):
         raise ChatError(_("The model must be given by its name."))
     text = _check_text(text, required=True)
     conversation = _new_conversation(
-        user_id, models, model, system_prompt, temperature, catalog_version
+        user_id, models, model, system_prompt, temperature, catalog_version, catalog
     )
     _check_model(models=models, name=conversation.model, images=False)
     return NewConversation(conversation, text, principal, web_key_hash)
@@ -459,12 +483,13 @@ def _new_conversation(
     system_prompt: Any,
     temperature: Any,
     catalog_version: str | None,
+    catalog: ChatCatalog | None = None,
 ) -> Conversation:
     """A new conversation (not saved) with the send's model, else the default, and settings."""
     if isinstance(model, str) and model:
         name = model
     else:
-        default = default_chat_model(models, catalog_version)
+        default = default_chat_model(models, catalog_version, catalog)
         name = default.name if default else ""
     if not name:
         raise ChatError(_("No model is available to you yet: ask an administrator to add one."))

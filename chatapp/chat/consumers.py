@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The first message then finds the catalog and the sender's key in memory
         # instead of reading them behind every other trip to the database thread.
         catalog.warm()
+        _warm_chat_catalog()
         _warm_key(self.user_id)
 
     async def disconnect(self, code: int) -> None:
@@ -184,32 +186,55 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         The sender's web key and the catalog's version are read here, on the loop
         (the hot store), not in the trip (``generation.trip``).
         """
-        with generation.starting():
-            arguments.update(
-                user_id=self.user_id,
-                principal=await aweb_principal(self.user_id),
-                catalog_version=await catalog.aversion(),
-            )
-            if action is actions.do_send_message and actions.starts_conversation(
-                arguments["conversation_id"], arguments["attachment_ids"]
-            ):
-                # A new conversation: written together with the others that arrive
-                # meanwhile (the first message of a class or a demo, all at once).
-                del arguments["conversation_id"], arguments["attachment_ids"]
-                started = await _start_conversation(arguments)
-            else:
-                started = await generation.trip(_start)(action, **arguments)
-        await self._started(started, client_id)
+        early: generation.Early | None = None
+        try:
+            with generation.starting():
+                arguments.update(
+                    user_id=self.user_id,
+                    principal=await aweb_principal(self.user_id),
+                    catalog_version=await catalog.aversion(),
+                )
+                if action is actions.do_send_message and actions.starts_conversation(
+                    arguments["conversation_id"], arguments["attachment_ids"]
+                ):
+                    # A new conversation: written together with the others that arrive
+                    # meanwhile (the first message of a class or a demo, all at once).
+                    del arguments["conversation_id"], arguments["attachment_ids"]
+                    in_memory = actions.catalog_in_memory(arguments["catalog_version"])
+                    if in_memory is not None and arguments["principal"] is not None:
+                        # Checked here (reading nothing), its reply's upstream asked
+                        # while it is written.
+                        checked = actions.check_new_conversation(**arguments, catalog=in_memory)
+                        early = generation.Early(
+                            browser.prepare_new(
+                                checked.conversation, checked.text, checked.principal
+                            ),
+                            self.language,
+                        )
+                        arguments["checked"] = checked
+                    started = await _start_conversation(arguments)
+                else:
+                    started = await generation.trip(_start)(action, **arguments)
+            await self._started(started, client_id, early)
+        finally:
+            if early is not None:  # (once written, it goes on): not written, no reply
+                early.abandon()
 
-    async def _started(self, started: _Started, client_id: str) -> None:
+    async def _started(
+        self, started: _Started, client_id: str, early: generation.Early | None = None
+    ) -> None:
         result, messages, prepared = started
         if result.web_key_hash:
             remember_web_key(self.user_id, result.web_key_hash)
         await self.subscribe(result.conversation_id)
-        # The upstream is asked first: its first words are on their way while the
-        # branch renders.  They reach this socket after the frames below, as this
-        # consumer handles the group's messages one at a time, after this action.
-        generation.start(result.reply_id, self.language, prepared=prepared)
+        # The upstream is asked first (or was while the send was written: ``early``):
+        # its first words are on their way while the branch renders.  They reach this
+        # socket after the frames below, as this consumer handles the group's messages
+        # one at a time, after this action.
+        if early is not None:
+            early.write(result.reply_id, result.conversation, messages)
+        else:
+            generation.start(result.reply_id, self.language, prepared=prepared)
         if result.created:
             await self.send_json(
                 {
@@ -320,6 +345,35 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
 
 _warming: dict[int, asyncio.Task[None]] = {}
+# Per event loop: a task of a loop that closed before it ended never ends.
+_warming_catalog: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _warm_chat_catalog() -> None:
+    """Load the chat's catalog in the background (once at a time) unless it is current.
+
+    Until it is, a new conversation is checked on the database thread, and its reply
+    cannot start while it is written (``generation.Early``).
+    """
+    loop = asyncio.get_running_loop()
+    if loop in _warming_catalog:
+        return
+    task = _warming_catalog[loop] = loop.create_task(_load_chat_catalog())
+    task.add_done_callback(_warmed_catalog)
+
+
+async def _load_chat_catalog() -> None:
+    version = await catalog.aloaded_version()
+    if actions.catalog_in_memory(version) is None:
+        await database_sync_to_async(actions.load_chat_catalog)(version)
+
+
+def _warmed_catalog(task: asyncio.Task[None]) -> None:
+    _warming_catalog.pop(task.get_loop(), None)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("loading the chat's catalog failed: %r", task.exception())
 
 
 def _warm_key(user_id: int) -> None:
@@ -383,6 +437,9 @@ def _start_conversations(sends: list[dict[str, Any]]) -> list[_Started | Excepti
     outcomes: dict[int, _Started | Exception] = {}
     checked: list[tuple[int, actions.NewConversation]] = []
     for index, send in enumerate(sends):
+        if "checked" in send:  # on the event loop, its reply started (``Early``)
+            checked.append((index, send["checked"]))
+            continue
         try:
             checked.append((index, actions.check_new_conversation(**send)))
         except Exception as exc:
@@ -399,30 +456,31 @@ def _start_conversations(sends: list[dict[str, Any]]) -> list[_Started | Excepti
             # From the send itself, not its checked conversation: the failed insert left
             # ids on those objects.
             for index, _checked in checked:
+                send = {name: value for name, value in sends[index].items() if name != "checked"}
                 try:
                     outcomes[index] = _start(
-                        actions.do_send_message,
-                        conversation_id=None,
-                        attachment_ids=[],
-                        **sends[index],
+                        actions.do_send_message, conversation_id=None, attachment_ids=[], **send
                     )
                 except Exception as exc:
                     outcomes[index] = exc
     else:
         for (index, _checked), result in zip(checked, started, strict=True):
-            outcomes[index] = _prepared(result)
+            # A reply started early has its request already.
+            outcomes[index] = _prepared(result, request="checked" not in sends[index])
     return [outcomes[index] for index in range(len(sends))]
 
 
 _start_conversation = generation.Gathering(_start_conversations)
 
 
-def _prepared(result: actions.Started) -> _Started:
-    """``result`` with its branch's messages and its reply's request (``_start``)."""
+def _prepared(result: actions.Started, *, request: bool = True) -> _Started:
+    """``result`` with its branch's messages and (unless not ``request``) its reply's request."""
     conversation = result.conversation
     messages = result.messages
     if messages is None:
         messages = conversation.messages_with_attachments()
+    if not request:
+        return result, messages, None
     try:
         prepared = browser.prepare(
             result.reply_id,

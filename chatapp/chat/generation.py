@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -229,13 +230,58 @@ def start(
     ``language``: the sender's, for the words of a failure in the frames sent now.
     ``prepared``: its request, when the caller has built it (else it is read here).
     """
+    return _spawn(run(message_id, language, prepared=prepared))
+
+
+def _spawn(coroutine: Any) -> asyncio.Task[None]:
     loop = asyncio.get_running_loop()
     server_shutdown.install()  # SIGTERM drains this process's replies before it exits
-    task = loop.create_task(run(message_id, language, prepared=prepared))
+    task = loop.create_task(coroutine)
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
     server_shutdown.track(task)
     return task
+
+
+class Early:
+    """A reply whose upstream is asked while the send that makes it is being written.
+
+    For a new conversation checked on the event loop (``actions.check_new_conversation``
+    reads nothing once the sender's key and the catalog are in memory): its request
+    needs nothing the write gives, and under a burst of sends the write waits its
+    turn for the database thread.  The reply's task admits the call and opens the
+    upstream meanwhile, then waits for ``written``; nothing is published and nothing
+    saved before it.  Should the send not be written, ``abandon`` cancels the task:
+    its call is recorded as interrupted, with whatever the upstream used.
+    """
+
+    def __init__(self, prepared: browser.Prepared, language: str | None = None) -> None:
+        self.written: asyncio.Future[tuple[int, browser.Prepared]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.prepared = prepared
+        self.task = _spawn(run(0, language, prepared=prepared, written=self.written))
+
+    def write(self, message_id: int, conversation: Conversation, messages: list[Message]) -> None:
+        """The send is written: its reply is ``message_id``, its rows ``messages``."""
+        if not self.written.done():
+            self.written.set_result(
+                (
+                    message_id,
+                    dataclasses.replace(
+                        self.prepared,
+                        conversation_id=conversation.pk,
+                        conversation=conversation,
+                        messages=messages,
+                    ),
+                )
+            )
+
+    def abandon(self) -> None:
+        """The send was not written (or its sender gone before it was): no reply."""
+        if not self.written.done():
+            self.written.cancel()
+            self.task.cancel()
 
 
 async def request_stop(message_id: int) -> None:
@@ -298,9 +344,9 @@ class _Heartbeat:
     stop flag (the publications do once they flow) and stops the reply's opening.
     """
 
-    def __init__(self, message_id: int) -> None:
-        self.key = alive_key(message_id)
-        self.stop_key = stop_key(message_id)
+    def __init__(self) -> None:
+        self.key = ""
+        self.stop_key = ""
         self.task: asyncio.Task[None] | None = None
         # The reply's opening (admission, the upstream's first words), stopped by calling
         # ``stop_opening``; ``streaming`` once they came (the publications look then).
@@ -308,9 +354,11 @@ class _Heartbeat:
         self.streaming = False
         self.stopped = False
 
-    def start(self) -> None:
+    def start(self, message_id: int) -> None:
         # The first beat too is the task's: the reply's start does not wait for it (a
         # reply younger than a heartbeat's lifetime counts as live meanwhile: recover).
+        self.key = alive_key(message_id)
+        self.stop_key = stop_key(message_id)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -337,29 +385,41 @@ class _Heartbeat:
 
     async def stop(self) -> None:
         self.end()
-        await hotstore.aset(self.key, None, 1)
+        if self.key:
+            await hotstore.aset(self.key, None, 1)
 
 
 async def run(
-    message_id: int, language: str | None = None, *, prepared: browser.Prepared | None = None
+    message_id: int,
+    language: str | None = None,
+    *,
+    prepared: browser.Prepared | None = None,
+    written: asyncio.Future[tuple[int, browser.Prepared]] | None = None,
 ) -> None:
+    """Generate, publish and save the reply ``message_id`` (see ``start``).
+
+    ``written``: for a reply whose send is still being written (``Early``), the future
+    of its id and rows; ``prepared`` then has its request only.
+    """
     if language:
         translation.activate(language)  # this task's own context: no other task sees it
     status: str = MessageStatus.FAILED
     error = ""
-    writer = browser.ReplyWriter(message_id)
     call: pipeline.Call | None = None
-    conversation_id = 0
     left_out = 0
     model_name = ""
     period = ""
     started = time.perf_counter()
-    heartbeat = _Heartbeat(message_id)
+    heartbeat = _Heartbeat()
+    reply = _Reply(heartbeat, written)
     try:
-        heartbeat.start()
-        if prepared is None:
-            prepared = await database_sync_to_async(browser.prepare)(message_id)
-        conversation_id = prepared.conversation_id
+        if written is None:
+            reply.known(message_id, prepared)
+            if prepared is None:
+                prepared = reply.prepared = await database_sync_to_async(browser.prepare)(
+                    message_id
+                )
+        assert prepared is not None
         model_name = prepared.request.model
         try:
             principal = prepared.principal or await aprincipal(prepared.key_hash)
@@ -372,9 +432,11 @@ async def run(
         request = prepared.request
         model = await catalog.aget_model(request.model)
         if model is not None:
-            left_out = browser.fit_context(request, model.context_window, model.max_output_tokens)
-            if left_out:
-                await publish(conversation_id, browser.left_out_frame(message_id, left_out))
+            reply.left_out = left_out = browser.fit_context(
+                request, model.context_window, model.max_output_tokens
+            )
+        if written is None:
+            await reply.ready()  # the left-out frame before the call, as it goes
         pace = _Pace()
         call = pipeline.Call(
             principal=principal,
@@ -387,11 +449,11 @@ async def run(
             on_cancel=pipeline.INTERRUPTED,
             pace=pace,
         )
-        status = await _opened_and_relayed(call, writer, conversation_id, heartbeat, pace)
+        status = await _opened_and_relayed(call, reply, heartbeat, pace)
     except RelayError as exc:
         # The person reads plain words (browser.failure_text); the technical message
         # is in the usage record and here, for admins.
-        logger.info("reply %s failed: %s", message_id, exc.message)
+        logger.info("reply %s failed: %s", reply.message_id or "(being written)", exc.message)
         status = MessageStatus.FAILED
         error = browser.failure(
             code=exc.code,
@@ -403,47 +465,98 @@ async def run(
         status = MessageStatus.INTERRUPTED
         raise
     except Exception as exc:
-        logger.exception("reply %s failed", message_id)
+        logger.exception("reply %s failed", reply.message_id or "(being written)")
         status = MessageStatus.FAILED
         error = browser.failure(code=f"internal:{type(exc).__name__}")
     finally:
         try:
-            await asyncio.shield(
-                _finish(
-                    message_id,
-                    conversation_id,
-                    call,
-                    status,
-                    error,
-                    writer,
-                    left_out,
-                    started,
-                    prepared,
+            # Failed before its send was written: saved once it is (not at all when the
+            # send is not written: ``Early.abandon``).
+            if await asyncio.shield(reply.wait_written()):
+                await asyncio.shield(
+                    _finish(
+                        reply.message_id,
+                        reply.conversation_id,
+                        call,
+                        status,
+                        error,
+                        reply.writer,
+                        left_out,
+                        started,
+                        reply.prepared,
+                    )
                 )
-            )
         finally:
             heartbeat.end()  # even when this task is cancelled while the reply is saved
         with contextlib.suppress(Exception):
             await asyncio.shield(heartbeat.stop())
 
 
+class _Reply:
+    """The reply a task writes: known from the start, or once its send is written (``Early``)."""
+
+    def __init__(
+        self,
+        heartbeat: _Heartbeat,
+        written: asyncio.Future[tuple[int, browser.Prepared]] | None,
+    ) -> None:
+        self.heartbeat = heartbeat
+        self.written = written
+        self.message_id = 0
+        self.conversation_id = 0
+        self.prepared: browser.Prepared | None = None
+        self.writer = browser.ReplyWriter(0)
+        self.left_out = 0
+        self._announced = False
+
+    def known(self, message_id: int, prepared: browser.Prepared | None) -> None:
+        self.message_id = message_id
+        self.writer = browser.ReplyWriter(message_id)
+        self.heartbeat.start(message_id)
+        if prepared is not None:
+            self.prepared = prepared
+            self.conversation_id = prepared.conversation_id
+
+    async def wait_written(self) -> bool:
+        """Whether the reply is known, once its send is written; False if it never is."""
+        if not self.message_id and self.written is not None:
+            try:
+                # Shielded: this task cancelled (a shutdown) still learns its reply.
+                message_id, prepared = await asyncio.shield(self.written)
+            except asyncio.CancelledError:
+                if self.written.cancelled():  # abandoned
+                    return False
+                raise
+            self.known(message_id, prepared)
+        return bool(self.message_id)
+
+    async def ready(self) -> None:
+        """Wait until the reply is known; then tell its tabs what the request left out (once)."""
+        if not await self.wait_written():
+            raise asyncio.CancelledError  # abandoned: the task is being cancelled
+        if not self._announced:
+            self._announced = True
+            if self.left_out:
+                await publish(
+                    self.conversation_id, browser.left_out_frame(self.message_id, self.left_out)
+                )
+
+
 async def _opened_and_relayed(
-    call: pipeline.Call,
-    writer: browser.ReplyWriter,
-    conversation_id: int,
-    heartbeat: _Heartbeat,
-    pace: _Pace,
+    call: pipeline.Call, reply: _Reply, heartbeat: _Heartbeat, pace: _Pace
 ) -> str:
     """The pipeline's stream relayed; the reply's status.
 
     The opening runs as a task of its own, which the heartbeat cancels when the user
-    stops the reply before its first words: stopped, not interrupted.
+    stops the reply before its first words: stopped, not interrupted.  A reply whose
+    send is still being written waits for it once its stream is open (``Early``).
     """
 
     async def opened_and_relayed() -> str:
         async with pipeline.chat(call) as stream:
+            await reply.ready()
             heartbeat.streaming = True  # from here the publications look at the stop flag
-            return await _relay(stream, writer, conversation_id, pace)
+            return await _relay(stream, reply.writer, reply.conversation_id, pace)
 
     task = asyncio.ensure_future(opened_and_relayed())
 

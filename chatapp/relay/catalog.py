@@ -204,6 +204,12 @@ async def alist_models() -> list[ModelInfo]:
     return sorted((await _current()).values(), key=lambda model: model.name)
 
 
+async def aloaded_version() -> str | None:
+    """The catalog's version once this process has it loaded (one is set if none is)."""
+    await _current()
+    return _loaded_version
+
+
 async def aversion() -> str | None:
     """``version`` from async code."""
     return await hotstore.aget(VERSION_KEY)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from chatapp import hotstore
@@ -27,6 +29,8 @@ from chatapp.relay import catalog
 from chatapp.relay.canonical import ReasoningDelta, TextDelta
 from chatapp.relay.dialects.browser import ReplyWriter
 from chatapp.relay.upstreams import UpstreamItem
+from keys import ledger
+from keys.models import UsageRecord
 from tests.chatapp.test_chat_consumer import connect, receive_until, upstream  # noqa: F401
 from tests.conftest import make_user
 from tests.fake_upstream import FakeUpstream, Reply
@@ -471,3 +475,169 @@ async def test_a_trip_that_cannot_begin_fails_its_calls_and_the_next_one_goes(
     # Nothing is left counted as under way: the next call gets its trip.
     async with asyncio.timeout(5):
         assert await gathering(2) == 4
+
+
+@contextlib.asynccontextmanager
+async def writes_held(seconds: float) -> AsyncIterator[asyncio.Future[None]]:
+    """The chat's writes held off for ``seconds``, as a burst's queue holds them.
+
+    On SQLite every trip waits for the process's one database thread: a long trip
+    holds it.  On PostgreSQL the trips run side by side: another transaction's lock
+    on the conversations' table holds their inserts.
+    """
+    if connection.vendor != "postgresql":
+        held = asyncio.ensure_future(database_sync_to_async(time.sleep)(seconds))
+        await asyncio.sleep(0.05)
+        yield held
+        await held
+        return
+    locked = threading.Event()
+
+    def hold() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(f"LOCK TABLE {Conversation._meta.db_table} IN EXCLUSIVE MODE")
+                locked.set()
+                time.sleep(seconds)
+        finally:
+            connection.close()
+
+    held = asyncio.ensure_future(database_sync_to_async(hold, thread_sensitive=False)())
+    await asyncio.to_thread(locked.wait, 5)
+    yield held
+    await held
+
+
+def refuse_conversations(refused: bool = True) -> None:
+    """The database refuses every new conversation (a failure after the send's checks)."""
+    table = Conversation._meta.db_table
+    postgres = connection.vendor == "postgresql"
+    with connection.cursor() as cursor:
+        if not refused:
+            cursor.execute(f"DROP TRIGGER refuse_for_test{f' ON {table}' if postgres else ''}")
+            if postgres:
+                cursor.execute("DROP FUNCTION refuse_for_test()")
+        elif postgres:
+            cursor.execute(
+                "CREATE FUNCTION refuse_for_test() RETURNS trigger AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$ LANGUAGE plpgsql"
+            )
+            cursor.execute(
+                f"CREATE TRIGGER refuse_for_test BEFORE INSERT ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_for_test()"
+            )
+        else:
+            cursor.execute(
+                f"CREATE TRIGGER refuse_for_test BEFORE INSERT ON {table} "
+                "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+            )
+
+
+async def connected_and_known(user: Any) -> Any:
+    """A tab of ``user`` once the worker knows her web key and the chat's models.
+
+    (The chat page's first load makes her key; a socket opening loads both.)
+    """
+    from keys.actions import do_get_web_key
+    from keys.auth import aweb_principal
+
+    await database_sync_to_async(do_get_web_key)(user=user)
+    ws = await connect(user)
+
+    async def known() -> bool:
+        in_memory = actions.catalog_in_memory(await catalog.aversion())
+        return in_memory is not None and await aweb_principal(user.pk) is not None
+
+    async with asyncio.timeout(5):
+        while not await known():  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.01)
+    return ws
+
+
+async def test_a_new_conversations_upstream_is_asked_while_its_send_waits_to_be_written(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    upstream.script(Reply(text="The first words arrive at once"))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connected_and_known(alice)
+    async with writes_held(1.5) as held:
+        await ws.send_json_to(
+            {
+                "action": "send",
+                "conversation": None,
+                "text": "Go",
+                "attachments": [],
+                "system_prompt": "Be brief.",
+                "temperature": 0.5,
+            }
+        )
+        # The upstream is asked while the send waits for its write...
+        async with asyncio.timeout(1):
+            while not upstream.requests:  # noqa: ASYNC110 - another thread's list
+                await asyncio.sleep(0.01)
+        assert not held.done()
+        # ...and the tab hears nothing of the reply before its send is written.
+        assert await ws.receive_nothing(timeout=0.2)
+    events = await receive_until(ws, "done")
+    assert [event["type"] for event in events[:2]] == ["created", "messages"]
+    deltas = [event for event in events if event["type"] == "delta"]
+    assert [event["seq"] for event in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(event["text"] for event in deltas) == "The first words arrive at once"
+    assert events[-1]["status"] == "complete"
+    reply = await Message.objects.select_related("conversation").aget(pk=events[-1]["message"])
+    assert reply.content == "The first words arrive at once"
+    assert reply.conversation_id == events[0]["conversation"]
+    assert reply.request_id
+    # The request is the one the written conversation makes: its settings and its turn.
+    (early,) = (request.json for request in upstream.requests)
+    assert early["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Go"},
+    ]
+    assert early["temperature"] == 0.5
+    await ws.disconnect()
+
+
+async def test_a_send_the_database_refuses_gets_no_reply_and_its_upstream_call_is_recorded(
+    upstream: FakeUpstream,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream.script(Reply(text="Nobody reads this", chunk_delay=0.05))
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connected_and_known(alice)
+    await database_sync_to_async(refuse_conversations)()
+    try:
+        # Held first: its upstream is asked before the database says no.
+        async with writes_held(0.5):
+            await ws.send_json_to(
+                {
+                    "action": "send",
+                    "conversation": None,
+                    "text": "Go",
+                    "attachments": [],
+                    "client_id": "tab-1",
+                }
+            )
+            async with asyncio.timeout(1):
+                while not upstream.requests:  # noqa: ASYNC110 - another thread's list
+                    await asyncio.sleep(0.01)
+        error = await ws.receive_json_from(timeout=5)
+    finally:
+        await database_sync_to_async(refuse_conversations)(refused=False)
+    assert error == {
+        "type": "error",
+        "error": "The server could not carry out this action; nothing was saved.",
+        "client_id": "tab-1",
+    }
+    assert await ws.receive_nothing(timeout=0.3)  # no reply frames: there is no reply
+    assert await Conversation.objects.acount() == 0
+    async with asyncio.timeout(5):  # its reply's task is gone, not waiting for ever
+        while generation._tasks:  # noqa: ASYNC110 - a set of tasks, not an event
+            await asyncio.sleep(0.01)
+    # The upstream's work is in the ledger, as cut by the gateway.
+    await asyncio.to_thread(ledger.flush)
+    records = [record async for record in UsageRecord.objects.order_by("created_at")]
+    assert [(record.status, record.model, record.user_id) for record in records] == [
+        ("interrupted", "chat-model", alice.pk)
+    ]
+    await ws.disconnect()

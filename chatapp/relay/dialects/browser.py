@@ -98,11 +98,31 @@ def prepare(
     message = next((item for item in messages if item.pk == message_id), None)
     if message is None:
         raise Message.DoesNotExist(f"message {message_id} is not in its conversation any more")
-    turns = [
-        Turn("user" if item.role == "user" else "assistant", _parts(item))
-        for item in _history(message, messages)
-    ]
-    request = ChatRequest(
+    request = _request(conversation, _history(message, messages))
+    key_hash = "" if principal is not None else do_get_web_key(user=conversation.owner).key_hash
+    return Prepared(
+        conversation.pk, conversation.owner_id, request, key_hash, principal, conversation, messages
+    )
+
+
+def prepare_new(conversation: Any, text: str, principal: Any) -> Prepared:
+    """The request of a new conversation's first turn, before either is written.
+
+    ``conversation``: not saved yet (``chatapp.chat.actions.NewConversation``); the
+    request is the one ``prepare`` builds once it is.  The ``Prepared`` has no
+    conversation id yet (0) and none of the rows.
+    """
+    from chatapp.chat.fragments import with_attachments
+    from chatapp.models import Message
+
+    turn = with_attachments(Message(role="user", content=text), [])
+    return Prepared(0, conversation.owner_id, _request(conversation, [turn]), "", principal)
+
+
+def _request(conversation: Any, history: list[Any]) -> ChatRequest:
+    """A reply's request: the conversation's settings and the turns before the reply."""
+    turns = [Turn("user" if item.role == "user" else "assistant", _parts(item)) for item in history]
+    return ChatRequest(
         model=conversation.model,
         messages=[turn for turn in turns if turn.parts],
         system=[TextPart(conversation.system_prompt)] if conversation.system_prompt.strip() else [],
@@ -110,10 +130,6 @@ def prepare(
         stream=True,
         include_usage=True,
         dialect="browser",
-    )
-    key_hash = "" if principal is not None else do_get_web_key(user=conversation.owner).key_hash
-    return Prepared(
-        conversation.pk, conversation.owner_id, request, key_hash, principal, conversation, messages
     )
 
 
