@@ -348,6 +348,7 @@ class _Heartbeat:
         self.key = ""
         self.stop_key = ""
         self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         # The reply's opening (admission, the upstream's first words), stopped by calling
         # ``stop_opening``; ``streaming`` once they came (the publications look then).
         self.stop_opening: Callable[[], None] | None = None
@@ -355,10 +356,16 @@ class _Heartbeat:
         self.stopped = False
 
     def start(self, message_id: int) -> None:
-        # The first beat too is the task's: the reply's start does not wait for it (a
-        # reply younger than a heartbeat's lifetime counts as live meanwhile: recover).
+        # The first beat too is the task's, and it begins a WATCH_EVERY after the reply:
+        # a reply younger than a heartbeat's lifetime counts as live meanwhile (recover),
+        # and no tab can have asked to stop it before it was written.  Under a burst of
+        # sends every reply starts at once: no task, no hot-store write for each then.
         self.key = alive_key(message_id)
         self.stop_key = stop_key(message_id)
+        self.timer = asyncio.get_running_loop().call_later(WATCH_EVERY, self._begin)
+
+    def _begin(self) -> None:
+        self.timer = None
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -380,12 +387,15 @@ class _Heartbeat:
 
     def end(self) -> None:
         """No more beats (synchronous: it holds even in a task being cancelled)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.task is not None:
             self.task.cancel()
 
     async def stop(self) -> None:
         self.end()
-        if self.key:
+        if self.task is not None:  # it beat (a reply that ended sooner never did)
             await hotstore.aset(self.key, None, 1)
 
 
