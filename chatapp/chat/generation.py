@@ -416,7 +416,6 @@ async def run(
     status: str = MessageStatus.FAILED
     error = ""
     call: pipeline.Call | None = None
-    left_out = 0
     model_name = ""
     period = ""
     started = time.perf_counter()
@@ -442,7 +441,7 @@ async def run(
         request = prepared.request
         model = await catalog.aget_model(request.model)
         if model is not None:
-            reply.left_out = left_out = browser.fit_context(
+            reply.left_out = browser.fit_context(
                 request, model.context_window, model.max_output_tokens
             )
         if written is None:
@@ -459,7 +458,7 @@ async def run(
             on_cancel=pipeline.INTERRUPTED,
             pace=pace,
         )
-        status = await _opened_and_relayed(call, reply, heartbeat, pace)
+        status = await _opened_and_relayed(call, reply, pace)
     except RelayError as exc:
         # The person reads plain words (browser.failure_text); the technical message
         # is in the usage record and here, for admins.
@@ -491,7 +490,7 @@ async def run(
                         status,
                         error,
                         reply.writer,
-                        left_out,
+                        reply.left_out,
                         started,
                         reply.prepared,
                     )
@@ -552,15 +551,14 @@ class _Reply:
                 )
 
 
-async def _opened_and_relayed(
-    call: pipeline.Call, reply: _Reply, heartbeat: _Heartbeat, pace: _Pace
-) -> str:
+async def _opened_and_relayed(call: pipeline.Call, reply: _Reply, pace: _Pace) -> str:
     """The pipeline's stream relayed; the reply's status.
 
     The opening runs as a task of its own, which the heartbeat cancels when the user
     stops the reply before its first words: stopped, not interrupted.  A reply whose
     send is still being written waits for it once its stream is open (``Early``).
     """
+    heartbeat = reply.heartbeat
 
     async def opened_and_relayed() -> str:
         async with pipeline.chat(call) as stream:
