@@ -184,16 +184,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """Carry out a send, edit or regenerate in one database trip; start its reply.
 
         The sender's web key and the catalog's version are read here, on the loop
-        (the hot store), not in the trip (``generation.trip``).
+        (the hot store: one round trip for both), not in the trip
+        (``generation.trip``).  Its reply takes the models at that version, without
+        reading it again.
         """
         early: generation.Early | None = None
         try:
             with generation.starting():
-                arguments.update(
-                    user_id=self.user_id,
-                    principal=await aweb_principal(self.user_id),
-                    catalog_version=await catalog.aversion(),
+                principal, version = await asyncio.gather(
+                    aweb_principal(self.user_id), catalog.aversion()
                 )
+                arguments.update(user_id=self.user_id, principal=principal, catalog_version=version)
                 if action is actions.do_send_message and actions.starts_conversation(
                     arguments["conversation_id"], arguments["attachment_ids"]
                 ):
@@ -213,16 +214,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         # only took the event loop from them: 1,000 sends' first words
                         # came later.)
                         checked = actions.check_new_conversation(**arguments, catalog=in_memory)
-                        early = generation.Early(
-                            browser.prepare_new(
-                                checked.conversation, checked.text, checked.principal
-                            ),
-                            self.language,
+                        prepared = browser.prepare_new(
+                            checked.conversation, checked.text, checked.principal
                         )
+                        prepared.catalog_version = version
+                        early = generation.Early(prepared, self.language)
                         arguments["checked"] = checked
                     started = await _start_conversation(arguments)
                 else:
                     started = await generation.trip(_start)(action, **arguments)
+            if started[2] is not None:
+                started[2].catalog_version = version
             await self._started(started, client_id, early)
         finally:
             if early is not None:  # (once written, it goes on): not written, no reply

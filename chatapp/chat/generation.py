@@ -439,7 +439,7 @@ async def run(
         except KeyRefused as exc:
             raise from_domain(exc) from None
         request = prepared.request
-        model = await catalog.aget_model(request.model)
+        model = await catalog.aget_model(request.model, prepared.catalog_version)
         if model is not None:
             reply.left_out = browser.fit_context(
                 request, model.context_window, model.max_output_tokens
@@ -456,6 +456,7 @@ async def run(
             request=request,
             user_id=prepared.user_id,
             on_cancel=pipeline.INTERRUPTED,
+            catalog_version=prepared.catalog_version,
             pace=pace,
         )
         status = await _opened_and_relayed(call, reply, pace)

@@ -196,7 +196,16 @@ def _warmed(task: asyncio.Task[Any]) -> None:
         logger.warning("loading the catalog failed: %r", task.exception())
 
 
-async def aget_model(name: str) -> ModelInfo | None:
+async def aget_model(name: str, version: str | None = None) -> ModelInfo | None:
+    """The model ``name`` as the catalog has it now (None if it has none so named).
+
+    ``version``: the catalog's version as the caller read it moments ago (a chat
+    send's, ``aversion``).  When this process has that version loaded, nothing is read:
+    under a burst of sends each read of the version is a turn of the event loop and,
+    with Redis, a round trip on the way to the upstream.
+    """
+    if version is not None and version == _loaded_version:
+        return _models.get(name)
     return (await _current()).get(name)
 
 

@@ -104,6 +104,9 @@ class Call:
     request_id: str = field(default_factory=new_request_id)
     user_id: int | None = None
     on_cancel: str = DISCONNECTED
+    # The catalog's version as the transport read it for this call moments ago (a chat
+    # send's): admission reads no other when this process has it loaded.
+    catalog_version: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     target: Target | None = None
@@ -327,7 +330,7 @@ async def admit(call: Call, *, capability: str = "chat", reserve: bool = True) -
             code="model_not_allowed",
             param="model",
         )
-    model = await catalog.aget_model(call.model)
+    model = await catalog.aget_model(call.model, call.catalog_version)
     if model is None:
         raise RelayError(
             404,

@@ -219,6 +219,36 @@ def test_a_burst_of_requests_loads_a_stale_catalog_once(
     assert len(loads) == 1
 
 
+async def test_a_send_reads_the_catalogs_version_once_on_its_way_to_the_upstream(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under a burst each read is a turn of the event loop (with Redis, a round trip)
+    # before the upstream is asked: the send's check, the reply and its admission
+    # take the models at the version the send read.
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    send = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
+    # (Her first send makes her web key, which starts a new version of the shared keys.)
+    for _warm in range(2):
+        await ws.send_json_to(send)
+        assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    reads: list[str] = []
+    real_aget = hotstore.aget
+
+    async def counted(key: str) -> Any:
+        if key == catalog.VERSION_KEY:
+            reads.append(key)
+        return await real_aget(key)
+
+    monkeypatch.setattr(hotstore, "aget", counted)
+    await ws.send_json_to(send)
+    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    assert len(reads) == 1
+    assert len(upstream.requests) == 3
+    await ws.disconnect()
+
+
 async def test_a_model_disabled_in_the_catalog_is_refused_on_the_next_send(
     upstream: FakeUpstream,  # noqa: F811
 ) -> None:

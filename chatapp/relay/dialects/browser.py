@@ -38,6 +38,8 @@ class Prepared:
     # reading it back: the conversation, its messages (with the reply) as they were.
     conversation: Any = None
     messages: list[Any] | None = None
+    # The catalog's version the send was checked against (``catalog.aget_model``).
+    catalog_version: str | None = None
 
 
 def _history(message: Any, messages: list[Any]) -> list[Any]:
