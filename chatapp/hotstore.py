@@ -209,6 +209,11 @@ def _redis_url() -> str | None:
     return settings.REDIS_URL
 
 
+def is_remote() -> bool:
+    """Whether a read is a round trip to Redis (else in this process: it never waits)."""
+    return _redis_url() is not None
+
+
 def _required_url() -> str:
     url = settings.REDIS_URL
     assert url is not None, "the Redis clients are only used when REDIS_URL is set"

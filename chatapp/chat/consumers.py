@@ -48,7 +48,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import translation
 from django.utils.translation import gettext as _
 
-from chatapp import metrics
+from chatapp import hotstore, metrics
 from chatapp.chat import actions, generation
 from chatapp.chat.actions import ChatError
 from chatapp.chat.events import group_name, read_snapshot
@@ -184,16 +184,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """Carry out a send, edit or regenerate in one database trip; start its reply.
 
         The sender's web key and the catalog's version are read here, on the loop
-        (the hot store: one round trip for both), not in the trip
+        (the hot store; with Redis, in one round trip), not in the trip
         (``generation.trip``).  Its reply takes the models at that version, without
         reading it again.
         """
         early: generation.Early | None = None
         try:
             with generation.starting():
-                principal, version = await asyncio.gather(
-                    aweb_principal(self.user_id), catalog.aversion()
-                )
+                if hotstore.is_remote():  # both in one round trip (one pipeline batch)
+                    principal, version = await asyncio.gather(
+                        aweb_principal(self.user_id), catalog.aversion()
+                    )
+                else:  # neither waits: as tasks they would cost two turns of the loop
+                    principal, version = (
+                        await aweb_principal(self.user_id),
+                        await catalog.aversion(),
+                    )
                 arguments.update(user_id=self.user_id, principal=principal, catalog_version=version)
                 if action is actions.do_send_message and actions.starts_conversation(
                     arguments["conversation_id"], arguments["attachment_ids"]
