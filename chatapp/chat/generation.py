@@ -90,6 +90,9 @@ _tasks: set[asyncio.Task[Any]] = set()
 # row lock held up every chat of the process.  SQLite takes one writer at a time: there
 # they stay on that thread.  At most this many extra connections per process.
 TRIP_THREADS = 4
+# Batches a trip of ``Gathering`` carries at most, when trips run side by side: it
+# holds a pooled connection (and a trip thread) meanwhile.
+ROUNDS = 8
 _trip_threads = ThreadPoolExecutor(TRIP_THREADS, thread_name_prefix="chat-trip")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -127,7 +130,13 @@ class Gathering:
 
     The trip's thread answers the calls itself, in one callback on the event loop:
     through the trip's own awaiting task it took two more turns of the loop, and under
-    a burst of sends a turn is long.
+    a burst of sends a turn is long.  For the same reason a trip on PostgreSQL goes on
+    with the calls that came meanwhile, batch after batch (up to ``rounds``), rather
+    than leave them to a trip that begins two or three turns later: there a reply
+    starts once its send is written.  (1,000 sends on two workers: first delta p99
+    3.5 -> 2.8 s.)  On SQLite a trip carries one batch: a new conversation's reply is
+    under way while its send waits (``Early``), and a trip that went on took the event
+    loop's time from those replies (200 sends: p50 0.56 -> 0.65 s).
     One state per event loop (the futures belong to it).
     """
 
@@ -136,14 +145,17 @@ class Gathering:
         function: Callable[[list[Any]], list[Any]],
         most: int = 16,
         parallel: int | None = None,
+        rounds: int | None = None,
     ) -> None:
         self.function = function
         self.most = most
+        self.rounds = rounds  # by default: ROUNDS when trips run side by side, else 1
         self.parallel = parallel
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gathered] = (
             weakref.WeakKeyDictionary()
         )
-        self.trips = 0  # how many it took (for the tests)
+        self.trips = 0  # how many batches it carried (for the tests)
+        self.hops = 0  # how many trips (hops to a database thread) carried them
 
     async def __call__(self, argument: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -185,20 +197,23 @@ class Gathering:
     def _trip(
         self, state: _Gathered, loop: asyncio.AbstractEventLoop, began: threading.Event
     ) -> None:
-        """On the trip's thread: the calls waiting (at most ``most``), each answered."""
+        """On the trip's thread: the calls waiting, ``most`` at a time, each batch answered."""
         began.set()
+        self.hops += 1
+        rounds = self.rounds or (ROUNDS if trip_parallelism() > 1 else 1)
         try:
-            with state.lock:
-                batch = state.waiting[: self.most]
-                state.waiting = state.waiting[self.most :]
-            if not batch:  # another trip took them
-                return
-            self.trips += 1
-            try:
-                outcomes = self.function([argument for argument, _ in batch])
-            except Exception as exc:  # the trip itself failed: every call with it
-                outcomes = [exc] * len(batch)
-            loop.call_soon_threadsafe(_answer, batch, outcomes)
+            for _round in range(rounds):
+                with state.lock:
+                    batch = state.waiting[: self.most]
+                    state.waiting = state.waiting[self.most :]
+                if not batch:  # none left (or another trip took them)
+                    return
+                self.trips += 1
+                try:
+                    outcomes = self.function([argument for argument, _ in batch])
+                except Exception as exc:  # the batch itself failed: every call with it
+                    outcomes = [exc] * len(batch)
+                loop.call_soon_threadsafe(_answer, batch, outcomes)
         finally:
             with state.lock:
                 state.running -= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -456,6 +457,33 @@ async def test_a_send_right_after_the_last_trip_ended_gets_a_trip_of_its_own() -
     assert results[0] == 1
     assert isinstance(results[1], ValueError)
     assert results[2] == 3
+
+
+@pytest.mark.parametrize("rounds", [1, 8, None])
+async def test_calls_that_come_during_a_trip_go_on_it_where_trips_run_side_by_side(
+    rounds: int | None,
+) -> None:
+    # A trip that may go on (by default: on PostgreSQL, where a reply starts once its
+    # send is written) carries the calls that came while it wrote, batch after batch;
+    # otherwise each batch waits for a trip of its own, begun turns of the loop later.
+    writing = threading.Event()
+
+    def doubled(arguments: list[int]) -> list[int]:
+        if arguments == [0]:
+            writing.wait(5)
+        return [argument * 2 for argument in arguments]
+
+    gathering = generation.Gathering(doubled, most=2, parallel=1, rounds=rounds)
+    calls = [asyncio.ensure_future(gathering(0))]
+    await asyncio.sleep(0.1)  # its trip is writing
+    calls += [asyncio.ensure_future(gathering(number)) for number in range(1, 7)]
+    await asyncio.sleep(0.1)
+    writing.set()
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*calls) == [0, 2, 4, 6, 8, 10, 12]
+    assert gathering.trips == 4  # [0], then [1, 2], [3, 4] and [5, 6]
+    goes_on = rounds == 8 or (rounds is None and connection.vendor == "postgresql")
+    assert gathering.hops == (1 if goes_on else 4)
 
 
 async def test_a_trips_calls_are_answered_from_its_thread_in_one_turn_of_the_loop() -> None:
