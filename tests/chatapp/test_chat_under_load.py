@@ -229,7 +229,7 @@ async def test_a_send_reads_the_catalogs_version_once_on_its_way_to_the_upstream
     # take the models at the version the send read.
     alice = await database_sync_to_async(make_user)("alice@example.com")
     ws = await connect(alice)
-    send = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
+    send: dict[str, Any] = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
     # (Her first send makes her web key, which starts a new version of the shared keys.)
     for _warm in range(2):
         await ws.send_json_to(send)
