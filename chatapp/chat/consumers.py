@@ -185,8 +185,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
         The sender's web key and the catalog's version are read here, on the loop
         (the hot store; with Redis, in one round trip), not in the trip
-        (``generation.trip``).  Its reply takes the models at that version, without
-        reading it again.
+        (``generation.trip``).  A reply started at once (``Early``) takes the models at
+        that version, without reading it again; one started after the trip, which may
+        wait its turn for seconds, reads it anew.
         """
         early: generation.Early | None = None
         try:
@@ -195,7 +196,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     principal, version = await asyncio.gather(
                         aweb_principal(self.user_id), catalog.aversion()
                     )
-                else:  # neither waits: as tasks they would cost two turns of the loop
+                else:  # in this process: as tasks they would cost two turns of the loop
                     principal, version = (
                         await aweb_principal(self.user_id),
                         await catalog.aversion(),
@@ -220,17 +221,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         # only took the event loop from them: 1,000 sends' first words
                         # came later.)
                         checked = actions.check_new_conversation(**arguments, catalog=in_memory)
-                        prepared = browser.prepare_new(
-                            checked.conversation, checked.text, checked.principal
+                        early = generation.Early(
+                            browser.prepare_new(
+                                checked.conversation,
+                                checked.text,
+                                checked.principal,
+                                catalog_version=version,
+                            ),
+                            self.language,
                         )
-                        prepared.catalog_version = version
-                        early = generation.Early(prepared, self.language)
                         arguments["checked"] = checked
                     started = await _start_conversation(arguments)
                 else:
                     started = await generation.trip(_start)(action, **arguments)
-            if started[2] is not None:
-                started[2].catalog_version = version
             await self._started(started, client_id, early)
         finally:
             if early is not None:  # (once written, it goes on): not written, no reply

@@ -149,13 +149,13 @@ class Gathering:
     ) -> None:
         self.function = function
         self.most = most
-        self.rounds = rounds  # by default: ROUNDS when trips run side by side, else 1
+        self.rounds = rounds  # None: ROUNDS when trips run side by side, else 1
         self.parallel = parallel
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gathered] = (
             weakref.WeakKeyDictionary()
         )
         self.trips = 0  # how many batches it carried (for the tests)
-        self.hops = 0  # how many trips (hops to a database thread) carried them
+        self.hops = 0  # how many trips (hops to a database thread) carried batches
 
     async def __call__(self, argument: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -199,16 +199,21 @@ class Gathering:
     ) -> None:
         """On the trip's thread: the calls waiting, ``most`` at a time, each batch answered."""
         began.set()
-        self.hops += 1
-        rounds = self.rounds or (ROUNDS if trip_parallelism() > 1 else 1)
+        rounds = self.rounds
+        if rounds is None:
+            rounds = ROUNDS if trip_parallelism() > 1 else 1
         try:
-            for _round in range(rounds):
+            for round_ in range(rounds):
+                if round_:  # a connection the last batch broke is not the next one's
+                    connection.close_if_unusable_or_obsolete()
                 with state.lock:
                     batch = state.waiting[: self.most]
                     state.waiting = state.waiting[self.most :]
-                if not batch:  # none left (or another trip took them)
-                    return
-                self.trips += 1
+                    if not batch:  # none left (or another trip took them)
+                        return
+                    self.trips += 1
+                    if not round_:
+                        self.hops += 1
                 try:
                     outcomes = self.function([argument for argument, _ in batch])
                 except Exception as exc:  # the batch itself failed: every call with it
@@ -454,7 +459,10 @@ async def run(
         except KeyRefused as exc:
             raise from_domain(exc) from None
         request = prepared.request
-        model = await catalog.aget_model(request.model, prepared.catalog_version)
+        # One read of the catalog's version for the reply and its admission (none when
+        # its send read it moments ago).
+        version = prepared.catalog_version or await catalog.aversion()
+        model = await catalog.aget_model(request.model, version)
         if model is not None:
             reply.left_out = browser.fit_context(
                 request, model.context_window, model.max_output_tokens
@@ -471,7 +479,7 @@ async def run(
             request=request,
             user_id=prepared.user_id,
             on_cancel=pipeline.INTERRUPTED,
-            catalog_version=prepared.catalog_version,
+            catalog_version=version,
             pace=pace,
         )
         status = await _opened_and_relayed(call, reply, pace)

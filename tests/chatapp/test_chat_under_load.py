@@ -220,13 +220,13 @@ def test_a_burst_of_requests_loads_a_stale_catalog_once(
     assert len(loads) == 1
 
 
-async def test_a_send_reads_the_catalogs_version_once_on_its_way_to_the_upstream(
+async def test_a_send_reads_the_catalogs_version_at_most_twice_on_its_way_to_the_upstream(
     upstream: FakeUpstream,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Under a burst each read is a turn of the event loop (with Redis, a round trip)
-    # before the upstream is asked: the send's check, the reply and its admission
-    # take the models at the version the send read.
+    # before the upstream is asked.  The send's check, its reply and the reply's
+    # admission each read it, before.
     alice = await database_sync_to_async(make_user)("alice@example.com")
     ws = await connect(alice)
     send: dict[str, Any] = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
@@ -245,8 +245,45 @@ async def test_a_send_reads_the_catalogs_version_once_on_its_way_to_the_upstream
     monkeypatch.setattr(hotstore, "aget", counted)
     await ws.send_json_to(send)
     assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
-    assert len(reads) == 1
+    # Once for a reply started while its send is written (SQLite: ``Early``); a reply
+    # started after the write reads it anew, once for itself and its admission.
+    assert len(reads) == (2 if connection.vendor == "postgresql" else 1)
     assert len(upstream.requests) == 3
+    await ws.disconnect()
+
+
+async def test_a_model_disabled_while_a_send_is_written_is_refused_by_its_reply(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The send to an existing conversation is checked against the catalog it read; its
+    # reply starts after the write, which may have waited its turn for seconds: it
+    # reads the catalog again, and an admin's change meanwhile holds for it.
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    send: dict[str, Any] = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
+    await ws.send_json_to(send)
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "complete"
+    conversation = next(event for event in events if event["type"] == "created")["conversation"]
+    # (Her first send made her web key, which starts a new version of the shared keys.)
+    await ws.send_json_to({**send, "conversation": conversation})
+    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    real_send = actions.do_send_message
+
+    def disabled_meanwhile(**arguments: Any) -> Any:
+        started = real_send(**arguments)  # checked and written...
+        model = CatalogModel.objects.get(name="chat-model")
+        model.enabled = False
+        model.save()  # ...then disabled, as the console does: the catalog's version changes
+        return started
+
+    monkeypatch.setattr(actions, "do_send_message", disabled_meanwhile)
+    await ws.send_json_to({**send, "conversation": conversation, "text": "Again"})
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "failed"
+    assert "chat-model" in events[-1]["html"]
+    assert len(upstream.requests) == 2
     await ws.disconnect()
 
 
@@ -466,19 +503,20 @@ async def test_calls_that_come_during_a_trip_go_on_it_where_trips_run_side_by_si
     # A trip that may go on (by default: on PostgreSQL, where a reply starts once its
     # send is written) carries the calls that came while it wrote, batch after batch;
     # otherwise each batch waits for a trip of its own, begun turns of the loop later.
-    writing = threading.Event()
+    writing, written = threading.Event(), threading.Event()
 
     def doubled(arguments: list[int]) -> list[int]:
         if arguments == [0]:
-            writing.wait(5)
+            writing.set()
+            written.wait(5)
         return [argument * 2 for argument in arguments]
 
     gathering = generation.Gathering(doubled, most=2, parallel=1, rounds=rounds)
     calls = [asyncio.ensure_future(gathering(0))]
-    await asyncio.sleep(0.1)  # its trip is writing
+    assert await asyncio.to_thread(writing.wait, 5)  # its trip is writing
     calls += [asyncio.ensure_future(gathering(number)) for number in range(1, 7)]
     await asyncio.sleep(0.1)
-    writing.set()
+    written.set()
     async with asyncio.timeout(5):
         assert await asyncio.gather(*calls) == [0, 2, 4, 6, 8, 10, 12]
     assert gathering.trips == 4  # [0], then [1, 2], [3, 4] and [5, 6]

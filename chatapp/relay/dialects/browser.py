@@ -38,7 +38,8 @@ class Prepared:
     # reading it back: the conversation, its messages (with the reply) as they were.
     conversation: Any = None
     messages: list[Any] | None = None
-    # The catalog's version the send was checked against (``catalog.aget_model``).
+    # The catalog's version the send was checked against moments ago, for a reply
+    # started at once (``catalog.aget_model``); None: the reply reads it.
     catalog_version: str | None = None
 
 
@@ -107,7 +108,9 @@ def prepare(
     )
 
 
-def prepare_new(conversation: Any, text: str, principal: Any) -> Prepared:
+def prepare_new(
+    conversation: Any, text: str, principal: Any, *, catalog_version: str | None = None
+) -> Prepared:
     """The request of a new conversation's first turn, before either is written.
 
     ``conversation``: not saved yet (``chatapp.chat.actions.NewConversation``); the
@@ -118,7 +121,14 @@ def prepare_new(conversation: Any, text: str, principal: Any) -> Prepared:
     from chatapp.models import Message
 
     turn = with_attachments(Message(role="user", content=text), [])
-    return Prepared(0, conversation.owner_id, _request(conversation, [turn]), "", principal)
+    return Prepared(
+        0,
+        conversation.owner_id,
+        _request(conversation, [turn]),
+        "",
+        principal,
+        catalog_version=catalog_version,
+    )
 
 
 def _request(conversation: Any, history: list[Any]) -> ChatRequest:
