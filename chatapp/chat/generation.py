@@ -460,8 +460,8 @@ async def run(
             raise from_domain(exc) from None
         request = prepared.request
         # One read of the catalog's version for the reply and its admission (none when
-        # its send read it moments ago).
-        version = prepared.catalog_version or await catalog.aversion()
+        # its send read it moments ago); a version not loaded yet is loaded here.
+        version = prepared.catalog_version or await catalog.aloaded_version()
         model = await catalog.aget_model(request.model, version)
         if model is not None:
             reply.left_out = browser.fit_context(
