@@ -220,6 +220,26 @@ def test_a_burst_of_requests_loads_a_stale_catalog_once(
     assert len(loads) == 1
 
 
+async def _chatting(
+    upstream: FakeUpstream,  # noqa: F811
+) -> tuple[Any, dict[str, Any], int]:
+    """Alice's tab after two replies in one conversation: its socket, a send, the conversation.
+
+    (Her first send makes her web key, which starts a new version of the shared keys.)
+    """
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connect(alice)
+    send: dict[str, Any] = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
+    await ws.send_json_to(send)
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "complete"
+    conversation = next(event for event in events if event["type"] == "created")["conversation"]
+    await ws.send_json_to({**send, "conversation": conversation})
+    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    assert len(upstream.requests) == 2
+    return ws, send, conversation
+
+
 async def test_a_send_reads_the_catalogs_version_at_most_twice_on_its_way_to_the_upstream(
     upstream: FakeUpstream,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
@@ -227,13 +247,7 @@ async def test_a_send_reads_the_catalogs_version_at_most_twice_on_its_way_to_the
     # Under a burst each read is a turn of the event loop (with Redis, a round trip)
     # before the upstream is asked.  The send's check, its reply and the reply's
     # admission each read it, before.
-    alice = await database_sync_to_async(make_user)("alice@example.com")
-    ws = await connect(alice)
-    send: dict[str, Any] = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
-    # (Her first send makes her web key, which starts a new version of the shared keys.)
-    for _warm in range(2):
-        await ws.send_json_to(send)
-        assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    ws, send, _conversation = await _chatting(upstream)
     reads: list[str] = []
     real_aget = hotstore.aget
 
@@ -259,16 +273,7 @@ async def test_a_model_disabled_while_a_send_is_written_is_refused_by_its_reply(
     # The send to an existing conversation is checked against the catalog it read; its
     # reply starts after the write, which may have waited its turn for seconds: it
     # reads the catalog again, and an admin's change meanwhile holds for it.
-    alice = await database_sync_to_async(make_user)("alice@example.com")
-    ws = await connect(alice)
-    send: dict[str, Any] = {"action": "send", "conversation": None, "text": "Hi", "attachments": []}
-    await ws.send_json_to(send)
-    events = await receive_until(ws, "done")
-    assert events[-1]["status"] == "complete"
-    conversation = next(event for event in events if event["type"] == "created")["conversation"]
-    # (Her first send made her web key, which starts a new version of the shared keys.)
-    await ws.send_json_to({**send, "conversation": conversation})
-    assert (await receive_until(ws, "done"))[-1]["status"] == "complete"
+    ws, send, conversation = await _chatting(upstream)
     real_send = actions.do_send_message
 
     def disabled_meanwhile(**arguments: Any) -> Any:
