@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from django.db import OperationalError, connection, transaction
-from django.db.models import OuterRef, Subquery
+from django.db import OperationalError, connection, models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -513,41 +512,42 @@ def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
         return []
     with _writing(waits=False):
         conversations = [start.conversation for start in starts]
-        Conversation.objects.bulk_create(conversations)
-        turns = Message.objects.bulk_create(
-            [
-                Message(conversation=conversation, parent=None, role="user", content=start.text)
-                for conversation, start in zip(conversations, starts, strict=True)
-            ]
-        )
-        replies = Message.objects.bulk_create(
-            [
-                Message(
-                    conversation=conversation,
-                    parent=turn,
-                    role="assistant",
-                    model=conversation.model,
-                    status=MessageStatus.STREAMING,
-                )
-                for conversation, turn in zip(conversations, turns, strict=True)
-            ]
-        )
-        # One statement for all: each new conversation's leaf is its reply, its one
-        # assistant message.
-        now = timezone.now()
-        Conversation.objects.filter(
-            pk__in=[conversation.pk for conversation in conversations]
-        ).update(
-            current_leaf=Subquery(
-                Message.objects.filter(conversation=OuterRef("pk"), role="assistant").values("pk")[
-                    :1
-                ]
-            ),
-            updated_at=now,
-        )
+        insert_rows(Conversation, conversations)
+        turns = [
+            Message(conversation=conversation, parent=None, role="user", content=start.text)
+            for conversation, start in zip(conversations, starts, strict=True)
+        ]
+        insert_rows(Message, turns)
+        replies = [
+            Message(
+                conversation=conversation,
+                parent=turn,
+                role="assistant",
+                model=conversation.model,
+                status=MessageStatus.STREAMING,
+            )
+            for conversation, turn in zip(conversations, turns, strict=True)
+        ]
+        insert_rows(Message, replies)
+        # One statement for all: each new conversation's leaf is its reply.
+        quote = connection.ops.quote_name
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {quote(Conversation._meta.db_table)}"
+                f" SET {quote('current_leaf_id')} = CASE {quote('id')}"
+                + " WHEN %s THEN %s" * len(conversations)
+                + f" END WHERE {quote('id')} IN ({', '.join(['%s'] * len(conversations))})",
+                [
+                    *(
+                        value
+                        for conversation, reply in zip(conversations, replies, strict=True)
+                        for value in (conversation.pk, reply.pk)
+                    ),
+                    *(conversation.pk for conversation in conversations),
+                ],
+            )
         for conversation, reply in zip(conversations, replies, strict=True):
             conversation.current_leaf = reply
-            conversation.updated_at = now
     # No heartbeat yet: see _start_reply.
     return [
         Started(
@@ -562,6 +562,72 @@ def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
             starts, conversations, turns, replies, strict=True
         )
     ]
+
+
+# Fields whose value of this type the database takes as it is (Django's own preparation
+# for it returns it unchanged).
+_AS_IS: dict[type[models.Field[Any, Any]], type] = {
+    models.CharField: str,
+    models.TextField: str,
+    models.IntegerField: int,
+    models.PositiveIntegerField: int,
+    models.BooleanField: bool,
+    models.FloatField: float,
+    models.ForeignKey: int,
+}
+
+
+def insert_rows(model: type[models.Model], rows: Sequence[models.Model]) -> None:
+    """Insert ``rows`` (new instances of ``model``) in one statement; each gets its id.
+
+    What ``bulk_create`` writes, for a burst's trips (``do_start_conversations``): it
+    put each value of each row through its field's preparation, most of which return
+    it unchanged, and built the statement anew; for 16 new conversations with their
+    two messages each, 4.8 ms of CPU on the database thread (the database's own part
+    0.3 ms), the event loop's time under a burst.  Here a value the database takes as
+    it is (``_AS_IS``) goes as it is; any other (a date, a decimal) is prepared by its
+    field, as Django does, once per value.  The dates of ``auto_now`` and
+    ``auto_now_add`` fields are one moment for every row, set on each.
+    """
+    if not rows:
+        return
+    db = transaction.get_connection()
+    meta = model._meta
+    fields = [field for field in meta.concrete_fields if not field.primary_key]
+    now = timezone.now()
+    stamped = [
+        field.attname
+        for field in fields
+        if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False)
+    ]
+    prepared: dict[tuple[models.Field[Any, Any], Any], Any] = {}
+    params: list[Any] = []
+    for row in rows:
+        for attname in stamped:
+            setattr(row, attname, now)
+        for field in fields:
+            value = getattr(row, field.attname)
+            if value is not None and _AS_IS.get(type(field)) is not type(value):
+                key = (field, value)
+                if key not in prepared:
+                    prepared[key] = field.get_db_prep_save(value, db)
+                value = prepared[key]
+            params.append(value)
+    quote = db.ops.quote_name
+    placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    with db.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(meta.db_table)}"
+            f" ({', '.join(quote(field.column) for field in fields)})"
+            f" VALUES {', '.join([placeholders] * len(rows))}"
+            f" RETURNING {quote(meta.pk.column)}",
+            params,
+        )
+        ids = [row_id for (row_id,) in cursor.fetchall()]
+    for row, row_id in zip(rows, ids, strict=True):
+        row.pk = row_id
+        row._state.adding = False
+        row._state.db = db.alias
 
 
 def do_edit_message(

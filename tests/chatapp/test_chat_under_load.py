@@ -20,6 +20,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from chatapp import hotstore
 from chatapp.chat import actions, events, generation
@@ -177,6 +178,51 @@ def test_a_send_to_a_new_conversation_reads_nothing_back(
     statements = [query["sql"] for query in queries.captured_queries]
     assert not [sql for sql in statements if sql.startswith("SELECT")], statements
     assert len(statements) <= 6, statements
+
+
+def test_conversations_written_together_are_the_rows_a_send_alone_writes(
+    upstream: FakeUpstream,  # noqa: F811
+) -> None:
+    alice = make_user("alice@example.com")
+    send = {
+        "user_id": alice.pk,
+        "text": "Hi",
+        "model": "chat-model",
+        "system_prompt": "Be brief.",
+        "temperature": 0.5,
+    }
+    alone = actions.do_send_message(conversation_id=None, attachment_ids=[], **send)
+    before = timezone.now()
+    together = actions.do_start_conversations(
+        starts=[actions.check_new_conversation(**send) for _ in range(3)]
+    )
+    ids = {"id", "created_at", "updated_at", "current_leaf_id", "conversation_id", "parent_id"}
+
+    def written(conversation_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        row = Conversation.objects.filter(pk=conversation_id).values().get()
+        messages = list(
+            Message.objects.filter(conversation=conversation_id).order_by("pk").values()
+        )
+        # Its leaf is its reply, the reply's parent its turn.
+        (turn, reply) = messages
+        assert (row["current_leaf_id"], reply["parent_id"]) == (reply["id"], turn["id"])
+        assert row["created_at"] >= before or conversation_id == alone.conversation.pk
+        return (
+            {name: value for name, value in row.items() if name not in ids},
+            [{name: value for name, value in item.items() if name not in ids} for item in messages],
+        )
+
+    expected = written(alone.conversation.pk)
+    assert [message["content"] for message in expected[1]] == ["Hi", ""]
+    for started in together:
+        assert written(started.conversation.pk) == expected
+        # The objects given back are the rows written.
+        assert started.conversation.current_leaf_id == started.reply_id
+        stored = Conversation.objects.get(pk=started.conversation.pk)
+        assert (stored.created_at, stored.updated_at) == (
+            started.conversation.created_at,
+            started.conversation.updated_at,
+        )
 
 
 async def test_a_sender_disabled_after_a_first_message_is_cut_off_at_the_next(
