@@ -512,12 +512,12 @@ def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
         return []
     with _writing(waits=False):
         conversations = [start.conversation for start in starts]
-        insert_rows(Conversation, conversations)
+        _insert_rows(Conversation, conversations)
         turns = [
             Message(conversation=conversation, parent=None, role="user", content=start.text)
             for conversation, start in zip(conversations, starts, strict=True)
         ]
-        insert_rows(Message, turns)
+        _insert_rows(Message, turns)
         replies = [
             Message(
                 conversation=conversation,
@@ -528,26 +528,31 @@ def do_start_conversations(*, starts: list[NewConversation]) -> list[Started]:
             )
             for conversation, turn in zip(conversations, turns, strict=True)
         ]
-        insert_rows(Message, replies)
+        _insert_rows(Message, replies)
         # One statement for all: each new conversation's leaf is its reply.
+        meta = Conversation._meta
         quote = connection.ops.quote_name
+        columns = {field.name: quote(str(field.column)) for field in meta.concrete_fields}
+        pk, leaf, updated = columns["id"], columns["current_leaf"], columns["updated_at"]
+        now = timezone.now()
         with connection.cursor() as cursor:
             cursor.execute(
-                f"UPDATE {quote(Conversation._meta.db_table)}"
-                f" SET {quote('current_leaf_id')} = CASE {quote('id')}"
+                f"UPDATE {quote(meta.db_table)} SET {leaf} = CASE {pk}"
                 + " WHEN %s THEN %s" * len(conversations)
-                + f" END WHERE {quote('id')} IN ({', '.join(['%s'] * len(conversations))})",
+                + f" END, {updated} = %s WHERE {pk} IN ({', '.join(['%s'] * len(conversations))})",
                 [
                     *(
                         value
                         for conversation, reply in zip(conversations, replies, strict=True)
                         for value in (conversation.pk, reply.pk)
                     ),
+                    meta.get_field("updated_at").get_db_prep_save(now, connection),
                     *(conversation.pk for conversation in conversations),
                 ],
             )
         for conversation, reply in zip(conversations, replies, strict=True):
             conversation.current_leaf = reply
+            conversation.updated_at = now
     # No heartbeat yet: see _start_reply.
     return [
         Started(
@@ -575,9 +580,11 @@ _AS_IS: dict[type[models.Field[Any, Any]], type] = {
     models.FloatField: float,
     models.ForeignKey: int,
 }
+# The fields ``_insert_rows`` writes itself: those above, and two its field prepares.
+_INSERTED = {*_AS_IS, models.DateTimeField, models.DecimalField}
 
 
-def insert_rows(model: type[models.Model], rows: Sequence[models.Model]) -> None:
+def _insert_rows(model: type[models.Model], rows: Sequence[models.Model]) -> None:
     """Insert ``rows`` (new instances of ``model``) in one statement; each gets its id.
 
     What ``bulk_create`` writes, for a burst's trips (``do_start_conversations``): it
@@ -587,13 +594,17 @@ def insert_rows(model: type[models.Model], rows: Sequence[models.Model]) -> None
     0.3 ms), the event loop's time under a burst.  Here a value the database takes as
     it is (``_AS_IS``) goes as it is; any other (a date, a decimal) is prepared by its
     field, as Django does, once per value.  The dates of ``auto_now`` and
-    ``auto_now_add`` fields are one moment for every row, set on each.
+    ``auto_now_add`` fields are one moment for every row, set on each.  A model with
+    any other kind of field (or a database default) is left to ``bulk_create``.
     """
     if not rows:
         return
     db = transaction.get_connection()
     meta = model._meta
     fields = [field for field in meta.concrete_fields if not field.primary_key]
+    if any(type(field) not in _INSERTED or field.has_db_default() for field in fields):
+        model._default_manager.bulk_create(rows)
+        return
     now = timezone.now()
     stamped = [
         field.attname

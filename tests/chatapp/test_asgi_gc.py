@@ -39,4 +39,4 @@ def test_loading_the_asgi_application_freezes_what_it_loaded(tmp_path: Path) -> 
     )
     frozen, *thresholds = (int(value) for value in found.stdout.split())
     assert frozen > 50_000, found.stdout
-    assert thresholds == [700, 10, 100]
+    assert thresholds[2] == 100  # (the first two: Python's own)

@@ -25,7 +25,7 @@ from django.utils import timezone
 from chatapp import hotstore
 from chatapp.chat import actions, events, generation
 from chatapp.chat.consumers import _start
-from chatapp.models import CatalogModel, Conversation, Message, Route
+from chatapp.models import CatalogModel, Conversation, Message, MessageStatus, Route
 from chatapp.relay import catalog
 from chatapp.relay.canonical import ReasoningDelta, TextDelta
 from chatapp.relay.dialects.browser import ReplyWriter
@@ -180,21 +180,39 @@ def test_a_send_to_a_new_conversation_reads_nothing_back(
     assert len(statements) <= 6, statements
 
 
-def test_conversations_written_together_are_the_rows_a_send_alone_writes(
+def test_conversations_written_together_are_the_rows_the_orm_writes(
     upstream: FakeUpstream,  # noqa: F811
 ) -> None:
     alice = make_user("alice@example.com")
-    send = {
-        "user_id": alice.pk,
-        "text": "Hi",
-        "model": "chat-model",
-        "system_prompt": "Be brief.",
-        "temperature": 0.5,
-    }
-    alone = actions.do_send_message(conversation_id=None, attachment_ids=[], **send)
+    sends = [
+        {"text": f"Question {index}", "system_prompt": f"Prompt {index}", "temperature": index / 10}
+        for index in range(3)
+    ]
+
+    def by_the_orm(text: str, system_prompt: str, temperature: float) -> int:
+        """The rows of a new conversation as Django's ``create`` and ``save`` write them."""
+        conversation = Conversation.objects.create(
+            owner=alice, model="chat-model", system_prompt=system_prompt, temperature=temperature
+        )
+        turn = Message.objects.create(conversation=conversation, role="user", content=text)
+        reply = Message.objects.create(
+            conversation=conversation,
+            parent=turn,
+            role="assistant",
+            model="chat-model",
+            status=MessageStatus.STREAMING,
+        )
+        conversation.current_leaf = reply
+        conversation.save()
+        return conversation.pk
+
+    expected = [by_the_orm(**send) for send in sends]
     before = timezone.now()
     together = actions.do_start_conversations(
-        starts=[actions.check_new_conversation(**send) for _ in range(3)]
+        starts=[
+            actions.check_new_conversation(user_id=alice.pk, model="chat-model", **send)
+            for send in sends
+        ]
     )
     ids = {"id", "created_at", "updated_at", "current_leaf_id", "conversation_id", "parent_id"}
 
@@ -203,26 +221,50 @@ def test_conversations_written_together_are_the_rows_a_send_alone_writes(
         messages = list(
             Message.objects.filter(conversation=conversation_id).order_by("pk").values()
         )
-        # Its leaf is its reply, the reply's parent its turn.
+        # Its leaf is its reply, the reply's parent its turn; changed after both were made.
         (turn, reply) = messages
         assert (row["current_leaf_id"], reply["parent_id"]) == (reply["id"], turn["id"])
-        assert row["created_at"] >= before or conversation_id == alone.conversation.pk
+        assert row["updated_at"] >= reply["created_at"] >= turn["created_at"] >= row["created_at"]
         return (
             {name: value for name, value in row.items() if name not in ids},
             [{name: value for name, value in item.items() if name not in ids} for item in messages],
         )
 
-    expected = written(alone.conversation.pk)
-    assert [message["content"] for message in expected[1]] == ["Hi", ""]
-    for started in together:
-        assert written(started.conversation.pk) == expected
-        # The objects given back are the rows written.
-        assert started.conversation.current_leaf_id == started.reply_id
+    for send, reference, started in zip(sends, expected, together, strict=True):
+        assert written(started.conversation.pk) == written(reference)
+        # The objects given back are the rows written, each send's own.
         stored = Conversation.objects.get(pk=started.conversation.pk)
-        assert (stored.created_at, stored.updated_at) == (
+        assert stored.created_at >= before
+        assert (stored.created_at, stored.updated_at, stored.current_leaf_id) == (
             started.conversation.created_at,
             started.conversation.updated_at,
+            started.reply_id,
         )
+        turn, reply = started.messages or []
+        assert (turn.content, turn.pk, reply.pk) == (
+            send["text"],
+            Message.objects.get(conversation=stored, role="user").pk,
+            stored.current_leaf_id,
+        )
+
+
+def test_rows_with_fields_the_lean_insert_does_not_know_are_left_to_bulk_create(
+    db: None,
+) -> None:
+    from chatapp.models import Provider
+
+    # A JSON field (the extra headers): written as Django writes it, ids given back.
+    providers = [
+        Provider(name=f"p{index}", type="openai", extra_headers={"X-Index": str(index)})
+        for index in range(2)
+    ]
+    actions._insert_rows(Provider, providers)
+    assert [
+        (provider.name, provider.extra_headers)
+        for provider in Provider.objects.filter(
+            pk__in=[provider.pk for provider in providers]
+        ).order_by("name")
+    ] == [("p0", {"X-Index": "0"}), ("p1", {"X-Index": "1"})]
 
 
 async def test_a_sender_disabled_after_a_first_message_is_cut_off_at_the_next(
