@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from django.core.cache import cache
 
 from accounts.models import Role, User
 from chatapp import hotstore
+from chatapp.models import Conversation, Message, MessageStatus
 from keys import auth, limiter
 from tests.services import USING_REDIS
 
@@ -63,6 +65,28 @@ def make_user(email: str, role: str = Role.MEMBER, **extra: object) -> User:
     return User.objects.create_user(
         email, PASSWORD, role=role, is_superuser=(role == Role.ADMIN), **extra
     )
+
+
+def make_streaming_conversation(
+    owner: User, text: str = "Hi", **fields: Any
+) -> tuple[Conversation, Message]:
+    """A new conversation as the ORM writes it: its user turn, and its reply being written.
+
+    ``fields``: the conversation's own (its model chat-model unless given).
+    """
+    fields.setdefault("model", "chat-model")
+    conversation = Conversation.objects.create(owner=owner, **fields)
+    turn = Message.objects.create(conversation=conversation, role="user", content=text)
+    reply = Message.objects.create(
+        conversation=conversation,
+        parent=turn,
+        role="assistant",
+        model=conversation.model,
+        status=MessageStatus.STREAMING,
+    )
+    conversation.current_leaf = reply
+    conversation.save()
+    return conversation, reply
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from django.utils import timezone, translation
 from chatapp import hotstore
 from chatapp.chat.events import alive_key, snapshot_key
 from chatapp.chat.fragments import render_message
-from chatapp.models import Conversation, Message, MessageStatus
+from chatapp.models import Conversation, Message
 from tests.chatapp.test_chat_consumer import connect, receive_until, upstream  # noqa: F401
-from tests.conftest import make_user
+from tests.conftest import make_streaming_conversation, make_user
 from tests.fake_upstream import FakeUpstream, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -92,18 +92,7 @@ async def test_a_tab_that_joins_mid_reply_gets_the_reasoning_so_far(
 
 
 def _orphan(user_email: str) -> int:
-    user = make_user(user_email)
-    conversation = Conversation.objects.create(owner=user, model="chat-model")
-    question = Message.objects.create(conversation=conversation, role="user", content="Hi")
-    reply = Message.objects.create(
-        conversation=conversation,
-        parent=question,
-        role="assistant",
-        model="chat-model",
-        status=MessageStatus.STREAMING,
-    )
-    conversation.current_leaf = reply
-    conversation.save()
+    _conversation, reply = make_streaming_conversation(make_user(user_email))
     # Started a minute ago: its writer's heartbeat, had there been one, would be over.
     Message.objects.filter(pk=reply.pk).update(created_at=timezone.now() - timedelta(minutes=1))
     return reply.pk

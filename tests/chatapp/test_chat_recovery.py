@@ -22,11 +22,11 @@ from chatapp import hotstore
 from chatapp.chat import generation
 from chatapp.chat.events import alive_key, snapshot_key
 from chatapp.chat.fragments import render_branch
-from chatapp.models import Conversation, Message, MessageStatus
+from chatapp.models import Conversation, Message
 from keys import ledger
 from keys.models import UsageRecord
 from tests.chatapp.test_chat_consumer import connect, receive_until, upstream  # noqa: F401
-from tests.conftest import make_user
+from tests.conftest import make_streaming_conversation, make_user
 from tests.fake_upstream import FakeUpstream, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,17 +34,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _orphan(user: User, text_so_far: str) -> tuple[int, int]:
     """A conversation whose last reply was being written by a process that died."""
-    conversation = Conversation.objects.create(owner=user, model="chat-model")
-    question = Message.objects.create(conversation=conversation, role="user", content="Hi")
-    reply = Message.objects.create(
-        conversation=conversation,
-        parent=question,
-        role="assistant",
-        model="chat-model",
-        status=MessageStatus.STREAMING,
-    )
-    conversation.current_leaf = reply
-    conversation.save()
+    conversation, reply = make_streaming_conversation(user)
     # Started a minute ago: its writer's heartbeat, had there been one, would be over.
     Message.objects.filter(pk=reply.pk).update(created_at=timezone.now() - timedelta(minutes=1))
     return conversation.pk, reply.pk

@@ -25,7 +25,7 @@ from django.utils import timezone
 from chatapp import hotstore
 from chatapp.chat import actions, events, generation
 from chatapp.chat.consumers import _start
-from chatapp.models import CatalogModel, Conversation, Message, MessageStatus, Route
+from chatapp.models import CatalogModel, Conversation, Message, Route
 from chatapp.relay import catalog
 from chatapp.relay.canonical import ReasoningDelta, TextDelta
 from chatapp.relay.dialects.browser import ReplyWriter
@@ -33,7 +33,7 @@ from chatapp.relay.upstreams import UpstreamItem
 from keys import ledger
 from keys.models import UsageRecord
 from tests.chatapp.test_chat_consumer import connect, receive_until, upstream  # noqa: F401
-from tests.conftest import make_user
+from tests.conftest import make_streaming_conversation, make_user
 from tests.fake_upstream import FakeUpstream, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -191,19 +191,9 @@ def test_conversations_written_together_are_the_rows_the_orm_writes(
 
     def by_the_orm(text: str, system_prompt: str, temperature: float) -> int:
         """The rows of a new conversation as Django's ``create`` and ``save`` write them."""
-        conversation = Conversation.objects.create(
-            owner=alice, model="chat-model", system_prompt=system_prompt, temperature=temperature
+        conversation, _reply = make_streaming_conversation(
+            alice, text, system_prompt=system_prompt, temperature=temperature
         )
-        turn = Message.objects.create(conversation=conversation, role="user", content=text)
-        reply = Message.objects.create(
-            conversation=conversation,
-            parent=turn,
-            role="assistant",
-            model="chat-model",
-            status=MessageStatus.STREAMING,
-        )
-        conversation.current_leaf = reply
-        conversation.save()
         return conversation.pk
 
     expected = [by_the_orm(**send) for send in sends]
