@@ -127,7 +127,9 @@ def main() -> None:
                 "--log-level",
                 "warning",
             ),  # fmt: skip
-            "daphne": start(PYTHON, "-m", "daphne", "-p", "18002", "chatapp.asgi:application"),
+            "daphne": start(
+                PYTHON, "-m", "chatapp.server", "-p", "18002", "chatapp.asgi:application"
+            ),
         }
         ports = {"uvicorn": 18001, "daphne": 18002}
         wait_for("http://127.0.0.1:18000/health")

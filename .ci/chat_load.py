@@ -20,7 +20,7 @@ What it does, everything on 127.0.0.1:
    bench-model``, ``user add``; then, in ``manage.py shell``, the user's web key
    (``keys.actions.do_get_web_key``) with its limits cleared and a session for the user
    (Django's SessionStore, as a sign-in would make);
-3. starts ``--workers`` Daphne processes (``python -m daphne -p 18301..
+3. starts ``--workers`` Daphne processes (``python -m chatapp.server -p 18301..
    chatapp.asgi:application``, with ``SWITCHBOARD_CHAT_TITLES=false``); several need Redis;
 4. opens N WebSockets to ``/ws/chat/``, spread over the workers (the ``sessionid``
    cookie, and an ``Origin`` header for the origin check), waits until all are open,
@@ -551,7 +551,16 @@ def main() -> None:
             with log.open("wb") as log_file:
                 workers.append(
                     subprocess.Popen(
-                        [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), ASGI_APP],
+                        [
+                            PYTHON,
+                            "-m",
+                            "chatapp.server",
+                            "-b",
+                            "127.0.0.1",
+                            "-p",
+                            str(port),
+                            ASGI_APP,
+                        ],
                         cwd=ROOT,
                         env=env,
                         stdout=log_file,

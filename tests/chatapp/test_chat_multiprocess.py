@@ -62,7 +62,7 @@ def daphnes(transactional_db: None) -> Iterator[list[int]]:
     ports = [free_port(), free_port()]
     servers = [
         subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-p", str(port), "chatapp.asgi:application"],
+            [sys.executable, "-m", "chatapp.server", "-p", str(port), "chatapp.asgi:application"],
             cwd=ROOT,
             env=env,
         )

@@ -69,7 +69,7 @@ def server_env(drain: int) -> dict[str, str]:
 def start_daphne(port: int, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
     """A Daphne process of the whole app on ``port``, once it answers ``/healthz``."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-p", str(port), "chatapp.asgi:application"],
+        [sys.executable, "-m", "chatapp.server", "-p", str(port), "chatapp.asgi:application"],
         cwd=cwd,
         env=env,
     )
