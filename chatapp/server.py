@@ -6,8 +6,8 @@ sets uvloop's (the loop uvicorn takes with ``--loop uvloop``; uvicorn's ``standa
 extra installs it), then hands over to Daphne's own command line: the same
 arguments, the same server.  Under a burst of chat sends every frame, timer and
 socket of the worker goes through the loop: 200 sends at once, runs in turns, first
-words p50 0.29 -> 0.23 s (0.31 -> 0.27 s with Redis), worker CPU -2 to -14 %; 1,000
-on two workers, CPU -14 % (README, *Benchmarks*).
+words p50 0.31 -> 0.27 s with Redis (embedded 0.28 -> 0.27 s), worker CPU up to
+-14 %; 1,000 on two workers, CPU -14 % (README, *Benchmarks*).
 
 Where uvloop is missing (Windows, or an install without it) Daphne runs on
 ``asyncio``'s loop, as ``daphne`` itself would.
