@@ -8,6 +8,7 @@ test process, so it shares the test database (tests using it need
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -20,11 +21,39 @@ import httpx
 import pytest
 import uvicorn
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def fresh_python(code: str, data_dir: Path) -> str:
+    """What ``python -c code`` prints in a fresh process of the project on its embedded defaults.
+
+    (Run from the project's root, with its own data directory; fails on a non-zero exit.)
+    """
+    from django.conf import settings
+
+    env = {
+        **os.environ,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "SWITCHBOARD_DATA_DIR": str(data_dir),
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
 
 
 def start_uvicorn(port: int, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:

@@ -7,38 +7,26 @@ it: ``test_shutdown``, ``test_chat_multiprocess``, ``test_serve``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from django.conf import settings
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.live import fresh_python
 
 LOOP_OF_DAPHNE = "import daphne.server; print(type(daphne.server.twisted_loop).__module__)"
 
 
 def loop_of(code: str, tmp_path: Path) -> str:
     """The module of the event loop Daphne made in a process that ran ``code``."""
-    env = {
-        **os.environ,
-        "SECRET_KEY": settings.SECRET_KEY,
-        "SWITCHBOARD_DATA_DIR": str(tmp_path),
-        "LOG_LEVEL": "WARNING",
-    }
-    env.pop("DATABASE_URL", None)
-    env.pop("REDIS_URL", None)
-    found = subprocess.run(
-        [sys.executable, "-c", f"{code}\n{LOOP_OF_DAPHNE}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    return fresh_python(f"{code}\n{LOOP_OF_DAPHNE}", tmp_path).strip().splitlines()[-1]
+
+
+def manage_py(*argv: str) -> str:
+    """Code that runs ``manage.py argv`` as its command line does (an exit is let through)."""
+    return (
+        "import contextlib, sys, manage\n"
+        f"sys.argv = ['manage.py', *{list(argv)!r}]\n"
+        "with contextlib.suppress(SystemExit):\n"
+        "    manage.main()"
     )
-    return found.stdout.strip().splitlines()[-1]
 
 
 def test_the_server_module_starts_daphne_on_uvloop(tmp_path: Path) -> None:
@@ -53,23 +41,11 @@ def test_the_server_module_starts_daphne_on_uvloop(tmp_path: Path) -> None:
 
 def test_manage_py_serve_starts_daphne_on_uvloop(tmp_path: Path) -> None:
     # Django loads Daphne's app (and with it Daphne's loop) before the command runs.
-    code = (
-        "import contextlib, sys, manage\n"
-        "sys.argv = ['manage.py', 'serve', '--help']\n"
-        "with contextlib.suppress(SystemExit):\n"
-        "    manage.main()"
-    )
-    assert loop_of(code, tmp_path) == "uvloop"
+    assert loop_of(manage_py("serve", "--help"), tmp_path) == "uvloop"
 
 
 def test_other_commands_leave_the_event_loop_alone(tmp_path: Path) -> None:
-    code = (
-        "import contextlib, sys, manage\n"
-        "sys.argv = ['manage.py', 'check']\n"
-        "with contextlib.suppress(SystemExit):\n"
-        "    manage.main()"
-    )
-    assert loop_of(code, tmp_path).startswith("asyncio")
+    assert loop_of(manage_py("check"), tmp_path).startswith("asyncio")
 
 
 def test_without_uvloop_daphne_runs_on_asyncios_loop(tmp_path: Path) -> None:
