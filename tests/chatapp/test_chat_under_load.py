@@ -607,6 +607,38 @@ async def test_calls_that_come_during_a_trip_go_on_it_where_trips_run_side_by_si
     assert gathering.hops == (1 if goes_on else 4)
 
 
+async def test_a_batch_that_fails_in_a_middle_round_fails_alone_and_the_trip_goes_on() -> None:
+    # A trip that goes on batch after batch (PostgreSQL's): the batch whose write
+    # raises fails its own calls only; those before it keep their answers, and those
+    # after it are still written by the same trip.
+    writing, written = threading.Event(), threading.Event()
+
+    def doubled(arguments: list[int]) -> list[int]:
+        if arguments == [0]:
+            writing.set()
+            written.wait(5)
+        if 3 in arguments:
+            raise ValueError("the database refused this batch")
+        return [argument * 2 for argument in arguments]
+
+    gathering = generation.Gathering(doubled, most=2, parallel=1, rounds=8)
+    calls = [asyncio.ensure_future(gathering(0))]
+    assert await asyncio.to_thread(writing.wait, 5)  # its trip is writing
+    calls += [asyncio.ensure_future(gathering(number)) for number in range(1, 7)]
+    await asyncio.sleep(0.1)
+    written.set()
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert outcomes[:3] == [0, 2, 4]  # [0], then [1, 2]
+    assert [str(outcome) for outcome in outcomes[3:5]] == ["the database refused this batch"] * 2
+    assert all(isinstance(outcome, ValueError) for outcome in outcomes[3:5])  # [3, 4]
+    assert outcomes[5:] == [10, 12]  # [5, 6]: the same trip went on
+    assert (gathering.trips, gathering.hops) == (4, 1)
+    # Nothing is left counted as under way: the next call gets its trip.
+    async with asyncio.timeout(5):
+        assert await gathering(7) == 14
+
+
 async def test_a_trips_calls_are_answered_from_its_thread_in_one_turn_of_the_loop() -> None:
     # Under a burst every turn of the event loop is long: the callers resume one turn
     # after their trip is written, not after the trip's own task has come round too.
