@@ -26,7 +26,7 @@ import http.cookiejar
 import ssl
 import sys
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
@@ -112,15 +112,22 @@ def socket_of(response: httpx.Response) -> asyncio.Transport | None:
     """The connection a streamed response of our client reads from, while it is open.
 
     None for any other response (another transport, a test's), or once the body is
-    read: aiohttp lets go of the connection then.
+    read: aiohttp lets go of the connection then.  On uvloop (the workers' loop) the
+    transport is uvloop's, which has asyncio's methods without deriving from its class.
     """
     stream = getattr(response.stream, "_stream", response.stream)  # (the client wraps it)
     aiohttp_response = getattr(stream, "_aiohttp_response", None)
     connection = getattr(aiohttp_response, "connection", None)
     transport = getattr(connection, "transport", None)
-    if isinstance(transport, asyncio.Transport) and not transport.is_closing():
-        return transport
-    return None
+    if transport is None or not all(callable(getattr(transport, name, None)) for name in _READING):
+        return None
+    if transport.is_closing():
+        return None
+    return cast(asyncio.Transport, transport)
+
+
+# What ``socket_of`` needs of a transport (asyncio's or uvloop's).
+_READING = ("pause_reading", "resume_reading", "is_closing", "get_protocol")
 
 
 async def aclose() -> None:

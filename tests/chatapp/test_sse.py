@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
+import uvloop
+from aiohttp.client_proto import ResponseHandler
 
 from chatapp.relay import http, sse
 from tests.fake_upstream import FakeUpstream, Reply
@@ -104,3 +107,39 @@ async def test_a_paced_reader_gets_the_pieces_sent_meanwhile_in_one_read(
     # while the reader rests, and what came in is read at once afterwards.
     assert eager_socket >= 15
     assert paced_socket <= 6
+
+
+def test_a_paced_reader_rests_without_reads_on_uvloop_too(
+    fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workers run on uvloop (Daphne through chatapp.server, uvicorn), whose
+    # transports have asyncio's methods without deriving from its classes.  (uvloop
+    # binds the protocol's data_received when the connection is made: counted on the
+    # class.)
+    socket_reads = 0
+    received = ResponseHandler.data_received
+
+    def counted(self: ResponseHandler, data: bytes) -> None:
+        nonlocal socket_reads
+        socket_reads += bool(data)
+        received(self, data)
+
+    monkeypatch.setattr(ResponseHandler, "data_received", counted)
+
+    async def reads(pace: float | None) -> tuple[str, int]:
+        nonlocal socket_reads
+        socket_reads = 0
+        _reads_paced, text, _ = await _reads(fake, pace)
+        return text, socket_reads
+
+    async def eager_then_paced() -> tuple[tuple[str, int], tuple[str, int]]:
+        try:
+            return await reads(None), await reads(0.1)
+        finally:
+            await http.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        (eager_text, eager_reads), (paced_text, paced_reads) = runner.run(eager_then_paced())
+    assert eager_text == paced_text == " ".join(f"w{i}" for i in range(20))
+    assert eager_reads >= 15  # one socket read per piece as they come...
+    assert paced_reads <= 6  # ...but none while the reader rests
