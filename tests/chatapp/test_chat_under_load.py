@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -579,6 +579,29 @@ async def test_a_send_right_after_the_last_trip_ended_gets_a_trip_of_its_own() -
     assert results[2] == 3
 
 
+async def calls_during_a_trip(
+    write: Callable[[list[int]], list[int]], *, rounds: int | None
+) -> tuple[generation.Gathering, list[Any]]:
+    """Calls 0 to 6 of ``write`` gathered two at a time, one trip at a time: 1 to 6 are
+    made while call 0's trip writes.  The gathering, and each call's result or exception."""
+    writing, written = threading.Event(), threading.Event()
+
+    def held(arguments: list[int]) -> list[int]:
+        if arguments == [0]:
+            writing.set()
+            written.wait(5)
+        return write(arguments)
+
+    gathering = generation.Gathering(held, most=2, parallel=1, rounds=rounds)
+    calls = [asyncio.ensure_future(gathering(0))]
+    assert await asyncio.to_thread(writing.wait, 5)  # its trip is writing
+    calls += [asyncio.ensure_future(gathering(number)) for number in range(1, 7)]
+    await asyncio.sleep(0.1)
+    written.set()
+    async with asyncio.timeout(5):
+        return gathering, await asyncio.gather(*calls, return_exceptions=True)
+
+
 @pytest.mark.parametrize("rounds", [1, 8, None])
 async def test_calls_that_come_during_a_trip_go_on_it_where_trips_run_side_by_side(
     rounds: int | None,
@@ -586,22 +609,10 @@ async def test_calls_that_come_during_a_trip_go_on_it_where_trips_run_side_by_si
     # A trip that may go on (by default: on PostgreSQL, where a reply starts once its
     # send is written) carries the calls that came while it wrote, batch after batch;
     # otherwise each batch waits for a trip of its own, begun turns of the loop later.
-    writing, written = threading.Event(), threading.Event()
-
-    def doubled(arguments: list[int]) -> list[int]:
-        if arguments == [0]:
-            writing.set()
-            written.wait(5)
-        return [argument * 2 for argument in arguments]
-
-    gathering = generation.Gathering(doubled, most=2, parallel=1, rounds=rounds)
-    calls = [asyncio.ensure_future(gathering(0))]
-    assert await asyncio.to_thread(writing.wait, 5)  # its trip is writing
-    calls += [asyncio.ensure_future(gathering(number)) for number in range(1, 7)]
-    await asyncio.sleep(0.1)
-    written.set()
-    async with asyncio.timeout(5):
-        assert await asyncio.gather(*calls) == [0, 2, 4, 6, 8, 10, 12]
+    gathering, outcomes = await calls_during_a_trip(
+        lambda arguments: [argument * 2 for argument in arguments], rounds=rounds
+    )
+    assert outcomes == [0, 2, 4, 6, 8, 10, 12]
     assert gathering.trips == 4  # [0], then [1, 2], [3, 4] and [5, 6]
     goes_on = rounds == 8 or (rounds is None and connection.vendor == "postgresql")
     assert gathering.hops == (1 if goes_on else 4)
@@ -611,24 +622,12 @@ async def test_a_batch_that_fails_in_a_middle_round_fails_alone_and_the_trip_goe
     # A trip that goes on batch after batch (PostgreSQL's): the batch whose write
     # raises fails its own calls only; those before it keep their answers, and those
     # after it are still written by the same trip.
-    writing, written = threading.Event(), threading.Event()
-
     def doubled(arguments: list[int]) -> list[int]:
-        if arguments == [0]:
-            writing.set()
-            written.wait(5)
         if 3 in arguments:
             raise ValueError("the database refused this batch")
         return [argument * 2 for argument in arguments]
 
-    gathering = generation.Gathering(doubled, most=2, parallel=1, rounds=8)
-    calls = [asyncio.ensure_future(gathering(0))]
-    assert await asyncio.to_thread(writing.wait, 5)  # its trip is writing
-    calls += [asyncio.ensure_future(gathering(number)) for number in range(1, 7)]
-    await asyncio.sleep(0.1)
-    written.set()
-    async with asyncio.timeout(5):
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    gathering, outcomes = await calls_during_a_trip(doubled, rounds=8)
     assert outcomes[:3] == [0, 2, 4]  # [0], then [1, 2]
     assert [str(outcome) for outcome in outcomes[3:5]] == ["the database refused this batch"] * 2
     assert all(isinstance(outcome, ValueError) for outcome in outcomes[3:5])  # [3, 4]
