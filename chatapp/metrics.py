@@ -270,6 +270,11 @@ def websocket_closed(consumer: Any) -> None:
     _sockets.discard(consumer)
 
 
+def open_sockets() -> int:
+    """The chat sockets open in this process."""
+    return len(_sockets)
+
+
 # --- gauges of this process's state ---
 
 

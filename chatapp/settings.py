@@ -291,6 +291,9 @@ SWITCHBOARD_LOCAL_THREADS = env.integer("SWITCHBOARD_LOCAL_THREADS", os.cpu_coun
 SWITCHBOARD_LOCAL_QUEUE = env.integer("SWITCHBOARD_LOCAL_QUEUE", 8, minimum=1)
 # Title new conversations with their model after the first exchange (else: the first words).
 SWITCHBOARD_CHAT_TITLES = env.flag("SWITCHBOARD_CHAT_TITLES", True)
+# Open a connection to the default chat model's upstream when a chat tab opens, so its
+# first message skips the connection (and TLS) setup (chatapp.relay.http.preconnect).
+SWITCHBOARD_CHAT_PRECONNECT = env.flag("SWITCHBOARD_CHAT_PRECONNECT", True)
 # Show each reply's cost in the browser chat (tokens are always shown).
 SWITCHBOARD_SHOW_COST = env.flag("SWITCHBOARD_SHOW_COST", False)
 # A reservation of a request that never settled (its worker died) is released after this.

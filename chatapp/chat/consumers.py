@@ -45,6 +45,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from django.utils import translation
 from django.utils.translation import gettext as _
 
@@ -53,8 +54,9 @@ from chatapp.chat import actions, generation
 from chatapp.chat.actions import ChatError
 from chatapp.chat.events import group_name, read_snapshot
 from chatapp.chat.fragments import render_branch
-from chatapp.models import Message
-from chatapp.relay import catalog
+from chatapp.models import Message, ProviderType
+from chatapp.relay import catalog, pipeline
+from chatapp.relay import http as relay_http
 from chatapp.relay.dialects import browser
 from keys.auth import awarm_web_key, aweb_principal, remember_web_key
 
@@ -85,6 +87,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         catalog.warm()
         _warm_chat_catalog()
         _warm_key(self.user_id)
+        # And the connection its first message will take to the upstream.
+        _preconnect()
 
     async def disconnect(self, code: int) -> None:
         metrics.websocket_closed(self)
@@ -408,6 +412,66 @@ def _warmed_key(user_id: int, task: asyncio.Task[None]) -> None:
     _warming.pop(user_id, None)
     if not task.cancelled() and task.exception() is not None:
         logger.warning("reading the web key of user %s failed: %r", user_id, task.exception())
+
+
+_preconnecting: set[asyncio.Task[None]] = set()  # (held: the loop keeps only a weak one)
+# Upstreams (base URLs) a tab that opens connects to ahead, at most.
+PRECONNECT_UPSTREAMS = 4
+
+
+def _preconnect() -> None:
+    """Open a connection to each upstream the chat's models are routed to, in the background.
+
+    One per open tab at most (``relay_http.preconnect``): the tab's first message then
+    skips the TCP and TLS handshakes, whichever model is picked in the page.  A failure
+    only costs that message the connection it would have made anyway.
+    """
+    if not settings.SWITCHBOARD_CHAT_PRECONNECT:
+        return
+    task = asyncio.get_running_loop().create_task(_connect_upstreams())
+    _preconnecting.add(task)
+    task.add_done_callback(_preconnecting.discard)
+
+
+async def _connect_upstreams() -> None:
+    loop = asyncio.get_running_loop()
+    version = await catalog.aversion()
+    chat = actions.catalog_in_memory(version)
+    if chat is None and (warming := _warming_catalog.get(loop)) is not None:
+        await asyncio.wait([warming])
+        chat = actions.catalog_in_memory(version)
+    if chat is None:  # (the catalog changed meanwhile: the next tab will)
+        return
+    # The routes a chat model's first request tries (its best priority), over HTTP.
+    # (A user limited to some models may get connections they will not use: unused,
+    # they close after the pool's keep-alive time.)
+    timeouts: dict[str, float] = {}
+    for model in chat[0]:
+        info = await catalog.aget_model(model.name, version)  # (in memory: reads nothing)
+        if info is None or not info.routes:
+            continue
+        best = min(choice.priority for choice in info.routes)
+        for choice in info.routes:
+            target = choice.target
+            if (
+                choice.priority == best
+                and target.provider_type != ProviderType.LOCAL
+                and target.base_url.startswith(("http://", "https://"))
+            ):
+                timeouts.setdefault(
+                    target.base_url, min(pipeline.CONNECT_TIMEOUT, float(target.timeout))
+                )
+    urls = list(timeouts)[:PRECONNECT_UPSTREAMS]
+    outcomes = await asyncio.gather(
+        *(
+            relay_http.preconnect(url, wanted=metrics.open_sockets(), connect_timeout=timeouts[url])
+            for url in urls
+        ),
+        return_exceptions=True,
+    )
+    for url, outcome in zip(urls, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            logger.info("opening a connection to %s ahead failed: %r", url, outcome)
 
 
 def language_of(scope: dict[str, Any]) -> str:

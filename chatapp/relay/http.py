@@ -30,6 +30,7 @@ from typing import Any, cast
 
 import aiohttp
 import httpx
+import yarl
 from httpx_aiohttp import AiohttpTransport
 
 LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
@@ -99,6 +100,64 @@ async def send(request: httpx.Request) -> httpx.Response:
     """
     client()
     return await _transports[asyncio.get_running_loop()].handle_async_request(request)
+
+
+# Idle connections ``preconnect`` keeps ready per upstream at most (httpx's keep-alive cap).
+PRECONNECT_MOST = LIMITS.max_keepalive_connections or 0
+# Per event loop, per origin (aiohttp's connection key): connections ``preconnect`` is opening.
+_opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def preconnect(url: str, *, wanted: int, connect_timeout: float) -> bool:
+    """Open a connection to ``url``'s origin and leave it idle in the pool, for a request to come.
+
+    Only while the pool holds fewer than ``wanted`` idle connections to that origin
+    (counting those being opened; at most ``PRECONNECT_MOST``).  A chat tab that opens
+    calls it (``chatapp.chat.consumers``): its first message then finds the TCP and TLS
+    handshakes done.  Under a burst of first messages those handshakes were a fifth of
+    the worker's time and several turns of its event loop per reply.  An idle connection
+    is closed after ``LIMITS.keepalive_expiry`` seconds, or by the upstream.
+
+    Returns whether it opened one; a connection that fails raises as a request's would.
+    """
+    loop = asyncio.get_running_loop()
+    client()
+    transport = _transports[loop]
+    if not isinstance(transport.client, aiohttp.ClientSession):
+        transport.client = transport.get_client()  # (as its first request would)
+    session = transport.client
+    connector = session.connector
+    if connector is None or session.closed:
+        return False
+    # The key a request to this origin takes its connection by (``ClientSession.request``
+    # makes the same: no proxy, the connector's TLS settings).
+    request = aiohttp.ClientRequest("POST", yarl.URL(url), loop=loop, session=session)
+    key = request.connection_key
+    opening = _opening.setdefault(loop, {})
+    idle = len(getattr(connector, "_conns", {}).get(key, ()))
+    if idle + opening.get(key, 0) >= min(wanted, PRECONNECT_MOST):
+        return False
+    opening[key] = opening.get(key, 0) + 1
+    try:
+        # A new connection, made as the pool makes one for a request (``connect`` would
+        # hand back an idle one first), then put with the idle ones as a finished
+        # request's is.  (aiohttp's own methods: the tests count the connections made.)
+        protocol = await connector._create_connection(
+            request,
+            [],
+            aiohttp.ClientTimeout(connect=connect_timeout, sock_connect=connect_timeout),
+        )
+    finally:
+        opening[key] -= 1
+        if not opening[key]:
+            del opening[key]
+    if connector.closed:  # closed meanwhile (the loop's end)
+        protocol.close()
+        return False
+    connector._release(key, protocol)
+    return True
 
 
 class _NoCookies(http.cookiejar.CookieJar):

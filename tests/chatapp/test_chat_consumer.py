@@ -18,8 +18,10 @@ from channels.testing import WebsocketCommunicator
 
 from accounts.models import User
 from chatapp.chat import actions
+from chatapp.chat import consumers as chat_consumers
 from chatapp.chat.consumers import ChatConsumer
 from chatapp.models import CatalogModel, Conversation, Message, Provider, Route
+from chatapp.relay import http as relay_http
 from chatapp.relay import routing
 from keys import ledger
 from keys.models import UsageRecord
@@ -805,3 +807,90 @@ async def test_two_tabs_sending_one_image_at_once_attach_it_to_one_message(
     assert (await receive_until(sent, "done"))[-1]["status"] == "complete"
     await first_tab.disconnect()
     await second_tab.disconnect()
+
+
+async def _tab_opens_against(upstream_url: str) -> WebsocketCommunicator:
+    """A chat model routed to ``upstream_url`` beside the local default, then alice's tab opened."""
+
+    def catalog() -> User:
+        routing.reset()
+        # The page's default is the local model: the one a message takes may be the other.
+        local = Provider.objects.create(name="here", type="local", model_path="/nowhere.gguf")
+        default = CatalogModel.objects.create(
+            name="local-model", display_name="Local", is_chat_default=True
+        )
+        Route.objects.create(model=default, provider=local, upstream_model="local")
+        provider = Provider.objects.create(
+            name="counted", type="openai", base_url=upstream_url, timeout=5
+        )
+        model = CatalogModel.objects.create(name="chat-model", display_name="Chat Model")
+        Route.objects.create(model=model, provider=provider, upstream_model="up")
+        return make_user("alice@example.com")
+
+    alice = await database_sync_to_async(catalog)()
+    return await connect(alice)
+
+
+async def test_a_tab_that_opens_has_its_upstream_connection_opened_before_its_first_message(
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.chatapp.test_relay_http import CountingUpstream
+
+    settings.SWITCHBOARD_CHAT_PRECONNECT = True
+    upstream = await CountingUpstream().start()
+    try:
+        ws = await _tab_opens_against(upstream.url)
+        # One connection, made while the tab is open and nothing is sent: its first
+        # message skips the handshakes (the pool's reuse: test_relay_http).
+        await upstream.wait_for(1)
+        assert upstream.requests == 0
+        await asyncio.sleep(0.1)
+        assert upstream.accepted == 1
+        await ws.disconnect()
+    finally:
+        await relay_http.aclose()
+        await upstream.close()
+
+
+async def test_no_connection_is_opened_ahead_when_preconnecting_is_off(
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.chatapp.test_relay_http import CountingUpstream
+
+    settings.SWITCHBOARD_CHAT_PRECONNECT = False
+    upstream = await CountingUpstream().start()
+    try:
+        ws = await _tab_opens_against(upstream.url)
+        await asyncio.sleep(0.3)
+        assert upstream.accepted == 0
+        await ws.disconnect()
+    finally:
+        await relay_http.aclose()
+        await upstream.close()
+
+
+async def test_a_tab_opens_and_sends_while_its_upstream_cannot_be_reached(
+    caplog: pytest.LogCaptureFixture,
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.chatapp.test_relay_http import CountingUpstream
+
+    settings.SWITCHBOARD_CHAT_PRECONNECT = True
+    upstream = await CountingUpstream().start()
+    url = upstream.url
+    await upstream.close()  # nothing listens there
+    try:
+        with caplog.at_level("INFO", logger="chatapp.chat.consumers"):
+            ws = await _tab_opens_against(url)
+            await asyncio.wait_for(asyncio.gather(*chat_consumers._preconnecting), 5)
+        assert f"opening a connection to {url} ahead failed" in caplog.text
+        # The tab works as ever: its message is saved and its reply fails as it would have.
+        await ws.send_json_to(
+            {"action": "send", "conversation": None, "text": "hello", "model": "chat-model"}
+        )
+        events = await receive_until(ws, "done")
+        assert events[-1]["status"] == "failed"
+        assert await Message.objects.filter(role="user", content="hello").aexists()
+        await ws.disconnect()
+    finally:
+        await relay_http.aclose()
