@@ -24,14 +24,21 @@ a time.  Ours sends it through the hot store's shared pipeline
 publishes meanwhile goes out together.  Its ``group_add`` takes that lock too, once
 per group: under a burst of new conversations the subscriptions went one per turn of
 the event loop, and each sender's first frame waited for its own.  Ours subscribes
-to every group asked for meanwhile in one ``SUBSCRIBE`` (``_Subscriber``).  Receiving
-and the rest are Channels'.
+to every group asked for meanwhile in one ``SUBSCRIBE`` (``_Subscriber``).  A
+publication is also handed at once to the group's members on the publishing event loop
+(a reply's frames to the tab that sent the message, normally): they do not wait for
+Redis's round trip, a turn of the event loop or more under a burst, and the copy Redis
+sends back to that loop is dropped (``_receive``).  What is published stays as
+Channels' layer writes it: a process of the previous version reads it during a rolling
+upgrade.  Receiving and the rest are Channels'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import time
 import weakref
 from typing import Any
@@ -95,9 +102,37 @@ class RedisPubSubChannelLayer(BaseRedisPubSubChannelLayer):
         """The Redis channel the group's members are subscribed to (Channels' naming)."""
         return self._get_layer()._get_group_channel_name(group)
 
+    def _get_layer(self) -> Any:
+        """Channels' layer of this event loop, its subscriptions' copies of its own dropped."""
+        layer = super()._get_layer()
+        if getattr(layer, "echoes", None) is None:
+            layer.echoes = collections.Counter()
+            for shard in layer._shards:
+                shard._receive_message = functools.partial(_receive, shard, layer.echoes)
+        return layer
+
     def publication(self, group: str, message: dict[str, Any]) -> tuple[str, bytes]:
-        """``group_send``'s ``PUBLISH``, as ``(channel, message)``, for a caller's pipeline."""
-        return self.group_channel(group), self.serialize(message)
+        """``group_send``'s ``PUBLISH``, as ``(channel, message)``, for a caller's pipeline.
+
+        The group's members on this event loop get the message now: the ``PUBLISH``
+        is for the others (other processes, other loops), and this loop drops its copy.
+        """
+        layer = self._get_layer()
+        channel = layer._get_group_channel_name(group)
+        data = self.serialize(message)
+        members = layer.groups.get(channel)
+        if members:
+            for name in members:
+                queue = layer.channels.get(name)
+                if queue is not None:
+                    queue.put_nowait(data)  # (unbounded, as Channels' own receiving puts)
+            # Its copy from Redis is dropped (the very same bytes; an equal message from
+            # elsewhere, were one published meanwhile, would be a duplicate anyway).
+            echoes = layer.echoes
+            echoes[channel, data] += 1
+            if len(echoes) > ECHOES_KEPT:  # copies that never came (not yet subscribed)
+                del echoes[next(iter(echoes))]
+        return channel, data
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await hotstore.apublish(*self.publication(group, message))
@@ -115,6 +150,26 @@ class RedisPubSubChannelLayer(BaseRedisPubSubChannelLayer):
             if subscriber is None:
                 subscriber = _subscribers[shard] = _Subscriber(shard)
             await subscriber.subscribe(group_channel)
+
+
+# Publications per event loop whose copy from Redis is awaited at most: one made before
+# the loop's subscription to its group reached Redis gets none.
+ECHOES_KEPT = 4096
+
+
+def _receive(shard: Any, echoes: collections.Counter[Any], message: dict[str, Any] | None) -> None:
+    """Channels' ``_receive_message``, without the loop's own publications (its members have them)."""
+    if message is not None and echoes:
+        name = message.get("channel")
+        key = (name.decode() if isinstance(name, bytes) else name, message.get("data"))
+        count = echoes.get(key)
+        if count:
+            if count == 1:
+                del echoes[key]
+            else:
+                echoes[key] = count - 1
+            return
+    type(shard)._receive_message(shard, message)
 
 
 class _Subscriber:

@@ -7,6 +7,8 @@ the chat's publications go through (``chatapp.hotstore._Pipeline``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import pytest
 from channels.layers import get_channel_layer
@@ -160,3 +162,60 @@ async def test_with_redis_reads_and_writes_of_many_tasks_share_round_trips() -> 
     assert 1 <= shared.round_trips - before <= 3  # (one each: 200)
     await hotstore.adelete(*(f"probe:{n}" for n in range(200)))
     assert await hotstore.aget("probe:7") is None
+
+
+@redis_only
+async def test_with_redis_a_tab_of_the_publishing_loop_gets_each_frame_at_once_and_once() -> None:
+    layer = get_channel_layer()
+    tab = await layer.new_channel()
+    await layer.group_add(events.group_name(31), tab)
+    queue = layer._get_layer().channels[tab]
+    frames = [{"type": "delta", "message": 310, "seq": seq, "text": f"{seq} "} for seq in (1, 2)]
+    publishing = asyncio.ensure_future(events.publish_frames(31, 310, frames))
+    await asyncio.sleep(0)  # the publication starts, and waits for its round trip to Redis
+    # Handed over already, before that round trip has ended.
+    assert not publishing.done()
+    assert queue.qsize() == 2
+    assert await publishing is False
+    await events.publish(31, {"type": "title", "conversation": 31, "title": "Hi"})
+    # Redis sends the loop its copies back: they are dropped, not delivered twice.
+    await asyncio.sleep(0.3)
+    received = [(await layer.receive(tab))["payload"] for _ in range(queue.qsize())]
+    assert [frame.get("seq", frame["type"]) for frame in received] == [1, 2, "title"]
+    assert not layer._get_layer().echoes  # every copy came back and was dropped
+    # The snapshot still holds what was published, for a tab that opens later.
+    assert await events.read_snapshot(310) == (2, "1 2 ", "")
+
+
+@redis_only
+async def test_with_redis_a_tab_on_another_event_loop_gets_each_frame_once() -> None:
+    layer = get_channel_layer()
+    other_loop_joined = asyncio.Event()
+    main_loop = asyncio.get_running_loop()
+    published = threading.Event()
+
+    def other_tab() -> list[dict[str, object]]:
+        # Another event loop (another process's, as far as Redis is concerned): its own
+        # layer, subscribed through Redis.
+        async def run() -> list[dict[str, object]]:
+            tab = await layer.new_channel()
+            await layer.group_add(events.group_name(32), tab)
+            main_loop.call_soon_threadsafe(other_loop_joined.set)
+            await asyncio.to_thread(published.wait, 10)
+            received = [(await asyncio.wait_for(layer.receive(tab), 5))["payload"]]
+            with contextlib.suppress(TimeoutError):
+                received.append((await asyncio.wait_for(layer.receive(tab), 0.5))["payload"])
+            await layer.group_discard(events.group_name(32), tab)
+            return received
+
+        return asyncio.run(run())
+
+    receiving = asyncio.ensure_future(asyncio.to_thread(other_tab))
+    await asyncio.wait_for(other_loop_joined.wait(), 10)
+    local = await layer.new_channel()
+    await layer.group_add(events.group_name(32), local)
+    frame = {"type": "delta", "message": 320, "seq": 1, "text": "Hi"}
+    assert await events.publish_frames(32, 320, [frame]) is False
+    published.set()
+    assert await receiving == [frame]  # once, whole
+    assert (await layer.receive(local))["payload"] == frame
