@@ -291,9 +291,10 @@ SWITCHBOARD_LOCAL_THREADS = env.integer("SWITCHBOARD_LOCAL_THREADS", os.cpu_coun
 SWITCHBOARD_LOCAL_QUEUE = env.integer("SWITCHBOARD_LOCAL_QUEUE", 8, minimum=1)
 # Title new conversations with their model after the first exchange (else: the first words).
 SWITCHBOARD_CHAT_TITLES = env.flag("SWITCHBOARD_CHAT_TITLES", True)
-# Open a connection to the default chat model's upstream when a chat tab opens, so its
-# first message skips the connection (and TLS) setup (chatapp.relay.http.preconnect).
-SWITCHBOARD_CHAT_PRECONNECT = env.flag("SWITCHBOARD_CHAT_PRECONNECT", True)
+# When a chat tab opens, a connection to each upstream of the chat's models is opened
+# ahead, so that its first message skips the TCP and TLS handshakes: one per open tab,
+# at most this many idle per upstream per worker (0: none; chatapp.relay.http.preconnect).
+SWITCHBOARD_CHAT_PRECONNECT = env.integer("SWITCHBOARD_CHAT_PRECONNECT", 1000, minimum=0)
 # Show each reply's cost in the browser chat (tokens are always shown).
 SWITCHBOARD_SHOW_COST = env.flag("SWITCHBOARD_SHOW_COST", False)
 # A reservation of a request that never settled (its worker died) is released after this.

@@ -426,7 +426,7 @@ def _preconnect() -> None:
     skips the TCP and TLS handshakes, whichever model is picked in the page.  A failure
     only costs that message the connection it would have made anyway.
     """
-    if not settings.SWITCHBOARD_CHAT_PRECONNECT:
+    if settings.SWITCHBOARD_CHAT_PRECONNECT <= 0:
         return
     task = asyncio.get_running_loop().create_task(_connect_upstreams())
     _preconnecting.add(task)
@@ -464,7 +464,11 @@ async def _connect_upstreams() -> None:
     urls = list(timeouts)[:PRECONNECT_UPSTREAMS]
     outcomes = await asyncio.gather(
         *(
-            relay_http.preconnect(url, wanted=metrics.open_sockets(), connect_timeout=timeouts[url])
+            relay_http.preconnect(
+                url,
+                wanted=min(metrics.open_sockets(), settings.SWITCHBOARD_CHAT_PRECONNECT),
+                connect_timeout=timeouts[url],
+            )
             for url in urls
         ),
         return_exceptions=True,

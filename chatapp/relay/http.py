@@ -102,8 +102,9 @@ async def send(request: httpx.Request) -> httpx.Response:
     return await _transports[asyncio.get_running_loop()].handle_async_request(request)
 
 
-# Idle connections ``preconnect`` keeps ready per upstream at most (httpx's keep-alive cap).
-PRECONNECT_MOST = LIMITS.max_keepalive_connections or 0
+# Idle connections ``preconnect`` keeps ready per upstream at most: the pool's own limit
+# (more would only wait for one another).
+PRECONNECT_MOST = LIMITS.max_connections or 0
 # Per event loop, per origin (aiohttp's connection key): connections ``preconnect`` is opening.
 _opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, int]] = (
     weakref.WeakKeyDictionary()

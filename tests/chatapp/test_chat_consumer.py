@@ -836,7 +836,7 @@ async def test_a_tab_that_opens_has_its_upstream_connection_opened_before_its_fi
 ) -> None:
     from tests.chatapp.test_relay_http import CountingUpstream
 
-    settings.SWITCHBOARD_CHAT_PRECONNECT = True
+    settings.SWITCHBOARD_CHAT_PRECONNECT = 1000
     upstream = await CountingUpstream().start()
     try:
         ws = await _tab_opens_against(upstream.url)
@@ -857,7 +857,7 @@ async def test_no_connection_is_opened_ahead_when_preconnecting_is_off(
 ) -> None:
     from tests.chatapp.test_relay_http import CountingUpstream
 
-    settings.SWITCHBOARD_CHAT_PRECONNECT = False
+    settings.SWITCHBOARD_CHAT_PRECONNECT = 0
     upstream = await CountingUpstream().start()
     try:
         ws = await _tab_opens_against(upstream.url)
@@ -869,13 +869,37 @@ async def test_no_connection_is_opened_ahead_when_preconnecting_is_off(
         await upstream.close()
 
 
+async def test_tabs_that_open_get_connections_up_to_the_number_set(
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.chatapp.test_relay_http import CountingUpstream
+
+    settings.SWITCHBOARD_CHAT_PRECONNECT = 2
+    upstream = await CountingUpstream().start()
+    try:
+        first = await _tab_opens_against(upstream.url)
+        await upstream.wait_for(1)
+        alice = await User.objects.aget(email="alice@example.com")
+        # Three more tabs: one connection each while fewer than two are idle, then none.
+        tabs = [first, *[await connect(alice) for _ in range(3)]]
+        await asyncio.wait_for(asyncio.gather(*chat_consumers._preconnecting), 5)
+        await upstream.wait_for(2)
+        await asyncio.sleep(0.1)
+        assert upstream.accepted == 2
+        for tab in tabs:
+            await tab.disconnect()
+    finally:
+        await relay_http.aclose()
+        await upstream.close()
+
+
 async def test_a_tab_opens_and_sends_while_its_upstream_cannot_be_reached(
     caplog: pytest.LogCaptureFixture,
     settings,  # type: ignore[no-untyped-def]
 ) -> None:
     from tests.chatapp.test_relay_http import CountingUpstream
 
-    settings.SWITCHBOARD_CHAT_PRECONNECT = True
+    settings.SWITCHBOARD_CHAT_PRECONNECT = 1000
     upstream = await CountingUpstream().start()
     url = upstream.url
     await upstream.close()  # nothing listens there
