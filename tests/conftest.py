@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -123,3 +124,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if inspect.iscoroutinefunction(getattr(item, "function", None)):
             item.add_marker(pytest.mark.usefixtures("_close_loop_clients"))
+
+
+def early_in_a_minute(margin: float = 15.0) -> None:
+    """Wait for the next minute when this one has less than ``margin`` seconds left.
+
+    Rate windows are fixed minutes (``limiter.windows``): a test that counts requests
+    "this minute" must not straddle two (it failed once at hh:mm:59).
+    """
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.05)

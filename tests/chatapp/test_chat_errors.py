@@ -25,7 +25,7 @@ from chatapp.relay.dialects import browser
 from keys import ledger
 from keys.actions import do_get_web_key, do_set_limits
 from keys.models import ApiKey, UsageRecord
-from tests.conftest import make_user
+from tests.conftest import early_in_a_minute, make_user
 from tests.fake_upstream import Fail, FakeUpstream, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -134,6 +134,8 @@ async def test_a_rate_limit_says_when_to_try_again(
     alice = await database_sync_to_async(make_user)("alice@example.com")
     key = await web_key(alice, rpm=1)
     upstream.script(Reply(text="First answer."))
+    # Both sends in one fixed minute (it failed once: the first at hh:mm:59.998).
+    await asyncio.to_thread(early_in_a_minute, 10)
     ws = await connect(alice, language)
     await send(ws, "One")
     first = await until(ws, "done")

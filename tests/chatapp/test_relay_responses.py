@@ -48,6 +48,7 @@ from tests.chatapp.test_golden_translation import (
     target_for,
 )
 from tests.chatapp.test_openapi import FUZZ, MODELS, _auth, _check, from_schema, spec  # noqa: F401
+from tests.conftest import early_in_a_minute
 from tests.fake_upstream import DropMidStream, Fail, Reply
 from tests.gateway import Gateway
 from tests.sse import parse_sse
@@ -550,6 +551,7 @@ def test_the_keys_model_list_and_limits_apply(gateway: Gateway) -> None:
 
     _key, one_a_minute = ApiKey.issue(user=gateway.user, rpm=1)
     client = gateway.openai(one_a_minute)
+    early_in_a_minute(10)  # both requests in one fixed minute
     first = client.responses.with_raw_response.create(model="gpt-fake", input="Hi")
     assert first.headers["x-ratelimit-limit-requests"] == "1"
     assert first.headers["x-ratelimit-remaining-requests"] == "0"

@@ -31,6 +31,7 @@ from keys import leases, limiter
 from keys.actions import do_set_limits, do_set_price
 from keys.exceptions import LimitExceeded
 from keys.models import ApiKey, UsageRecord
+from tests.conftest import early_in_a_minute
 from tests.fake_upstream import Reply
 from tests.gateway import Gateway
 from tests.live import free_port
@@ -142,17 +143,6 @@ def admit(key_id: int, limits: dict[str, Any], tokens: int = 10, **extra: Any) -
             await hotstore.aclose()
 
     return asyncio.run(run())
-
-
-def early_in_a_minute(margin: float = 15.0) -> None:
-    """Wait for the next minute when this one has less than ``margin`` seconds left.
-
-    Rate windows are fixed minutes (``limiter.windows``): a test that counts requests
-    "this minute" must not straddle two (it failed once at hh:mm:59).
-    """
-    left = 60 - time.time() % 60
-    if left < margin:
-        time.sleep(left + 0.05)
 
 
 def refusal(key_id: int, limits: dict[str, Any], tokens: int = 10) -> LimitExceeded:
