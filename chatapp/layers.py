@@ -120,12 +120,10 @@ class RedisPubSubChannelLayer(BaseRedisPubSubChannelLayer):
         layer = self._get_layer()
         channel = layer._get_group_channel_name(group)
         data = self.serialize(message)
-        members = layer.groups.get(channel)
-        if members:
-            for name in members:
-                queue = layer.channels.get(name)
-                if queue is not None:
-                    queue.put_nowait(data)  # (unbounded, as Channels' own receiving puts)
+        if layer.groups.get(channel):
+            # Handed over by Channels' own receiving, as the copy from Redis would be.
+            shard = layer._get_shard(channel)
+            type(shard)._receive_message(shard, {"channel": channel, "data": data})
             # Its copy from Redis is dropped (the very same bytes; an equal message from
             # elsewhere, were one published meanwhile, would be a duplicate anyway).
             echoes = layer.echoes
