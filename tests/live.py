@@ -14,12 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+
+from chatapp.relay import http as relay_http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,3 +138,69 @@ def live_server_url(transactional_db: None) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+class CountingUpstream:
+    """A real HTTP/1.1 upstream on loopback (keep-alive) that counts the connections it accepts.
+
+    It answers every request ``200 {}``; it runs on the test's own event loop.
+    """
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self._accepting = asyncio.Event()
+
+    async def start(self) -> CountingUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._accepting.set()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                self.requests += 1
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: 2\r\n\r\n{}"
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def wait_for(self, accepted: int, within: float = 5.0) -> None:
+        async with asyncio.timeout(within):
+            while self.accepted < accepted:
+                self._accepting.clear()
+                await self._accepting.wait()
+
+
+@pytest.fixture
+async def counting_upstream() -> AsyncIterator[CountingUpstream]:
+    """A started ``CountingUpstream``; at the end, this loop's client and the server closed."""
+    upstream = await CountingUpstream().start()
+    try:
+        yield upstream
+    finally:
+        await relay_http.aclose()
+        await upstream.close()

@@ -21,13 +21,13 @@ from chatapp.chat import actions
 from chatapp.chat import consumers as chat_consumers
 from chatapp.chat.consumers import ChatConsumer
 from chatapp.models import CatalogModel, Conversation, Message, Provider, Route
-from chatapp.relay import http as relay_http
 from chatapp.relay import routing
 from keys import ledger
 from keys.models import UsageRecord
 from tests.chatapp.test_chat_views import conversation_with_versions
 from tests.conftest import make_user
 from tests.fake_upstream import DropMidStream, Fail, FakeUpstream, Reply
+from tests.live import CountingUpstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -832,89 +832,66 @@ async def _tab_opens_against(upstream_url: str) -> WebsocketCommunicator:
 
 
 async def test_a_tab_that_opens_has_its_upstream_connection_opened_before_its_first_message(
+    counting_upstream: CountingUpstream,
     settings,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.chatapp.test_relay_http import CountingUpstream
-
     settings.SWITCHBOARD_CHAT_PRECONNECT = 1000
-    upstream = await CountingUpstream().start()
-    try:
-        ws = await _tab_opens_against(upstream.url)
-        # One connection, made while the tab is open and nothing is sent: its first
-        # message skips the handshakes (the pool's reuse: test_relay_http).
-        await upstream.wait_for(1)
-        assert upstream.requests == 0
-        await asyncio.sleep(0.1)
-        assert upstream.accepted == 1
-        await ws.disconnect()
-    finally:
-        await relay_http.aclose()
-        await upstream.close()
+    ws = await _tab_opens_against(counting_upstream.url)
+    # One connection, made while the tab is open and nothing is sent: its first
+    # message skips the handshakes (the pool's reuse: test_relay_http).
+    await counting_upstream.wait_for(1)
+    assert counting_upstream.requests == 0
+    await asyncio.sleep(0.1)
+    assert counting_upstream.accepted == 1
+    await ws.disconnect()
 
 
 async def test_no_connection_is_opened_ahead_when_preconnecting_is_off(
+    counting_upstream: CountingUpstream,
     settings,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.chatapp.test_relay_http import CountingUpstream
-
     settings.SWITCHBOARD_CHAT_PRECONNECT = 0
-    upstream = await CountingUpstream().start()
-    try:
-        ws = await _tab_opens_against(upstream.url)
-        await asyncio.sleep(0.3)
-        assert upstream.accepted == 0
-        await ws.disconnect()
-    finally:
-        await relay_http.aclose()
-        await upstream.close()
+    ws = await _tab_opens_against(counting_upstream.url)
+    await asyncio.sleep(0.3)
+    assert counting_upstream.accepted == 0
+    await ws.disconnect()
 
 
 async def test_tabs_that_open_get_connections_up_to_the_number_set(
+    counting_upstream: CountingUpstream,
     settings,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.chatapp.test_relay_http import CountingUpstream
-
     settings.SWITCHBOARD_CHAT_PRECONNECT = 2
-    upstream = await CountingUpstream().start()
-    try:
-        first = await _tab_opens_against(upstream.url)
-        await upstream.wait_for(1)
-        alice = await User.objects.aget(email="alice@example.com")
-        # Three more tabs: one connection each while fewer than two are idle, then none.
-        tabs = [first, *[await connect(alice) for _ in range(3)]]
-        await asyncio.wait_for(asyncio.gather(*chat_consumers._preconnecting), 5)
-        await upstream.wait_for(2)
-        await asyncio.sleep(0.1)
-        assert upstream.accepted == 2
-        for tab in tabs:
-            await tab.disconnect()
-    finally:
-        await relay_http.aclose()
-        await upstream.close()
+    first = await _tab_opens_against(counting_upstream.url)
+    await counting_upstream.wait_for(1)
+    alice = await User.objects.aget(email="alice@example.com")
+    # Three more tabs: one connection each while fewer than two are idle, then none.
+    tabs = [first, *[await connect(alice) for _ in range(3)]]
+    await asyncio.wait_for(asyncio.gather(*chat_consumers._preconnecting), 5)
+    await counting_upstream.wait_for(2)
+    await asyncio.sleep(0.1)
+    assert counting_upstream.accepted == 2
+    for tab in tabs:
+        await tab.disconnect()
 
 
 async def test_a_tab_opens_and_sends_while_its_upstream_cannot_be_reached(
     caplog: pytest.LogCaptureFixture,
+    counting_upstream: CountingUpstream,
     settings,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.chatapp.test_relay_http import CountingUpstream
-
     settings.SWITCHBOARD_CHAT_PRECONNECT = 1000
-    upstream = await CountingUpstream().start()
-    url = upstream.url
-    await upstream.close()  # nothing listens there
-    try:
-        with caplog.at_level("INFO", logger="chatapp.chat.consumers"):
-            ws = await _tab_opens_against(url)
-            await asyncio.wait_for(asyncio.gather(*chat_consumers._preconnecting), 5)
-        assert f"opening a connection to {url} ahead failed" in caplog.text
-        # The tab works as ever: its message is saved and its reply fails as it would have.
-        await ws.send_json_to(
-            {"action": "send", "conversation": None, "text": "hello", "model": "chat-model"}
-        )
-        events = await receive_until(ws, "done")
-        assert events[-1]["status"] == "failed"
-        assert await Message.objects.filter(role="user", content="hello").aexists()
-        await ws.disconnect()
-    finally:
-        await relay_http.aclose()
+    url = counting_upstream.url
+    await counting_upstream.close()  # nothing listens there
+    with caplog.at_level("INFO", logger="chatapp.chat.consumers"):
+        ws = await _tab_opens_against(url)
+        await asyncio.wait_for(asyncio.gather(*chat_consumers._preconnecting), 5)
+    assert f"opening a connection to {url} ahead failed" in caplog.text
+    # The tab works as ever: its message is saved and its reply fails as it would have.
+    await ws.send_json_to(
+        {"action": "send", "conversation": None, "text": "hello", "model": "chat-model"}
+    )
+    events = await receive_until(ws, "done")
+    assert events[-1]["status"] == "failed"
+    assert await Message.objects.filter(role="user", content="hello").aexists()
+    await ws.disconnect()

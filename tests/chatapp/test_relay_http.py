@@ -15,6 +15,7 @@ import pytest
 
 from chatapp.relay import http as relay_http
 from tests.fake_upstream import FakeUpstream
+from tests.live import CountingUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,114 +137,54 @@ async def test_every_loops_client_shares_the_one_tls_context() -> None:
     assert transport.ssl_context.verify_mode == ssl.CERT_REQUIRED  # type: ignore[attr-defined]
 
 
-class CountingUpstream:
-    """A real HTTP/1.1 upstream on loopback (keep-alive) that counts the connections it accepts.
-
-    It answers every request ``200 {}``; it runs on the test's own event loop.
-    """
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.requests = 0
-        self.server: asyncio.Server | None = None
-        self._accepting = asyncio.Event()
-
-    async def start(self) -> CountingUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self._accepting.set()
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                self.requests += 1
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    b"content-length: 2\r\n\r\n{}"
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def wait_for(self, accepted: int, within: float = 5.0) -> None:
-        async with asyncio.timeout(within):
-            while self.accepted < accepted:
-                self._accepting.clear()
-                await self._accepting.wait()
-
-
-async def test_connections_opened_ahead_serve_the_next_requests_and_no_more_are_opened() -> None:
-    upstream = await CountingUpstream().start()
-    try:
-        # Given two connections opened ahead (two tabs open)...
-        for _ in range(2):
-            assert await relay_http.preconnect(upstream.url, wanted=2, connect_timeout=5)
-        # ...a third is not: as many are idle as wanted.
-        assert not await relay_http.preconnect(upstream.url, wanted=2, connect_timeout=5)
-        await upstream.wait_for(2)
-        assert upstream.requests == 0
-        # When two requests go at once, they take those two: no connection is made for them.
-        responses = await asyncio.gather(
-            *(
-                relay_http.send(
-                    httpx.Request("POST", upstream.url + "/chat/completions", content=b"{}")
-                )
-                for _ in range(2)
+async def test_connections_opened_ahead_serve_the_next_requests_and_no_more_are_opened(
+    counting_upstream: CountingUpstream,
+) -> None:
+    # Given two connections opened ahead (two tabs open)...
+    for _ in range(2):
+        assert await relay_http.preconnect(counting_upstream.url, wanted=2, connect_timeout=5)
+    # ...a third is not: as many are idle as wanted.
+    assert not await relay_http.preconnect(counting_upstream.url, wanted=2, connect_timeout=5)
+    await counting_upstream.wait_for(2)
+    assert counting_upstream.requests == 0
+    # When two requests go at once, they take those two: no connection is made for them.
+    responses = await asyncio.gather(
+        *(
+            relay_http.send(
+                httpx.Request("POST", counting_upstream.url + "/chat/completions", content=b"{}")
             )
+            for _ in range(2)
         )
-        for response in responses:
-            assert response.status_code == 200
-            await response.aread()
-            await response.aclose()
-        assert upstream.requests == 2
-        assert upstream.accepted == 2
-    finally:
-        await relay_http.aclose()
-        await upstream.close()
+    )
+    for response in responses:
+        assert response.status_code == 200
+        await response.aread()
+        await response.aclose()
+    assert counting_upstream.requests == 2
+    assert counting_upstream.accepted == 2
 
 
-async def test_connections_opened_at_once_stop_at_the_number_wanted() -> None:
-    upstream = await CountingUpstream().start()
-    try:
-        opened = await asyncio.gather(
-            *(relay_http.preconnect(upstream.url, wanted=3, connect_timeout=5) for _ in range(5))
+async def test_connections_opened_at_once_stop_at_the_number_wanted(
+    counting_upstream: CountingUpstream,
+) -> None:
+    opened = await asyncio.gather(
+        *(
+            relay_http.preconnect(counting_upstream.url, wanted=3, connect_timeout=5)
+            for _ in range(5)
         )
-        assert sorted(opened) == [False, False, True, True, True]
-        await upstream.wait_for(3)
-        await asyncio.sleep(0.1)
-        assert upstream.accepted == 3
-    finally:
-        await relay_http.aclose()
-        await upstream.close()
+    )
+    assert sorted(opened) == [False, False, True, True, True]
+    await counting_upstream.wait_for(3)
+    await asyncio.sleep(0.1)
+    assert counting_upstream.accepted == 3
 
 
-async def test_an_upstream_that_cannot_be_reached_fails_the_connection_opened_ahead() -> None:
-    upstream = await CountingUpstream().start()
-    url = upstream.url
-    await upstream.close()  # nothing listens there any more
-    try:
-        with pytest.raises(aiohttp.ClientConnectorError):
-            await relay_http.preconnect(url, wanted=1, connect_timeout=5)
-        # Nothing is left counted as being opened: a later tab tries again.
-        assert not relay_http._opening.get(asyncio.get_running_loop())
-    finally:
-        await relay_http.aclose()
+async def test_an_upstream_that_cannot_be_reached_fails_the_connection_opened_ahead(
+    counting_upstream: CountingUpstream,
+) -> None:
+    url = counting_upstream.url
+    await counting_upstream.close()  # nothing listens there any more
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await relay_http.preconnect(url, wanted=1, connect_timeout=5)
+    # Nothing is left counted as being opened: a later tab tries again.
+    assert not relay_http._opening.get(asyncio.get_running_loop())
