@@ -55,6 +55,7 @@ from chatapp.chat.rendering import render_markdown
 from chatapp.connections import on_own_connection
 from chatapp.models import CatalogModel, Conversation, Message, MessageStatus
 from chatapp.relay import catalog, pipeline
+from chatapp.relay import http as relay_http
 from chatapp.relay.dialects import browser
 from chatapp.relay.errors import RelayError, from_domain
 from keys.auth import aprincipal, check_principal
@@ -586,7 +587,15 @@ async def _opened_and_relayed(call: pipeline.Call, reply: _Reply, pace: _Pace) -
 
     async def opened_and_relayed() -> str:
         async with pipeline.chat(call) as stream:
-            await reply.ready()
+            if reply.message_id:
+                await reply.ready()
+            else:
+                # Its send is still being written (``Early``): what the upstream sends
+                # meanwhile is read in one go once it is.  Under a burst of sends,
+                # reading each piece as it came took the event loop from the writes
+                # and from the other replies' first words.
+                with relay_http.unread(stream.response):
+                    await reply.ready()
             heartbeat.streaming = True  # from here the publications look at the stop flag
             return await _relay(stream, reply.writer, reply.conversation_id, pace)
 

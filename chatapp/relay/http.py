@@ -21,11 +21,13 @@ an upstream's ``Set-Cookie`` is never sent back with another user's request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.cookiejar
 import ssl
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any, cast
 
 import aiohttp
@@ -184,6 +186,26 @@ def socket_of(response: httpx.Response) -> asyncio.Transport | None:
     if transport.is_closing():
         return None
     return cast(asyncio.Transport, transport)
+
+
+@contextlib.contextmanager
+def unread(response: httpx.Response) -> Iterator[None]:
+    """While the block runs, the event loop does not read ``response``'s socket (``socket_of``).
+
+    What the upstream sends meanwhile waits in the kernel's buffer and comes in one read
+    afterwards, not one wake-up of the loop and of the HTTP client's parser per piece.
+    (Nothing for a response not read from a socket of our client.)
+    """
+    transport = socket_of(response)
+    if transport is None:
+        yield
+        return
+    transport.pause_reading()
+    try:
+        yield
+    finally:
+        if not transport.is_closing():
+            transport.resume_reading()
 
 
 # What ``socket_of`` needs of a transport (asyncio's or uvloop's).

@@ -44,22 +44,9 @@ class _Parser:
 
 
 async def _rest(response: httpx.Response, delay: float) -> None:
-    """Let ``delay`` seconds pass without reading the response's socket.
-
-    The event loop does not watch the socket meanwhile: what arrives waits in the
-    kernel's buffer, and comes in one read afterwards, not one wake-up of the loop
-    and of the HTTP client's parser per piece.
-    """
-    transport = relay_http.socket_of(response)
-    if transport is None:
+    """Let ``delay`` seconds pass without reading the response's socket (``http.unread``)."""
+    with relay_http.unread(response):
         await asyncio.sleep(delay)
-        return
-    transport.pause_reading()
-    try:
-        await asyncio.sleep(delay)
-    finally:
-        if not transport.is_closing():
-            transport.resume_reading()
 
 
 async def events(

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiohttp.client_proto import ResponseHandler
 from channels.db import database_sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -776,6 +777,44 @@ async def test_a_new_conversations_upstream_is_asked_while_its_send_waits_to_be_
         {"role": "user", "content": "Go"},
     ]
     assert early["temperature"] == 0.5
+    await ws.disconnect()
+
+
+async def test_what_the_upstream_sends_while_the_send_is_written_is_read_in_one_go(
+    upstream: FakeUpstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under a burst every early reply's upstream goes on streaming while its send
+    # waits its turn to be written; reading each piece as it came took the event
+    # loop from the writes and from the other replies' first words.
+    skip_on_postgresql()
+    words = [f"w{i}" for i in range(24)]
+    upstream.script(Reply(text=" ".join(words), chunk_delay=0.02))  # all within the hold
+    reads = 0
+    received = ResponseHandler.data_received
+
+    def counted(self: ResponseHandler, data: bytes) -> None:
+        nonlocal reads
+        reads += bool(data)  # (aiohttp calls it with b"" to resume its parser)
+        received(self, data)
+
+    monkeypatch.setattr(ResponseHandler, "data_received", counted)
+    alice = await database_sync_to_async(make_user)("alice@example.com")
+    ws = await connected_and_known(alice)
+    async with writes_held(1.0):
+        await ws.send_json_to(
+            {"action": "send", "conversation": None, "text": "Go", "attachments": []}
+        )
+    events = await receive_until(ws, "done")
+    # The opening reads until the first words; the rest, sent meanwhile, comes in a
+    # read or two once the send is written (read as it came: one per piece).
+    assert reads <= 6
+    deltas = [event for event in events if event["type"] == "delta"]
+    assert [event["seq"] for event in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(event["text"] for event in deltas) == " ".join(words)
+    assert events[-1]["status"] == "complete"
+    reply = await Message.objects.aget(pk=events[-1]["message"])
+    assert reply.content == " ".join(words)
     await ws.disconnect()
 
 
