@@ -196,8 +196,12 @@ def render_markdown(text: str) -> str:
     """Render model output to HTML that is safe to put in the page as is.
 
     Partial markdown (an unclosed code fence, half a table) renders without error, so this
-    can be called on a reply while it streams.
+    can be called on a reply while it streams.  Nothing renders to nothing, at once: a
+    reply just started is rendered empty with its send, and the cleaner (Rust) lets go of
+    the interpreter, which the event loop then waits to get back from the database threads.
     """
+    if not text:
+        return ""
     return sanitize_html(_MARKDOWN.render(text))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from chatapp.chat import rendering
 from chatapp.chat.rendering import pygments_css, render_markdown, sanitize_html
 
 STATIC_CSS = Path(__file__).resolve().parents[2] / "static" / "css" / "highlight.css"
@@ -267,3 +268,24 @@ def test_the_sanitizer_drops_unknown_classes_but_keeps_ours() -> None:
     assert html == (
         '<div class="codeblock"><span class="k">x</span><code class="language-python">y</code></div>'
     )
+
+
+def test_an_empty_reply_renders_to_nothing_without_the_cleaner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every send renders its reply, just started, empty.  The cleaner lets go of the
+    # interpreter, and under a burst the event loop waited to get it back from the
+    # database threads.
+    cleaned: list[str] = []
+    real = rendering._CLEANER
+
+    class Counting:
+        def clean(self, html: str) -> str:
+            cleaned.append(html)
+            return real.clean(html)
+
+    monkeypatch.setattr(rendering, "_CLEANER", Counting())
+    assert render_markdown("") == ""
+    assert cleaned == []
+    assert "<em>now</em>" in render_markdown("*now*")
+    assert len(cleaned) == 1
