@@ -120,8 +120,9 @@ async def preconnect(url: str, *, wanted: int, connect_timeout: float) -> bool:
     (counting those being opened; at most ``PRECONNECT_MOST``).  A chat tab that opens
     calls it (``chatapp.chat.consumers``): its first message then finds the TCP and TLS
     handshakes done.  Under a burst of first messages the connect calls were the largest
-    single item of the worker's profile, and several turns of its event loop per reply.  An idle connection
-    is closed after ``LIMITS.keepalive_expiry`` seconds, or by the upstream.
+    single item of the worker's profile, and several turns of its event loop per reply.
+    An idle connection is closed after ``LIMITS.keepalive_expiry`` seconds, or by the
+    upstream.
 
     Returns whether it opened one; a connection that fails raises as a request's would.
     """
