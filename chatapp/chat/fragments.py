@@ -25,7 +25,7 @@ def _item(message: Message, siblings: list[Message]) -> dict[str, Any]:
     return {
         "message": message,
         "html": render_markdown(message.content) if message.role == "assistant" else "",
-        "reasoning_html": render_markdown(message.reasoning) if message.reasoning else "",
+        "reasoning_html": render_markdown(message.reasoning),
         "error": failure_text(message.error) if message.status == "failed" else "",
         "attachments": message.attached(),
         "version": index + 1,
